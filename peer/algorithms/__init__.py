@@ -1,0 +1,37 @@
+"""Consensus algorithms, one module each, in a registry by name (`algorithm.name` in the config)."""
+
+from __future__ import annotations
+
+from peer.algorithms.base import AlgoParams, Algorithm, InMessage, MixReport, NeighbourView, Payload
+from peer.algorithms.cdl import Cdl, CdlParams
+from peer.algorithms.isolated import Isolated, NoneParams
+from peer.errors import UnknownNameError
+
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Isolated)}
+PARAMS_TYPES = tuple(cls.params_type for cls in REGISTRY.values())
+
+
+def create(params: AlgoParams, node_id: str) -> Algorithm:
+    """Build the algorithm named by `params.name`."""
+    try:
+        cls = REGISTRY[params.name]
+    except KeyError:
+        raise UnknownNameError("algorithm", params.name, list(REGISTRY), field="algorithm.name") from None
+    return cls(params, node_id)
+
+
+__all__ = [
+    "REGISTRY",
+    "PARAMS_TYPES",
+    "AlgoParams",
+    "Algorithm",
+    "Cdl",
+    "CdlParams",
+    "InMessage",
+    "Isolated",
+    "MixReport",
+    "NeighbourView",
+    "NoneParams",
+    "Payload",
+    "create",
+]

@@ -1,0 +1,112 @@
+"""Consensus Driven Learning (spec §6): local steps, push the full model, mix fresh cached neighbour models.
+
+Reconstructed (spec v1) from distributed averaging consensus: θ_i ← θ_i + ε Σ_{j∈R_i} a_ij (θ̂_j − θ_i), where
+R_i holds the neighbours whose cached copy is fresh (pattern P2: last-value cache, sequence numbers, staleness
+bound). By default each received copy is mixed once: re-mixing an old copy in later rounds drags the model back
+towards the neighbour's past and measurably slows training when rounds outpace gossip. With every neighbour fresh and Metropolis–Hastings a_ij the update is symmetric and doubly stochastic,
+so it preserves the network mean; with some copies missing it stays row stochastic (a convex combination).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from peer.algorithms.base import AlgoParams, Algorithm, InMessage, MixReport, NeighbourView, Payload
+from peer.algorithms.mixing import WEIGHT_RULES
+
+
+class CdlParams(AlgoParams):
+    name: Literal["cdl"] = "cdl"
+    epsilon: float = Field(1.0, gt=0.0, le=1.0, description="consensus rate ε in (0, 1]")
+    weights: Literal["metropolis", "uniform"] = "metropolis"
+    staleness_s: float = Field(10.0, gt=0.0, description="cached copies older than this are not mixed")
+    staleness_rounds: int = Field(50, ge=1, description="… nor copies received more than this many rounds ago")
+    reuse: bool = Field(False, description="mix a cached copy again in later rounds (until it goes stale)")
+
+
+@dataclass
+class _Cached:
+    incarnation: int
+    seq: int
+    params: torch.Tensor
+    received_at: float
+    received_round: int
+    used: bool = False
+
+
+class Cdl(Algorithm):
+    name: ClassVar[str] = "cdl"
+    params_type: ClassVar[type[AlgoParams]] = CdlParams
+    provenance: ClassVar[str] = "reconstructed (spec v1)"
+
+    def __init__(self, params: AlgoParams, node_id: str) -> None:
+        super().__init__(params, node_id)
+        assert isinstance(params, CdlParams)
+        self.p: CdlParams = params
+        self.cache: dict[str, _Cached] = {}
+        self.seq = 0
+        self.round = 0
+        self.dropped_out_of_order = 0
+
+    def on_message(self, msg: InMessage, now: float) -> bool:
+        params = msg.payload.tensors.get("params")
+        if msg.payload.kind != "state" or params is None:
+            return False
+        old = self.cache.get(msg.sender)
+        # (incarnation, seq) orders messages across restarts: a restarted sender starts a new incarnation,
+        # so its first state supersedes everything it sent before the crash.
+        if old is not None and (msg.incarnation, msg.payload.seq) <= (old.incarnation, old.seq):
+            self.dropped_out_of_order += 1
+            return False
+        self.cache[msg.sender] = _Cached(msg.incarnation, msg.payload.seq, params, msg.received_at, self.round)
+        return True
+
+    def fresh(self, now: float, view: NeighbourView) -> tuple[list[str], list[str]]:
+        """Neighbours whose cached copy may be mixed now, and those skipped as stale."""
+        used, stale = [], []
+        for j in sorted(view.degrees):
+            c = self.cache.get(j)
+            if c is None:
+                continue
+            if c.used and not self.p.reuse:
+                continue
+            if now - c.received_at > self.p.staleness_s or self.round - c.received_round > self.p.staleness_rounds:
+                stale.append(j)
+            else:
+                used.append(j)
+        return used, stale
+
+    def mix(self, x: torch.Tensor, now: float, view: NeighbourView) -> torch.Tensor:
+        self.round += 1
+        used, stale = self.fresh(now, view)
+        if not used:
+            self.last_report = MixReport((), tuple(stale), 1.0)
+            return x
+        weights = WEIGHT_RULES[self.p.weights](view.self_degree, view.degrees)
+        out = x.clone()
+        total = 0.0
+        for j in used:
+            a = self.p.epsilon * weights[j]
+            out.add_(self.cache[j].params - x, alpha=a)
+            self.cache[j].used = True
+            total += a
+        self.last_report = MixReport(tuple(used), tuple(stale), 1.0 - total)
+        return out
+
+    def outgoing(self, x: torch.Tensor, step: int) -> Payload | None:
+        self.seq += 1
+        return Payload(kind="state", tensors={"params": x}, seq=self.seq, step=step)
+
+    def forget(self, node_id: str) -> None:
+        self.cache.pop(node_id, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "round": self.round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seq = int(state.get("seq", 0))
+        self.round = int(state.get("round", 0))

@@ -1,0 +1,149 @@
+"""The `peer` command line: argv becomes a config; logging, signals and exit codes are set up here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from importlib import resources
+from typing import Any
+
+from peer import __version__
+from peer.errors import CheckpointError, ConfigError, DataError, PeerError, StartupError
+
+EXIT_CODES: dict[type[PeerError], int] = {ConfigError: 2, DataError: 2, CheckpointError: 3, StartupError: 4}
+
+
+def _exit_code(exc: PeerError) -> int:
+    for cls, code in EXIT_CODES.items():
+        if isinstance(exc, cls):
+            return code
+    return 1
+
+
+def _first_peer_error(exc: BaseException) -> PeerError | None:
+    if isinstance(exc, PeerError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_peer_error(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from peer import config, logs
+    from peer.node import Node
+
+    cfg = config.load(args.config, args.set)
+    logs.setup(cfg.log.level, cfg.log.json_lines)
+
+    async def main() -> None:
+        node = Node(cfg, reset=args.reset)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.request_stop)
+        await node.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(resources.files("peer").joinpath("default_config.yaml").read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peer.evaluate import evaluate_state_dir
+
+    result = evaluate_state_dir(args.state_dir)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['node_id']}: test accuracy {100 * result['accuracy']:.2f}% "
+              f"(loss {result['loss']:.4f}, step {result['step']}, {result['dataset']}, {result['test_samples']} "
+              f"test samples)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from peer.status import fetch_status, format_status
+
+    status = asyncio.run(fetch_status(args.address, timeout_s=args.timeout))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from peer.status import check_health
+
+    ok, text = asyncio.run(check_health(args.addr, timeout_s=args.timeout))
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from peer.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peer", description="Decentralized deep-learning daemon.")
+    p.add_argument("--version", action="version", version=f"peer {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run one daemon")
+    r.add_argument("--config", "-c", help="YAML config file (see `peer init-config`)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    r.add_argument("--reset", action="store_true", help="discard (move aside) an existing checkpoint")
+    r.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("demo", help="run N daemons on this machine and compare with centralized training")
+    from peer.demo import add_arguments
+
+    add_arguments(d)
+    d.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    e.add_argument("--state-dir", required=True)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("status", help="show a running daemon's state")
+    s.add_argument("address", metavar="HOST:PORT")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=float, default=5.0)
+    s.set_defaults(fn=cmd_status)
+
+    h = sub.add_parser("health", help="gRPC health check (exit 0 when serving); for container health checks")
+    h.add_argument("--addr", required=True, metavar="HOST:PORT")
+    h.add_argument("--timeout", type=float, default=3.0)
+    h.set_defaults(fn=cmd_health)
+
+    i = sub.add_parser("init-config", help="print an annotated default config")
+    i.set_defaults(fn=cmd_init_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: Any = args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # the top-level supervisor: report our errors clearly, re-raise the rest
+        err = _first_peer_error(exc)
+        if err is None:
+            raise
+        print(f"peer: error: {err}", file=sys.stderr)
+        return _exit_code(err)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

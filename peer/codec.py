@@ -1,0 +1,490 @@
+"""Flat named tensors <-> a chunked Push stream, and every check made on what arrives.
+
+Pure: no sockets, clocks or grpc calls; the servicer feeds `Assembler` one stream message at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from peer import PROTOCOL_VERSION
+from peer.algorithms.base import Payload
+from peer.errors import CorruptPayloadError, PayloadError, PayloadTooLargeError, SchemaMismatchError
+from peer.v1 import gossip_pb2
+
+__all__ = [
+    "MIB",
+    "Assembler",
+    "Envelope",
+    "Payload",
+    "ReceiveLimits",
+    "Received",
+    "decode_header_envelope",
+    "encode",
+    "iter_requests",
+    "tensor_manifest",
+]
+
+MIB = 1 << 20
+Manifest = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype name such as "float32")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Who sent a payload and how to reach them; carried in the PushHeader."""
+
+    sender_id: str
+    schema_fingerprint: str
+    algorithm: str
+    incarnation: int
+    sender_degree: int
+    sender_address: str
+    sent_unix_ms: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """An incoming message that passed every check."""
+
+    envelope: Envelope
+    payload: Payload
+    nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReceiveLimits:
+    """What the receiver accepts. `expected_by_kind` overrides `expected_tensors` for the kinds it names."""
+
+    max_payload_bytes: int
+    max_chunk_bytes: int = MIB
+    expected_fingerprint: str
+    expected_algorithm: str
+    expected_tensors: Manifest | None = None  # None: any names and shapes (the fingerprint still binds)
+    expected_by_kind: Mapping[str, Manifest] | None = None
+
+
+@dataclass(frozen=True)
+class _DType:
+    name: str
+    wire: gossip_pb2.DType.ValueType
+    torch_dtype: torch.dtype
+    np_wire: np.dtype  # little-endian wire layout; bfloat16 travels as its int16 bit pattern
+    is_float: bool
+
+
+_DTYPES = (
+    _DType("float32", gossip_pb2.DTYPE_FLOAT32, torch.float32, np.dtype("<f4"), True),
+    _DType("float16", gossip_pb2.DTYPE_FLOAT16, torch.float16, np.dtype("<f2"), True),
+    _DType("bfloat16", gossip_pb2.DTYPE_BFLOAT16, torch.bfloat16, np.dtype("<i2"), True),
+    _DType("float64", gossip_pb2.DTYPE_FLOAT64, torch.float64, np.dtype("<f8"), True),
+    _DType("int8", gossip_pb2.DTYPE_INT8, torch.int8, np.dtype("i1"), False),
+    _DType("int32", gossip_pb2.DTYPE_INT32, torch.int32, np.dtype("<i4"), False),
+    _DType("int64", gossip_pb2.DTYPE_INT64, torch.int64, np.dtype("<i8"), False),
+    _DType("uint8", gossip_pb2.DTYPE_UINT8, torch.uint8, np.dtype("u1"), False),
+)
+_BY_WIRE = {d.wire: d for d in _DTYPES}
+_BY_TORCH = {d.torch_dtype: d for d in _DTYPES}
+
+_KINDS: dict[str, gossip_pb2.PayloadKind.ValueType] = {
+    "state": gossip_pb2.PAYLOAD_KIND_STATE,
+    "delta": gossip_pb2.PAYLOAD_KIND_DELTA,
+    "token": gossip_pb2.PAYLOAD_KIND_TOKEN,
+    "admm": gossip_pb2.PAYLOAD_KIND_ADMM,
+    "push_sum": gossip_pb2.PAYLOAD_KIND_PUSH_SUM,
+    "momentum_state": gossip_pb2.PAYLOAD_KIND_MOMENTUM_STATE,
+    "tracker": gossip_pb2.PAYLOAD_KIND_TRACKER,
+}
+_KIND_NAMES = {v: k for k, v in _KINDS.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    spec = _BY_TORCH.get(dtype)
+    return spec.name if spec else str(dtype).removeprefix("torch.")
+
+
+def tensor_manifest(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> Manifest:
+    """name -> (shape, dtype name) for `ReceiveLimits.expected_tensors`."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    return {name: (tuple(t.shape), _dtype_name(t.dtype)) for name, t in state.items()}
+
+
+def _wire_bytes(name: str, tensor: torch.Tensor) -> tuple[_DType, memoryview]:
+    """A zero-copy byte view of a tensor in wire layout (a copy only for GPU or non-contiguous tensors)."""
+    spec = _BY_TORCH.get(tensor.dtype)
+    if spec is None:
+        names = ", ".join(d.name for d in _DTYPES)
+        raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be sent; supported: {names}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if spec.torch_dtype is torch.bfloat16:
+        flat = flat.view(torch.int16)  # numpy has no bfloat16; the bit pattern is what travels
+    # A no-op on little-endian hosts; a big-endian host pays one byte-swapping copy here.
+    arr = flat.numpy().astype(spec.np_wire, copy=False)
+    return spec, arr.view(np.uint8).data
+
+
+def _cut(views: list[memoryview], chunk_bytes: int) -> list[bytes]:
+    """Concatenate the views and cut into chunks, copying each byte exactly once."""
+    chunks: list[bytes] = []
+    parts: list[memoryview] = []
+    room = chunk_bytes
+    for view in views:
+        pos = 0
+        while pos < view.nbytes:
+            take = min(room, view.nbytes - pos)
+            parts.append(view[pos : pos + take])
+            pos += take
+            room -= take
+            if room == 0:
+                chunks.append(b"".join(parts))
+                parts, room = [], chunk_bytes
+    if parts:
+        chunks.append(b"".join(parts))
+    return chunks
+
+
+def encode(
+    envelope: Envelope, payload: Payload, *, chunk_bytes: int = MIB
+) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
+    """Header plus chunks for one payload. The chunks are a snapshot: the tensors may change afterwards.
+
+    Encode once and stream the same result to every neighbour. The sender does not check finiteness;
+    every receiver does.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    kind = _KINDS.get(payload.kind)
+    if kind is None:
+        raise ValueError(f"unknown payload kind {payload.kind!r}; valid kinds: {', '.join(_KINDS)}")
+    header = gossip_pb2.PushHeader(
+        sender_id=envelope.sender_id,
+        schema_fingerprint=envelope.schema_fingerprint,
+        algorithm=envelope.algorithm,
+        protocol_version=PROTOCOL_VERSION,
+        incarnation=envelope.incarnation,
+        seq=payload.seq,
+        step=payload.step,
+        round=payload.round,
+        kind=kind,
+        encoding=gossip_pb2.ENCODING_RAW,
+        scalars=payload.scalars,
+        sender_degree=envelope.sender_degree,
+        sender_address=envelope.sender_address,
+        sent_unix_ms=envelope.sent_unix_ms,
+    )
+    digest = hashlib.sha256()
+    views: list[memoryview] = []
+    offset = 0
+    for name, tensor in payload.tensors.items():
+        spec, view = _wire_bytes(name, tensor)
+        # encoding stays ENCODING_UNSPECIFIED per tensor: it inherits the header's RAW.
+        header.tensors.add(name=name, dtype=spec.wire, shape=tensor.shape, offset=offset, nbytes=view.nbytes)
+        digest.update(view)
+        views.append(view)
+        offset += view.nbytes
+    header.total_bytes = offset
+    header.sha256 = digest.digest()
+    return header, _cut(views, chunk_bytes)
+
+
+def iter_requests(header: gossip_pb2.PushHeader, chunks: Iterable[bytes]) -> Iterator[gossip_pb2.PushRequest]:
+    """The Push stream: the header, then the chunks numbered from 0. Lazy, so it can be replayed per peer."""
+    yield gossip_pb2.PushRequest(header=header)
+    for index, data in enumerate(chunks):
+        yield gossip_pb2.PushRequest(chunk=gossip_pb2.Chunk(index=index, data=data))
+
+
+def decode_header_envelope(header: gossip_pb2.PushHeader) -> Envelope:
+    """The sender identity and routing facts of a header (no validation)."""
+    return Envelope(
+        sender_id=header.sender_id,
+        schema_fingerprint=header.schema_fingerprint,
+        algorithm=header.algorithm,
+        incarnation=header.incarnation,
+        sender_degree=header.sender_degree,
+        sender_address=header.sender_address,
+        sent_unix_ms=header.sent_unix_ms,
+    )
+
+
+def _show(text: str, limit: int = 64) -> str:
+    """A peer-supplied string fit for a log line: cut short, quoted if empty or unprintable."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return cut if cut and cut.isprintable() else repr(cut)
+
+
+def _hex(digest: bytes) -> str:
+    return digest.hex()[:12] + ".." if digest else "(empty)"
+
+
+def _encoding_name(value: int) -> str:
+    try:
+        return gossip_pb2.Encoding.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return f"unknown encoding {value}"
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str
+    dtype: _DType
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+class Assembler:
+    """Validates and reassembles one Push stream: `on_header`, `on_chunk`..., then `finish`.
+
+    Memory is bounded by `max_payload_bytes`: the buffer is allocated once the declared size has passed.
+    Every rejection is a PayloadError whose `status` is the gRPC code to abort the stream with.
+    """
+
+    def __init__(self, limits: ReceiveLimits, *, peer: str = "") -> None:
+        self.limits = limits
+        self.peer = peer  # transport address (context.peer()), named in errors raised before the header
+        self._header: gossip_pb2.PushHeader | None = None
+        self._slots: list[_Slot] = []
+        self._buf = bytearray()
+        self._received = 0
+        self._next_index = 0
+        self._digest = hashlib.sha256()
+        self._done = False
+
+    @property
+    def sender(self) -> str:
+        """The declared sender id, or "" before the header."""
+        return self._header.sender_id if self._header is not None else ""
+
+    @property
+    def total_bytes(self) -> int:
+        """Declared payload size, 0 before the header."""
+        return self._header.total_bytes if self._header is not None else 0
+
+    @property
+    def bytes_received(self) -> int:
+        """Chunk bytes accepted so far (for PushResponse.bytes_received and the counters)."""
+        return self._received
+
+    def _reject(self, cls: type[PayloadError], problem: str) -> PayloadError:
+        if self._header is not None:
+            who = _show(self._header.sender_id)
+        else:
+            who = f"unknown sender at {_show(self.peer)}" if self.peer else "unknown sender"
+        return cls(f"push from {who} rejected: {problem}")
+
+    def feed(self, request: gossip_pb2.PushRequest) -> None:
+        """Dispatch one stream message to on_header or on_chunk."""
+        body = request.WhichOneof("body")
+        if body == "header":
+            self.on_header(request.header)
+        elif body == "chunk":
+            self.on_chunk(request.chunk)
+        else:
+            raise self._reject(CorruptPayloadError, "stream message carries neither a header nor a chunk")
+
+    def on_header(self, header: gossip_pb2.PushHeader) -> None:
+        if self._done:
+            raise self._reject(CorruptPayloadError, "header after the stream was finished")
+        if self._header is not None:
+            raise self._reject(CorruptPayloadError, "second header in one stream")
+        self._header = header  # from here on, errors name the declared sender
+        lim = self.limits
+        if header.protocol_version != PROTOCOL_VERSION:
+            raise self._reject(
+                SchemaMismatchError,
+                f"protocol version {_show(header.protocol_version)} is not ours ({PROTOCOL_VERSION})",
+            )
+        if header.schema_fingerprint != lim.expected_fingerprint:
+            raise self._reject(
+                SchemaMismatchError,
+                f"schema fingerprint {_show(header.schema_fingerprint)} differs from ours "
+                f"({lim.expected_fingerprint}): the model architecture differs",
+            )
+        if header.algorithm != lim.expected_algorithm:
+            raise self._reject(
+                SchemaMismatchError,
+                f"algorithm {_show(header.algorithm)} differs from ours ({lim.expected_algorithm})",
+            )
+        if not header.sender_id:
+            raise self._reject(CorruptPayloadError, "header has an empty sender_id")
+        kind = _KIND_NAMES.get(header.kind)
+        if kind is None:
+            raise self._reject(CorruptPayloadError, f"unknown payload kind {header.kind}")
+        self._check_encoding(header.encoding, "header", inherit_ok=False)
+        if header.total_bytes > lim.max_payload_bytes:
+            limit = lim.max_payload_bytes
+            problem = f"declared size {header.total_bytes} bytes exceeds the limit of {limit} bytes"
+            raise self._reject(PayloadTooLargeError, problem)
+        if len(header.sha256) != 32:
+            raise self._reject(CorruptPayloadError, f"sha256 is {len(header.sha256)} bytes, not 32")
+        for key, value in header.scalars.items():
+            if not math.isfinite(value):
+                raise self._reject(CorruptPayloadError, f"scalar {_show(key)} is {value}")
+        self._slots = self._check_manifest(header)
+        expected = lim.expected_tensors
+        if lim.expected_by_kind is not None and kind in lim.expected_by_kind:
+            expected = lim.expected_by_kind[kind]
+        if expected is not None:
+            self._check_against_model(expected)
+        self._buf = bytearray(header.total_bytes)
+
+    def _check_encoding(self, value: int, where: str, *, inherit_ok: bool) -> None:
+        if value == gossip_pb2.ENCODING_RAW or (inherit_ok and value == gossip_pb2.ENCODING_UNSPECIFIED):
+            return
+        if value in gossip_pb2.Encoding.values() and value != gossip_pb2.ENCODING_UNSPECIFIED:
+            # A real encoding this build cannot decode: the sender must fall back, not retry.
+            problem = f"{where} uses {_encoding_name(value)}; this receiver accepts ENCODING_RAW only"
+            raise self._reject(SchemaMismatchError, problem)
+        raise self._reject(CorruptPayloadError, f"{where} has invalid encoding {_encoding_name(value)}")
+
+    def _check_manifest(self, header: gossip_pb2.PushHeader) -> list[_Slot]:
+        """Names unique, dtypes known, sizes consistent, offsets contiguous from 0 to total_bytes."""
+        slots: list[_Slot] = []
+        seen: set[str] = set()
+        end = 0
+        for spec in header.tensors:
+            name = spec.name
+            if not name:
+                raise self._reject(CorruptPayloadError, f"manifest entry {len(slots)} has no name")
+            label = f"tensor {_show(name)}"
+            if name in seen:
+                raise self._reject(CorruptPayloadError, f"{label} appears twice in the manifest")
+            seen.add(name)
+            dtype = _BY_WIRE.get(spec.dtype)
+            if dtype is None:
+                raise self._reject(CorruptPayloadError, f"{label} has unknown dtype {spec.dtype}")
+            self._check_encoding(spec.encoding, label, inherit_ok=True)
+            shape = tuple(spec.shape)
+            if any(d < 0 for d in shape):
+                raise self._reject(CorruptPayloadError, f"{label} has a negative dimension in shape {shape}")
+            numel = math.prod(shape)
+            if spec.nbytes != numel * dtype.np_wire.itemsize:
+                raise self._reject(
+                    CorruptPayloadError,
+                    f"{label} declares {spec.nbytes} bytes but shape {shape} of {dtype.name} needs "
+                    f"{numel * dtype.np_wire.itemsize}",
+                )
+            if spec.offset < end:
+                problem = f"{label} at offset {spec.offset} overlaps the previous tensor (ends at {end})"
+                raise self._reject(CorruptPayloadError, problem)
+            if spec.offset > end:
+                raise self._reject(
+                    CorruptPayloadError, f"{label} at offset {spec.offset} leaves a gap after byte {end}"
+                )
+            end += spec.nbytes
+            slots.append(_Slot(name, dtype, shape, spec.offset, numel))
+        if end != header.total_bytes:
+            problem = f"manifest covers {end} bytes but total_bytes declares {header.total_bytes}"
+            raise self._reject(CorruptPayloadError, problem)
+        return slots
+
+    def _check_against_model(self, expected: Manifest) -> None:
+        got = {s.name for s in self._slots}
+        missing = sorted(set(expected) - got)
+        unknown = sorted(got - set(expected))
+        if missing or unknown:
+            raise self._reject(
+                SchemaMismatchError,
+                f"tensor names differ from our model: missing {_few(missing)}, unexpected {_few(unknown)}",
+            )
+        for slot in self._slots:
+            shape, dtype = expected[slot.name]
+            if slot.shape != tuple(shape) or slot.dtype.name != dtype:
+                raise self._reject(
+                    SchemaMismatchError,
+                    f"tensor {_show(slot.name)} is {slot.dtype.name}{list(slot.shape)}, "
+                    f"our model has {dtype}{list(shape)}",
+                )
+
+    def on_chunk(self, chunk: gossip_pb2.Chunk) -> None:
+        if self._done:
+            raise self._reject(CorruptPayloadError, f"chunk {chunk.index} after the stream was finished")
+        if self._header is None:
+            raise self._reject(CorruptPayloadError, f"chunk {chunk.index} arrived before the header")
+        if chunk.index != self._next_index:
+            raise self._reject(
+                CorruptPayloadError, f"chunk index {chunk.index} out of order (expected {self._next_index})"
+            )
+        n = len(chunk.data)
+        if n > self.limits.max_chunk_bytes:
+            raise self._reject(
+                PayloadTooLargeError,
+                f"chunk {chunk.index} is {n} bytes, over the {self.limits.max_chunk_bytes}-byte chunk limit",
+            )
+        if n == 0:
+            raise self._reject(CorruptPayloadError, f"chunk {chunk.index} is empty")
+        total = self._header.total_bytes
+        if self._received + n > total:
+            raise self._reject(
+                PayloadTooLargeError,
+                f"stream carries more than the declared {total} bytes (at least {self._received + n})",
+            )
+        self._buf[self._received : self._received + n] = chunk.data
+        self._digest.update(chunk.data)
+        self._received += n
+        self._next_index += 1
+
+    def finish(self) -> Received:
+        """Check completeness and checksum, decode, check finiteness. CPU-bound for big payloads."""
+        if self._done:
+            raise RuntimeError("Assembler.finish called twice")
+        header = self._header
+        if header is None:
+            raise self._reject(CorruptPayloadError, "stream ended before the header")
+        if self._received < header.total_bytes:
+            raise self._reject(
+                CorruptPayloadError,
+                f"stream truncated: {self._received} of {header.total_bytes} declared bytes arrived "
+                f"in {self._next_index} chunks",
+            )
+        computed = self._digest.digest()
+        if computed != header.sha256:
+            problem = f"sha256 mismatch (declared {_hex(header.sha256)}, computed {_hex(computed)})"
+            raise self._reject(CorruptPayloadError, problem)
+        tensors = {slot.name: self._decode(slot) for slot in self._slots}
+        self._done = True
+        self._buf = bytearray()  # the tensors own copies; drop the stream buffer now
+        payload = Payload(
+            kind=_KIND_NAMES[header.kind],
+            tensors=tensors,
+            seq=header.seq,
+            round=header.round,
+            step=header.step,
+            scalars=dict(header.scalars),
+        )
+        return Received(envelope=decode_header_envelope(header), payload=payload, nbytes=header.total_bytes)
+
+    def _decode(self, slot: _Slot) -> torch.Tensor:
+        dt = slot.dtype
+        if slot.numel == 0:
+            return torch.empty(slot.shape, dtype=dt.torch_dtype)
+        # numpy, never pickle: the bytes can only ever become numbers. astype copies into native order,
+        # which also leaves the tensor aligned and independent of the stream buffer.
+        wire = np.frombuffer(self._buf, dtype=dt.np_wire, count=slot.numel, offset=slot.offset)
+        tensor = torch.from_numpy(wire.astype(dt.np_wire.newbyteorder("=")))
+        if dt.torch_dtype is torch.bfloat16:
+            tensor = tensor.view(torch.bfloat16)
+        tensor = tensor.reshape(slot.shape)
+        if dt.is_float:
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(tensor).sum())
+                inf = int((~finite).sum()) - nan
+                raise self._reject(
+                    CorruptPayloadError,
+                    f"tensor {_show(slot.name)} has non-finite values ({nan} NaN, {inf} Inf of {slot.numel})",
+                )
+        return tensor
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(_show(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"

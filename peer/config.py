@@ -1,0 +1,267 @@
+"""One typed configuration tree, validated on load; every error names the file and the field.
+
+YAML file < `--set key.sub=value` overrides. Units are in the names (`interval_s`, `max_message_bytes`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peer.algorithms import PARAMS_TYPES, REGISTRY
+from peer.errors import ConfigError, UnknownNameError
+
+MIB = 1 << 20
+TOPOLOGIES = ("ring", "full")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_hostport(value: str, *, allow_port_zero: bool) -> str:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {value!r}")
+    if not port_text.isdigit():
+        raise ValueError(f"port must be a number, got {port_text!r}")
+    port = int(port_text)
+    if not (0 if allow_port_zero else 1) <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return value
+
+
+class DiscoveryConfig(_Section):
+    mdns: bool = True
+    interfaces: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    static_peers: list[str] = Field(default_factory=list)
+    hello_retry_s: float = Field(2.0, gt=0)
+
+    @field_validator("static_peers")
+    @classmethod
+    def _peers(cls, v: list[str]) -> list[str]:
+        return [_check_hostport(p, allow_port_zero=False) for p in v]
+
+
+class DataConfig(_Section):
+    dataset: str | None = "digits"
+    path: str | None = None
+    partition: str = "iid"
+    num_partitions: int = Field(1, ge=1)
+    partition_index: int = Field(0, ge=0)
+    seed: int = 0
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.path is not None:
+            object.__setattr__(self, "dataset", None)
+        elif self.dataset is None:
+            raise ValueError("set data.dataset (a built-in dataset) or data.path (an .npz file)")
+        if self.partition_index >= self.num_partitions:
+            raise ValueError(
+                f"data.partition_index {self.partition_index} must be < data.num_partitions {self.num_partitions}"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = "mlp"
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(20, gt=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    device: str = "auto"
+    steps_per_round: int = Field(1, ge=1)
+    round_interval_s: float = Field(0.0, ge=0, description="minimum seconds per round; paces fast CPUs")
+    wait_for_neighbors_s: float = Field(0.0, ge=0, description="bounded wait for the first neighbours")
+    seed: int = 0
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
+
+
+class GossipConfig(_Section):
+    interval_s: float = Field(0.1, gt=0)
+    rpc_timeout_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_cap_s: float = Field(20.0, gt=0)
+    breaker_threshold: int = Field(3, ge=1)
+    chunk_bytes: int = Field(MIB, ge=16 * 1024, le=4 * MIB)
+    max_message_bytes: int = Field(256 * MIB, ge=1024)
+    min_bandwidth_bytes_per_s: float = Field(1e6, gt=0)
+    keepalive_time_s: float = Field(30.0, gt=0)
+    keepalive_timeout_s: float = Field(10.0, gt=0)
+    reconnect_backoff_max_s: float = Field(3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GossipConfig:
+        if self.backoff_cap_s < self.backoff_base_s:
+            raise ValueError("gossip.backoff_cap_s must be >= gossip.backoff_base_s")
+        return self
+
+
+class CheckpointConfig(_Section):
+    interval_s: float = Field(10.0, gt=0)
+
+
+class MetricsConfig(_Section):
+    interval_s: float = Field(1.0, gt=0)
+    snapshot_interval_s: float = Field(0.0, ge=0, description="write flat-parameter snapshots (0 = off)")
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_lines: bool = False
+
+
+AlgorithmConfig = Annotated[Union[PARAMS_TYPES], Field(discriminator="name")]  # type: ignore[valid-type]
+
+
+class PeerConfig(_Section):
+    node_id: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    listen: str = "127.0.0.1:0"
+    state_dir: str
+    topology: str = "ring"
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    algorithm: AlgorithmConfig = Field(default_factory=lambda: REGISTRY["cdl"].params_type(name="cdl"))
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    gossip: GossipConfig = GossipConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _check_hostport(v, allow_port_zero=True)
+        host = v.rpartition(":")[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ValueError(f"listen host must be an IP address, got {host!r}") from None
+        return v
+
+    @field_validator("topology")
+    @classmethod
+    def _topology(cls, v: str) -> str:
+        if v not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {v!r}; valid names: {', '.join(TOPOLOGIES)}")
+        return v
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section", source=source, field=dotted)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings; values are parsed as YAML scalars (so `true`, `3`, `[a, b]` work)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key.sub=value, got {item!r}", source="--set")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse value {raw!r}: {exc}", source="--set", field=key) from None
+        out.append((key.strip(), value))
+    return out
+
+
+def _format_errors(exc: ValidationError) -> tuple[str, str]:
+    lines, first = [], ""
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        # Discriminated unions add the tag to the path ("algorithm.cdl.epsilon"): drop it for the user.
+        parts = loc.split(".")
+        if len(parts) > 1 and parts[0] == "algorithm" and parts[1] in REGISTRY:
+            loc = ".".join([parts[0], *parts[2:]])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `peer init-config` lists every field)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{loc or '<root>'}: {msg}")
+        first = first or loc
+    return "; ".join(lines), first
+
+
+def validate(raw: dict[str, Any], *, source: str) -> PeerConfig:
+    """Validate a raw tree (from YAML plus overrides). Raises ConfigError naming `source` and the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a mapping of sections", source=source)
+    algo = raw.get("algorithm")
+    if isinstance(algo, dict):
+        name = algo.setdefault("name", "cdl")
+        if name not in REGISTRY:
+            raise UnknownNameError(
+                "algorithm", str(name), list(REGISTRY), field="algorithm.name", source=source
+            )
+    try:
+        return PeerConfig.model_validate(raw)
+    except ValidationError as exc:
+        text, field = _format_errors(exc)
+        err = ConfigError(text, source=source)
+        err.field = field
+        raise err from None
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> PeerConfig:
+    """Read a YAML file (or start empty), apply `--set` overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    raw: Any = {}
+    if path:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError("config file not found", source=source) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file: {exc.strerror}", source=source) from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+        if raw is None:
+            raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a YAML mapping of sections", source=source)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value, source)
+    if overrides:
+        source += " (with --set overrides)"
+    return validate(raw, source=source)
+
+
+def dump(cfg: PeerConfig) -> str:
+    """The config as YAML, for the copy kept in `state_dir` (so `peer eval` can rebuild the data and model)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,100 @@
+"""The exception tree of `peer`. Every error the package raises on purpose derives from PeerError.
+
+    PeerError
+    ├── ConfigError            invalid configuration; names the field and the file (CLI exit 2)
+    │   └── UnknownNameError   unknown dataset / model / algorithm / topology; lists the valid names
+    ├── DataError              a dataset or a user data file cannot be loaded or partitioned
+    ├── CheckpointError        a checkpoint is missing, corrupt or incompatible (never silently reset)
+    ├── StartupError           the daemon cannot start (port in use, duplicate node id, no interface)
+    └── PayloadError           a received message is rejected; carries the gRPC status name to answer with
+        ├── SchemaMismatchError    other fingerprint / algorithm / protocol   -> FAILED_PRECONDITION
+        ├── PayloadTooLargeError   over the configured size                   -> RESOURCE_EXHAUSTED
+        └── CorruptPayloadError    bad SHA-256, truncated, wrong shape/dtype, NaN/Inf, bad framing
+                                                                               -> INVALID_ARGUMENT
+
+Transport failures (gRPC status codes on the client side) are mapped in one place, `peer.transport`,
+into `SendError`, which is a PeerError too.
+"""
+
+from __future__ import annotations
+
+
+class PeerError(Exception):
+    """Base class of every deliberate error in `peer`."""
+
+
+class ConfigError(PeerError):
+    """The configuration is invalid. The message names the file and the field."""
+
+    def __init__(self, message: str, *, source: str | None = None, field: str | None = None) -> None:
+        self.source = source
+        self.field = field
+        prefix = ""
+        if source:
+            prefix += f"{source}: "
+        if field:
+            prefix += f"{field}: "
+        super().__init__(prefix + message)
+
+
+class UnknownNameError(ConfigError):
+    """A registry lookup failed; the message lists every valid name."""
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        valid: list[str] | tuple[str, ...],
+        *,
+        field: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.valid = sorted(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid names: {', '.join(self.valid)}", source=source, field=field)
+
+
+class DataError(PeerError):
+    """A dataset or data file cannot be loaded or partitioned."""
+
+
+class CheckpointError(PeerError):
+    """A checkpoint is missing, corrupt or does not match this configuration."""
+
+
+class StartupError(PeerError):
+    """The daemon cannot start: port in use, duplicate node id, bad interface."""
+
+
+class PayloadError(PeerError):
+    """A received payload was rejected. `status` is the grpc.StatusCode name to answer with."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class SchemaMismatchError(PayloadError):
+    """The sender's model schema, algorithm or protocol differs from ours."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class PayloadTooLargeError(PayloadError):
+    """The payload (declared or actual) exceeds the configured limit."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class CorruptPayloadError(PayloadError):
+    """Framing, checksum, shape, dtype or finiteness check failed."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class SendError(PeerError):
+    """An outgoing RPC failed. `code` is the grpc.StatusCode name; `retryable` says if backoff may retry it."""
+
+    def __init__(self, message: str, *, code: str, retryable: bool) -> None:
+        self.code = code
+        self.retryable = retryable
+        super().__init__(message)

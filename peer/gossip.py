@@ -1,0 +1,223 @@
+"""The gossip protocol core: membership view, topology, whom to push to, retry and circuit-breaker decisions.
+
+Theory of operation.
+  State:   one `PeerRecord` per compatible peer that answered a Hello or pushed to us (address, advertised
+           degree, incarnation, last-seen time, consecutive failures, breaker), plus the topology name.
+  Inputs:  `peer_up` (a verified Hello or push header), `peer_gone` (a clean mDNS goodbye), `send_ok`,
+           `send_failed`, and `sends_due(now, seq)` queries. Every input carries `now` (seconds, monotonic).
+  Effects: the return values: which neighbours to push to now, whether to retry and after how long, whether a
+           channel must be re-dialled because a peer came back at a new address.
+  Invariants: the neighbour set is a pure function of (topology, own id, member ids), so every peer with the
+           same view computes the same graph; a neighbour whose breaker is open is skipped, never waited on;
+           one success closes the breaker.
+No clocks, sockets or global randomness here: `now` and an `random.Random` come in as arguments.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from peer.algorithms.base import NeighbourView
+
+# gRPC status names that a retry may fix. DEADLINE_EXCEEDED only for idempotent calls (full-state pushes are,
+# thanks to sequence numbers): a duplicate is dropped by the receiver.
+RETRYABLE = frozenset({"UNAVAILABLE"})
+RETRYABLE_IF_IDEMPOTENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+
+
+def retry_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base·2^attempt)), attempt counted from 0."""
+    return rng.uniform(0.0, min(cap_s, base_s * (2.0**attempt)))
+
+
+def should_retry(code: str, attempt: int, *, max_attempts: int, idempotent: bool, details: str = "") -> bool:
+    """Retry only transient codes, never a TLS handshake failure, and at most `max_attempts` tries in all."""
+    if attempt + 1 >= max_attempts:
+        return False
+    if "handshake" in details.lower():
+        return False
+    return code in (RETRYABLE_IF_IDEMPOTENT if idempotent else RETRYABLE)
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    threshold: int = 3  # consecutive failures before the breaker opens
+    base_s: float = 0.5
+    cap_s: float = 20.0
+
+
+@dataclass
+class CircuitBreaker:
+    """Skips a failing neighbour for a growing, jittered interval; one success resets it."""
+
+    policy: BreakerPolicy
+    failures: int = 0
+    open_until: float = 0.0
+    trips: int = 0
+
+    def allows(self, now: float) -> bool:
+        return now >= self.open_until
+
+    def is_open(self, now: float) -> bool:
+        return self.failures >= self.policy.threshold and now < self.open_until
+
+    def record_success(self) -> None:
+        self.failures = 0
+        self.trips = 0
+        self.open_until = 0.0
+
+    def record_failure(self, now: float, rng: random.Random) -> float:
+        """Count a failure; returns how long the neighbour is skipped (0 while under the threshold)."""
+        self.failures += 1
+        if self.failures < self.policy.threshold:
+            return 0.0
+        # Grow the window with each trip, with jitter so that many peers don't re-probe in lockstep. The
+        # floor of half the window keeps the interval growing even with unlucky draws.
+        window = min(self.policy.cap_s, self.policy.base_s * (2.0**self.trips))
+        delay = window / 2 + rng.uniform(0.0, window / 2)
+        self.trips += 1
+        self.open_until = now + delay
+        return delay
+
+    def remaining(self, now: float) -> float:
+        return max(0.0, self.open_until - now)
+
+
+def ring_neighbours(self_id: str, members: list[str]) -> list[str]:
+    """Ring by sorted node id: the predecessor and the successor (one neighbour with two members)."""
+    ids = sorted(set(members) | {self_id})
+    if len(ids) < 2:
+        return []
+    i = ids.index(self_id)
+    return sorted({ids[(i - 1) % len(ids)], ids[(i + 1) % len(ids)]} - {self_id})
+
+
+def topology_neighbours(topology: str, self_id: str, members: list[str]) -> list[str]:
+    """The neighbour set for `topology` over `members` (which may or may not include `self_id`)."""
+    if topology == "full":
+        return sorted(set(members) - {self_id})
+    if topology == "ring":
+        return ring_neighbours(self_id, members)
+    raise ValueError(f"unknown topology {topology!r}")
+
+
+@dataclass
+class PeerRecord:
+    node_id: str
+    address: str
+    degree: int
+    incarnation: int
+    source: str
+    first_seen: float
+    last_seen: float
+    breaker: CircuitBreaker
+    last_sent_seq: int = 0
+    last_failure: str = ""
+    sends_ok: int = 0
+    sends_failed: int = 0
+
+
+@dataclass(frozen=True)
+class PeerUpdate:
+    """What `peer_up` decided: whether the peer is new, whether its channel must be re-dialled."""
+
+    new: bool
+    redial: bool
+    restarted: bool
+
+
+@dataclass
+class GossipCore:
+    self_id: str
+    topology: str
+    policy: BreakerPolicy = field(default_factory=BreakerPolicy)
+    peers: dict[str, PeerRecord] = field(default_factory=dict)
+
+    # -- inputs ---------------------------------------------------------------------------------------------
+    def peer_up(
+        self, node_id: str, address: str, degree: int, incarnation: int, now: float, source: str = "hello"
+    ) -> PeerUpdate:
+        """A peer proved it is alive and compatible (Hello answered, or a valid push arrived)."""
+        if node_id == self.self_id:
+            return PeerUpdate(False, False, False)
+        rec = self.peers.get(node_id)
+        if rec is None:
+            self.peers[node_id] = PeerRecord(
+                node_id, address, degree, incarnation, source, now, now, CircuitBreaker(self.policy)
+            )
+            return PeerUpdate(new=True, redial=True, restarted=False)
+        restarted = incarnation != rec.incarnation and incarnation != 0
+        redial = bool(address) and address != rec.address
+        if address:
+            rec.address = address
+        rec.degree = degree
+        rec.last_seen = now
+        if restarted:
+            rec.incarnation = incarnation
+            # The restarted process has a new sequence space: forget what we sent to its previous life.
+            rec.last_sent_seq = 0
+        if restarted or redial:
+            rec.breaker.record_success()
+        return PeerUpdate(new=False, redial=redial, restarted=restarted)
+
+    def heard_from(self, node_id: str, degree: int, now: float) -> None:
+        rec = self.peers.get(node_id)
+        if rec is not None:
+            rec.last_seen = now
+            rec.degree = degree
+
+    def peer_gone(self, node_id: str) -> PeerRecord | None:
+        """The peer said goodbye (clean mDNS unregister): drop it from the view."""
+        return self.peers.pop(node_id, None)
+
+    def send_ok(self, node_id: str, seq: int, now: float) -> None:
+        rec = self.peers.get(node_id)
+        if rec is None:
+            return
+        rec.breaker.record_success()
+        rec.last_sent_seq = max(rec.last_sent_seq, seq)
+        rec.last_seen = now
+        rec.sends_ok += 1
+
+    def send_failed(self, node_id: str, code: str, now: float, rng: random.Random) -> float:
+        """Record a failed push (after its retries); returns the breaker's skip interval (0 if still closed)."""
+        rec = self.peers.get(node_id)
+        if rec is None:
+            return 0.0
+        rec.sends_failed += 1
+        rec.last_failure = code
+        return rec.breaker.record_failure(now, rng)
+
+    # -- queries --------------------------------------------------------------------------------------------
+    def neighbours(self) -> list[str]:
+        return topology_neighbours(self.topology, self.self_id, list(self.peers))
+
+    def degree(self) -> int:
+        return len(self.neighbours())
+
+    def view(self) -> NeighbourView:
+        return NeighbourView(self.self_id, {j: self.peers[j].degree for j in self.neighbours()})
+
+    def sends_due(self, now: float, seq: int, in_flight: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Neighbours that should get payload `seq` now: not yet sent, breaker closed, no push in flight."""
+        due = []
+        for j in self.neighbours():
+            rec = self.peers[j]
+            if j in in_flight or rec.last_sent_seq >= seq or not rec.breaker.allows(now):
+                continue
+            due.append(j)
+        return due
+
+    def next_deadline(self, now: float) -> float | None:
+        """The earliest time an open breaker closes (so the shell knows when to try again)."""
+        times = [r.breaker.open_until for r in self.peers.values() if r.breaker.open_until > now]
+        return min(times) if times else None
+
+    def state_of(self, node_id: str, now: float) -> str:
+        rec = self.peers[node_id]
+        if rec.breaker.is_open(now):
+            return "backoff"
+        if rec.breaker.failures > 0:
+            return "suspect"
+        return "alive"

@@ -1,0 +1,75 @@
+"""Counters the daemon keeps, and the JSON-lines file `state_dir/metrics.jsonl` they are appended to."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Counters:
+    """Monotonic counters and the latest training figures. Updated from the loop and the training thread."""
+
+    step: int = 0
+    epoch: float = 0.0
+    seq: int = 0
+    loss: float = float("nan")
+    rounds: int = 0
+    mixes: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    send_failures: int = 0
+    send_retries: int = 0
+    rejected_messages: int = 0
+    dropped_stale: int = 0
+    training_done: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for name, value in deltas.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        for name in ("step", "epoch", "seq", "rounds", "mixes", "bytes_sent", "bytes_received"):
+            if name in saved:
+                setattr(self, name, type(getattr(self, name))(saved[name]))
+
+
+class MetricsLog:
+    """Appends one JSON object per line; each line is flushed so that a crash loses at most one record."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        line = json.dumps(clean, separators=(",", ":"), default=str)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+def read(path: str | Path) -> list[dict[str, Any]]:
+    """All complete records of a metrics file (a torn last line from a crash is skipped)."""
+    out = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,150 @@
+"""The model zoo (logreg, mlp, cnn) built by name with seed-only initialisation, the schema fingerprint
+peers compare before exchanging parameters, and flat parameter views for the consensus algorithms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+import torch
+from torch import nn
+
+from peer.errors import ConfigError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES = ("logreg", "mlp", "cnn")
+
+_CNN_HIDDEN = 64
+# Cap on the spatial size fed to the CNN head, so the head stays small on large user inputs.
+_CNN_MAX_POOLED = 16
+_CNN_MAX_POOLED_2D = 4
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int) -> nn.Module:
+    """Build model `name` for inputs of `input_shape` (without the batch axis) and `num_classes` outputs.
+
+    The initial weights depend only on `seed`: peers with the same seed start from identical weights,
+    and the global torch RNG is left untouched.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ConfigError(f"invalid input shape {input_shape!r}", field="model.name")
+    if num_classes < 2:
+        raise ConfigError(f"need at least 2 classes, got {num_classes}", field="model.name")
+    if name not in MODEL_NAMES:
+        raise UnknownNameError("model", name, MODEL_NAMES, field="model.name")
+    # Default layer init draws from the global RNG; fork it so building a model never perturbs it,
+    # then overwrite every parameter from a private generator so init depends on `seed` alone.
+    with torch.random.fork_rng(devices=[]):
+        if name == "logreg":
+            model: nn.Module = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
+        elif name == "mlp":
+            model = _mlp(math.prod(shape), num_classes)
+        else:
+            model = _cnn(shape, num_classes)
+    _reset_parameters(model, seed)
+    model = model.to(torch.float32)
+    log.debug("built %s for %s -> %d classes: %d parameters", name, shape, num_classes, num_params(model))
+    return model
+
+
+def _mlp(d: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(d, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def _cnn(shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    if len(shape) == 1:
+        layers.append(nn.Unflatten(1, (1, shape[0])))
+        shape = (1, shape[0])
+    if len(shape) == 2:
+        channels, length = shape
+        for c_in, c_out in ((channels, 16), (16, 32)):
+            layers += [nn.Conv1d(c_in, c_out, kernel_size=5, padding=2), nn.ReLU()]
+            if length >= 2:
+                layers.append(nn.MaxPool1d(2))
+                length //= 2
+        length = min(length, _CNN_MAX_POOLED)
+        layers.append(nn.AdaptiveAvgPool1d(length))
+        features = 32 * length
+    elif len(shape) == 3:
+        channels, h, w = shape
+        for c_in, c_out in ((channels, 16), (16, 32)):
+            # Padding 1 keeps 8x8 digits at full size through the conv; pooling halves only dims >= 2.
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.ReLU()]
+            kh, kw = (2 if h >= 2 else 1), (2 if w >= 2 else 1)
+            if kh > 1 or kw > 1:
+                layers.append(nn.MaxPool2d((kh, kw)))
+                h, w = h // kh, w // kw
+        h, w = min(h, _CNN_MAX_POOLED_2D), min(w, _CNN_MAX_POOLED_2D)
+        layers.append(nn.AdaptiveAvgPool2d((h, w)))
+        features = 32 * h * w
+    else:
+        raise ConfigError(f"cnn supports input shapes (d,), (c, l) and (c, h, w); got {shape}", field="model.name")
+    layers += [nn.Flatten(), nn.Linear(features, _CNN_HIDDEN), nn.ReLU(), nn.Linear(_CNN_HIDDEN, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _reset_parameters(model: nn.Module, seed: int) -> None:
+    # Same distributions as torch's defaults for Linear/Conv (kaiming-uniform weights, fan-in biases),
+    # but drawn from a private generator in a fixed module order.
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
+                if module.bias is not None:
+                    fan_in = module.weight[0].numel()
+                    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                    nn.init.uniform_(module.bias, -bound, bound, generator=gen)
+            elif any(True for _ in module.parameters(recurse=False)):
+                raise TypeError(f"no seeded initialiser for {type(module).__name__}")
+
+
+def schema_fingerprint(model: nn.Module) -> str:
+    """First 16 hex chars of sha256 over the sorted "name:shape:dtype" of every state_dict entry."""
+    entries = sorted(
+        f"{key}:{'x'.join(str(s) for s in value.shape)}:{value.dtype}" for key, value in model.state_dict().items()
+    )
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of scalar parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flatten_params(model: nn.Module) -> torch.Tensor:
+    """A 1-D float32 CPU copy of all parameters, in `named_parameters` order."""
+    parts = [p.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for _, p in model.named_parameters()]
+    if not parts:
+        return torch.zeros(0, dtype=torch.float32)
+    return torch.cat(parts)  # cat always allocates, so the result never aliases the parameters
+
+
+def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat vector (as made by `flatten_params`) into the parameters in place."""
+    expected = num_params(model)
+    if flat.numel() != expected:
+        raise ValueError(f"flat parameter vector has {flat.numel()} elements, model has {expected}")
+    params = [p for _, p in model.named_parameters()]
+    if params:
+        # One transfer for the whole vector rather than one per tensor when the model is on a GPU.
+        flat = flat.detach().reshape(-1).to(device=params[0].device)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(flat[offset : offset + n].reshape(p.shape))
+            offset += n

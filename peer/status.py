@@ -1,0 +1,63 @@
+"""Client side of `peer status` and `peer health`: ask a running daemon over gRPC and format the answer."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from peer.config import GossipConfig
+from peer.transport import SERVICE_NAME, Client, map_rpc_error
+
+
+async def fetch_status(address: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    client = Client(GossipConfig(rpc_timeout_s=timeout_s))
+    try:
+        resp = await client.status(address)
+    finally:
+        await client.close()
+    return MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _age(ms: Any) -> str:
+    if not ms:
+        return "never"
+    return f"{max(0.0, time.time() - int(ms) / 1000):.1f}s ago"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    lines = [
+        f"node      {s['node_id']} at {s['address']} ({s['algorithm']}, {s.get('info', {}).get('provenance', '')})",
+        f"training  step {s['step']}, epoch {float(s['epoch']):.2f}, loss {float(s['loss']):.4f}"
+        + (" (done)" if s.get("training_done") else ""),
+        f"traffic   sent {int(s['bytes_sent']):,} B, received {int(s['bytes_received']):,} B, "
+        f"send failures {s['send_failures']}, rejected {s['rejected_messages']}",
+        f"degree    {s['degree']}",
+        "",
+        f"{'peer':<20} {'address':<22} {'state':<8} {'last seen':>11} {'fail':>5} {'backoff':>8} {'nbr':>4}",
+    ]
+    info = s.get("info", {})
+    for n in s.get("neighbours", []):
+        nbr = info.get(f"neighbour.{n['node_id']}", "")
+        lines.append(
+            f"{n['node_id']:<20} {n['address']:<22} {n['state']:<8} {_age(n['last_seen_unix_ms']):>11} "
+            f"{n['failures']:>5} {float(n['backoff_s']):>7.1f}s {nbr:>4}"
+        )
+    if not s.get("neighbours"):
+        lines.append("(no peers known yet)")
+    return "\n".join(lines)
+
+
+async def check_health(address: str, *, timeout_s: float = 3.0) -> tuple[bool, str]:
+    """True when the daemon's gossip service reports SERVING."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            return False, str(map_rpc_error(exc, f"health of {address}"))
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    return resp.status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {name}"

@@ -1,0 +1,150 @@
+"""The training thread: local steps, then take in messages, mix, and publish the next payload.
+
+It never touches a socket and never waits on the network: the event loop hands it messages through a
+thread-safe inbox and a frozen neighbour view, and takes payloads and checkpoint states through callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload
+from peer.config import TrainConfig
+from peer.metrics import Counters
+from peer.training import LocalTrainer, scheduled_lr
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    return scheduled_lr(cfg.lr, cfg.lr_schedule, step, total_steps)
+
+
+class TrainingWorker:
+    def __init__(
+        self,
+        *,
+        train_cfg: TrainConfig,
+        consensus_interval_s: float,
+        trainer: LocalTrainer,
+        algorithm: Algorithm,
+        counters: Counters,
+        log: logging.LoggerAdapter[logging.Logger],
+        publish: Callable[[Payload], None],
+        on_checkpoint: Callable[[dict[str, Any]], None],
+        snapshot_dir: Path | None = None,
+        snapshot_interval_s: float = 0.0,
+    ) -> None:
+        self.cfg = train_cfg
+        self.consensus_interval_s = consensus_interval_s
+        self.trainer = trainer
+        self.algorithm = algorithm
+        self.counters = counters
+        self.log = log
+        self.publish = publish
+        self.on_checkpoint = on_checkpoint
+        self.snapshot_dir = snapshot_dir
+        self.snapshot_interval_s = snapshot_interval_s
+        self.inbox: deque[InMessage] = deque()
+        self.forget: deque[str] = deque()  # neighbours that restarted or left: drop their cached state
+        self.view = NeighbourView(algorithm.node_id, {})
+        self.stop = threading.Event()
+        self.checkpoint_requested = threading.Event()
+        self.neighbours_ready = threading.Event()
+        self.total_steps = max(1, math.ceil(train_cfg.epochs * trainer.steps_per_epoch))
+        self._last_snapshot = -math.inf
+
+    @property
+    def done(self) -> bool:
+        return self.trainer.step_count >= self.total_steps
+
+    def run(self) -> None:
+        """Thread body; returns when `stop` is set."""
+        if self.cfg.wait_for_neighbors_s > 0 and not self.done:
+            # Bounded: a lonely peer starts alone after the timeout instead of waiting forever.
+            if not self.neighbours_ready.wait(self.cfg.wait_for_neighbors_s):
+                self.log.warning("no neighbours after %.1f s; training alone for now", self.cfg.wait_for_neighbors_s)
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self.round()
+            interval = self.cfg.round_interval_s if not self.done else self.consensus_interval_s
+            remaining = interval - (time.monotonic() - started)
+            if remaining > 0:
+                self.stop.wait(remaining)
+
+    def round(self) -> None:
+        """One round: local steps (while epochs remain), merge what arrived, publish, checkpoint if asked."""
+        trainer = self.trainer
+        loss = float("nan")
+        if not self.done:
+            for _ in range(self.cfg.steps_per_round):
+                trainer.set_lr(lr_at(self.cfg, trainer.step_count, self.total_steps))
+                loss = trainer.step()
+                if self.done:
+                    break
+            if not math.isfinite(loss):
+                self.log.error("training loss is %s at step %d; check train.lr", loss, trainer.step_count)
+            if self.done:
+                self.counters.training_done = True
+                self.log.info("training done after %d steps (%.2f epochs)", trainer.step_count, self.cfg.epochs)
+        now = time.monotonic()
+        dropped = 0
+        while self.forget:
+            self.algorithm.forget(self.forget.popleft())
+        while self.inbox:
+            if not self.algorithm.on_message(self.inbox.popleft(), now):
+                dropped += 1
+        x = trainer.get_flat()
+        mixed = self.algorithm.mix(x, now, self.view)
+        if mixed is not x:
+            trainer.set_flat(mixed)
+        payload = self.algorithm.outgoing(mixed, trainer.step_count)
+        if payload is not None:
+            self.publish(payload)
+        with self.counters.lock:
+            self.counters.step = trainer.step_count
+            self.counters.epoch = trainer.step_count / trainer.steps_per_epoch
+            if math.isfinite(loss):
+                self.counters.loss = loss
+            self.counters.rounds += 1
+            self.counters.mixes += 1 if self.algorithm.last_report.used else 0
+            self.counters.dropped_stale += dropped
+            self.counters.seq = payload.seq if payload is not None else self.counters.seq
+        if self.snapshot_dir is not None and self.snapshot_interval_s > 0:
+            self._maybe_snapshot(mixed)
+        if self.checkpoint_requested.is_set():
+            self.checkpoint_requested.clear()
+            self.on_checkpoint(self.state())
+
+    def _maybe_snapshot(self, x: torch.Tensor) -> None:
+        now = time.time()
+        if now - self._last_snapshot < self.snapshot_interval_s:
+            return
+        self._last_snapshot = now
+        assert self.snapshot_dir is not None
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{int(now * 1000):015d}_{self.trainer.step_count:09d}.npy"
+        tmp = self.snapshot_dir / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            np.save(fh, x.numpy())
+        tmp.replace(self.snapshot_dir / name)
+
+    def state(self) -> dict[str, Any]:
+        """Checkpoint content. Call from the thread itself, or after it stopped."""
+        model = self.trainer.model
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "trainer": self.trainer.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
+            "counters": {
+                k: v for k, v in self.counters.snapshot().items() if isinstance(v, (int, float, bool))
+            },
+        }
