@@ -1,0 +1,108 @@
+"""Config validation: one typed tree; errors name the file and the field; overrides; the annotated default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peer import config
+from peer.errors import ConfigError, UnknownNameError
+
+BASE = ["node_id=a", "state_dir=/tmp/peer-test-state"]
+
+
+def test_defaults_and_overrides() -> None:
+    cfg = config.load(None, [*BASE, "algorithm.epsilon=0.5", "discovery.static_peers=[h:1, 'k:2']", "train.lr=1e-3"])
+    assert cfg.algorithm.name == "cdl" and cfg.algorithm.epsilon == 0.5  # type: ignore[union-attr]
+    assert cfg.discovery.static_peers == ["h:1", "k:2"]
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.listen_port == 0 and cfg.listen_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "overrides,field,text",
+    [
+        (["node_id=a"], "state_dir", "required"),
+        ([*BASE, "gossip.intervl_s=1"], "gossip.intervl_s", "unknown field"),
+        ([*BASE, "train.lr=-1"], "train.lr", "greater than 0"),
+        ([*BASE, "train.batch_size=many"], "train.batch_size", "integer"),
+        ([*BASE, "listen=1.2.3.4"], "listen", "host:port"),
+        ([*BASE, "listen=myhost:80"], "listen", "IP address"),
+        ([*BASE, "discovery.static_peers=[nohost]"], "discovery.static_peers", "host:port"),
+        ([*BASE, "algorithm.epsilon=2"], "algorithm.epsilon", "less than or equal to 1"),
+        ([*BASE, "topology=star"], "topology", "valid names: ring, full"),
+        ([*BASE, "data.num_partitions=2", "data.partition_index=2"], "data", "partition_index"),
+        ([*BASE, "node_id=has space"], "node_id", "pattern"),
+    ],
+)
+def test_errors_name_the_field(overrides: list[str], field: str, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, overrides)
+    assert info.value.field == field
+    assert field in str(info.value) and text in str(info.value)
+
+
+def test_unknown_algorithm_lists_valid_names() -> None:
+    with pytest.raises(UnknownNameError) as info:
+        config.load(None, [*BASE, "algorithm.name=fedavg"])
+    assert "cdl" in str(info.value) and "none" in str(info.value) and info.value.field == "algorithm.name"
+
+
+def test_parameters_of_another_algorithm_are_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"algorithm\.epsilon: unknown field"):
+        config.load(None, [*BASE, "algorithm.name=none", "algorithm.epsilon=0.5"])
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        config.load(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node_id: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        config.load(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("node_id: a\nstate_dir: s\ntrain:\n  epochs: zero\n")
+    with pytest.raises(ConfigError, match=r"wrong\.yaml: train\.epochs"):
+        config.load(wrong)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load(listy)
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        config.load(None, [*BASE, "train.lr"])
+
+
+def _leaves(tree: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _leaves(v, f"{prefix}{k}.")
+        else:
+            out.add(prefix + k)
+    return out
+
+
+def test_annotated_default_config_is_complete_and_valid() -> None:
+    """`peer init-config` prints every field with its real default, and the README documents every key."""
+    text = (Path(config.__file__).parent / "default_config.yaml").read_text()
+    raw = yaml.safe_load(text)
+    cfg = config.validate(raw, source="default_config.yaml")
+    dumped = yaml.safe_load(config.dump(cfg))
+    assert _leaves(raw) == _leaves(dumped)
+    assert raw == dumped  # the annotations show the true defaults
+    readme = (Path(config.__file__).parents[1] / "README.md").read_text()
+    undocumented = [k for k in sorted(_leaves(raw)) if f"`{k}`" not in readme]
+    assert not undocumented, f"README does not document: {undocumented}"
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    cfg = config.load(None, [*BASE, "train.epochs=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text(config.dump(cfg))
+    assert config.load(path) == cfg
