@@ -37,6 +37,7 @@ def _check_hostport(value: str, *, allow_port_zero: bool) -> str:
 
 class DiscoveryConfig(_Section):
     mdns: bool = True
+    cluster: str = Field("default", min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
     interfaces: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     static_peers: list[str] = Field(default_factory=list)
     hello_retry_s: float = Field(2.0, gt=0)

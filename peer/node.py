@@ -54,6 +54,7 @@ class Node:
         )
         self.incarnation = time.time_ns() // 1_000_000
         self.ready = asyncio.Event()
+        self.trained = asyncio.Event()  # set once train.epochs are done (the daemon keeps mixing after that)
         self.address = ""
         self._stop = asyncio.Event()
         self._outbox: Payload | None = None
@@ -111,6 +112,7 @@ class Node:
             log=self.log,
             publish=self._publish_threadsafe,
             on_checkpoint=self._checkpoint_threadsafe,
+            on_trained=self._trained_threadsafe,
             snapshot_dir=self.state_dir / "snapshots" if cfg.metrics.snapshot_interval_s > 0 else None,
             snapshot_interval_s=cfg.metrics.snapshot_interval_s,
         )
@@ -151,6 +153,8 @@ class Node:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._build)
         self.worker.view = self.core.view()
+        if self.worker.done:
+            self.trained.set()
         self._server = await start_server(self.cfg.listen, self.cfg.gossip, self)
         host = self.cfg.listen_host
         if host in ("0.0.0.0", "::", ""):
@@ -162,8 +166,8 @@ class Node:
                 self._mdns = MdnsDiscovery(
                     node_id=self.cfg.node_id, port=self._server.port, advertise_ip=host,
                     interfaces=self.cfg.discovery.interfaces, protocol_version=PROTOCOL_VERSION,
-                    schema_fingerprint=self.fingerprint, on_candidate=self._candidates.put_nowait,
-                    on_removed=self._on_mdns_removed,
+                    schema_fingerprint=self.fingerprint, on_candidate=self._on_mdns_candidate,
+                    on_removed=self._on_mdns_removed, extra_txt={"cluster": self.cfg.discovery.cluster},
                 )
                 await self._mdns.start()
             self._announce_ready()
@@ -221,6 +225,10 @@ class Node:
     def _publish_threadsafe(self, payload: Payload) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._set_outbox, payload)
+
+    def _trained_threadsafe(self) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.trained.set)
 
     def _set_outbox(self, payload: Payload) -> None:
         self._outbox = payload
@@ -362,6 +370,14 @@ class Node:
         if upd.redial and old_address and old_address != address:
             self._closed_channels.put_nowait(old_address)
         self._refresh_view()
+
+    def _on_mdns_candidate(self, cand: Candidate) -> None:
+        cluster = cand.txt.get("cluster", "default")
+        if cluster != self.cfg.discovery.cluster:
+            self.once.warning(("cluster", cand.node_id or cand.address), "ignoring peer %s at %s: cluster %r != ours %r",
+                              cand.node_id, cand.address, cluster, self.cfg.discovery.cluster)
+            return
+        self._candidates.put_nowait(cand)
 
     def _on_mdns_removed(self, node_id: str) -> None:
         rec = self.core.peer_gone(node_id)

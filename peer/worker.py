@@ -40,6 +40,7 @@ class TrainingWorker:
         log: logging.LoggerAdapter[logging.Logger],
         publish: Callable[[Payload], None],
         on_checkpoint: Callable[[dict[str, Any]], None],
+        on_trained: Callable[[], None] = lambda: None,
         snapshot_dir: Path | None = None,
         snapshot_interval_s: float = 0.0,
     ) -> None:
@@ -51,6 +52,7 @@ class TrainingWorker:
         self.log = log
         self.publish = publish
         self.on_checkpoint = on_checkpoint
+        self.on_trained = on_trained
         self.snapshot_dir = snapshot_dir
         self.snapshot_interval_s = snapshot_interval_s
         self.inbox: deque[InMessage] = deque()
@@ -94,6 +96,7 @@ class TrainingWorker:
                 self.log.error("training loss is %s at step %d; check train.lr", loss, trainer.step_count)
             if self.done:
                 self.counters.training_done = True
+                self.on_trained()
                 self.log.info("training done after %d steps (%.2f epochs)", trainer.step_count, self.cfg.epochs)
         now = time.monotonic()
         dropped = 0

@@ -1,0 +1,62 @@
+"""Shared test helpers: fast configs, condition waits (no fixed sleeps), and consensus measures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peer import config
+from peer.config import PeerConfig
+
+
+def unique(prefix: str) -> str:
+    """Node ids and cluster names unique per test run, so concurrent runs on one loopback never mix."""
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def fast_config(tmp_path: Path, node_id: str, **sections: Any) -> PeerConfig:
+    """A config that trains a small model quickly; `sections` override whole keys (dotted names allowed)."""
+    raw: dict[str, Any] = {
+        "node_id": node_id,
+        "state_dir": str(tmp_path / node_id),
+        "listen": "127.0.0.1:0",
+        "discovery": {"mdns": False, "interfaces": ["127.0.0.1"]},
+        "data": {"dataset": "digits", "partition": "iid", "num_partitions": 1, "partition_index": 0},
+        "model": {"name": "logreg"},
+        "train": {"epochs": 2, "torch_threads": 1, "steps_per_round": 2, "round_interval_s": 0.02},
+        "gossip": {"interval_s": 0.01, "rpc_timeout_s": 2.0},
+        "metrics": {"interval_s": 0.2},
+        "checkpoint": {"interval_s": 0.5},
+    }
+    for key, value in sections.items():
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return config.validate(raw, source="test")
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    """Wait for a condition that has no event of its own, with a deadline and a clear failure message."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(poll_s)
+
+
+def consensus_distance(vectors: list[torch.Tensor]) -> float:
+    """Mean over peers of ‖θ_i − θ̄‖ / ‖θ̄‖."""
+    stacked = torch.stack([v.double() for v in vectors])
+    mean = stacked.mean(0)
+    return float(((stacked - mean).norm(dim=1) / mean.norm()).mean())

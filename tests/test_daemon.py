@@ -1,0 +1,139 @@
+"""Several daemons in one event loop over real gRPC and real zeroconf on loopback: discover, gossip, converge."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from peer import checkpoint
+from peer.metrics import read as read_metrics
+from peer.node import Node
+from peer.training import evaluate, train_reference
+from tests.helpers import consensus_distance, fast_config, unique, wait_until
+
+
+async def _start(nodes: list[Node]) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.create_task(n.run()) for n in nodes]
+    ready = asyncio.gather(*(n.ready.wait() for n in nodes))
+    done, _ = await asyncio.wait([asyncio.ensure_future(ready), *tasks], timeout=60, return_when="FIRST_COMPLETED")
+    for t in tasks:
+        if t in done:
+            t.result()  # a daemon died during start-up: raise its error
+    assert all(n.ready.is_set() for n in nodes), "daemons did not become ready"
+    return tasks
+
+
+async def _stop(nodes: list[Node], tasks: list[asyncio.Task[None]]) -> None:
+    for n in nodes:
+        n.request_stop()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+
+
+@pytest.mark.timeout(120)
+async def test_three_daemons_discover_over_mdns_gossip_and_converge(tmp_path: Path) -> None:
+    cluster = unique("t")
+    n = 3
+    nodes = []
+    for i in range(n):
+        cfg = fast_config(
+            tmp_path,
+            f"{cluster}-{i}",
+            discovery={"mdns": True, "cluster": cluster},
+            data={"partition": "shards:2", "num_partitions": n, "partition_index": i},
+            train={"epochs": 6, "wait_for_neighbors_s": 20},
+        )
+        nodes.append(Node(cfg, stdout=io.StringIO()))
+    tasks = await _start(nodes)
+    try:
+        # Discovery through mDNS alone: no static peers are configured.
+        await wait_until(lambda: all(len(x.core.neighbours()) == n - 1 for x in nodes), 20, "mDNS discovery")
+        await asyncio.wait_for(asyncio.gather(*(x.trained.wait() for x in nodes)), timeout=60)
+        await wait_until(
+            lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-3, 20, "consensus after training"
+        )
+        for x in nodes:
+            ready = json.loads(x.stdout.getvalue().splitlines()[0])  # type: ignore[attr-defined]
+            assert ready["event"] == "ready" and ready["node_id"] == x.cfg.node_id and ready["address"] == x.address
+            c = x.counters.snapshot()
+            assert c["bytes_sent"] > 0 and c["bytes_received"] > 0 and c["mixes"] > 0
+            assert c["rejected_messages"] == 0
+    finally:
+        await _stop(nodes, tasks)
+
+    ds = nodes[0].dataset
+    accs = [evaluate(x.trainer.model, ds.x_test, ds.y_test)[0] for x in nodes]
+    # Isolated peers only know a few classes each (well under 60% on digits); the consensus model knows all.
+    local = []
+    for x in nodes:
+        model = train_reference(
+            x.trainer.x.numpy(), x.trainer.y.numpy(), model_name="logreg", input_shape=ds.input_shape,
+            num_classes=ds.num_classes, epochs=6, batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0,
+            optimizer="sgd", seed=0, device=x.trainer.device, lr_schedule="cosine",
+        )
+        local.append(evaluate(model, ds.x_test, ds.y_test)[0])
+    assert min(accs) > 0.85, accs
+    assert min(accs) > max(local) + 0.2, (accs, local)
+    for x in nodes:
+        state = checkpoint.load(x.state_dir)
+        assert state is not None and state["counters"]["step"] == x.trainer.step_count
+        records = read_metrics(x.state_dir / "metrics.jsonl")
+        assert records[-1]["event"] == "stopped"
+        assert {"step", "time", "loss", "neighbours", "bytes_sent", "bytes_received", "send_failures"} <= set(
+            records[-1]
+        )
+
+
+@pytest.mark.timeout(60)
+async def test_static_peers_fallback_and_status(tmp_path: Path) -> None:
+    """With mDNS off, a static peer list is enough; status reports the neighbour and the traffic."""
+    from peer.status import fetch_status
+
+    a = Node(fast_config(tmp_path, unique("a"), train={"epochs": 50}), stdout=io.StringIO())
+    tasks = await _start([a])
+    b = Node(
+        fast_config(tmp_path, unique("b"), train={"epochs": 50}, discovery={"static_peers": [a.address]}),
+        stdout=io.StringIO(),
+    )
+    tasks += await _start([b])
+    try:
+        await wait_until(lambda: a.core.neighbours() == [b.cfg.node_id], 15, "a learns b from b's hello")
+        await wait_until(lambda: b.counters.snapshot()["messages_received"] > 2, 15, "pushes from a to b")
+        status = await fetch_status(a.address)
+        assert status["node_id"] == a.cfg.node_id
+        assert [nb["node_id"] for nb in status["neighbours"]] == [b.cfg.node_id]
+        assert status["neighbours"][0]["state"] == "alive"
+        assert int(status["bytes_sent"]) > 0
+    finally:
+        await _stop([a, b], tasks)
+
+
+@pytest.mark.timeout(60)
+async def test_unreachable_neighbour_is_skipped_without_stalling_training(tmp_path: Path) -> None:
+    """A neighbour that stops answering opens its breaker; training and pushes to others go on."""
+    a = Node(fast_config(tmp_path, unique("a"), train={"epochs": 200}, topology="full"), stdout=io.StringIO())
+    b = Node(fast_config(tmp_path, unique("b"), train={"epochs": 200}, topology="full"), stdout=io.StringIO())
+    tasks = await _start([a, b])
+    # c exists only as a membership entry at an address where nothing listens.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    try:
+        a.core.peer_up("zz-dead", dead, 1, 1, asyncio.get_running_loop().time())
+        a.core.peer_up(b.cfg.node_id, b.address, 1, b.incarnation, asyncio.get_running_loop().time())
+        a._refresh_view()
+        step0 = a.trainer.step_count
+        await wait_until(lambda: a.core.peers["zz-dead"].breaker.failures >= a.cfg.gossip.breaker_threshold, 30,
+                         "breaker to open on the dead neighbour")
+        assert a.counters.snapshot()["send_failures"] >= 1
+        assert a.trainer.step_count > step0  # training never waited
+        received = b.counters.snapshot()["messages_received"]
+        await wait_until(lambda: b.counters.snapshot()["messages_received"] > received + 3, 10,
+                         "pushes to the live neighbour to continue")
+    finally:
+        await _stop([a, b], tasks)
