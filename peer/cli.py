@@ -64,9 +64,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['node_id']}: test accuracy {100 * result['accuracy']:.2f}% "
-              f"(loss {result['loss']:.4f}, step {result['step']}, {result['dataset']}, {result['test_samples']} "
-              f"test samples)")
+        print(
+            f"{result['node_id']}: test accuracy {100 * result['accuracy']:.2f}% "
+            f"(loss {result['loss']:.4f}, step {result['step']}, {result['dataset']}, {result['test_samples']} "
+            f"test samples)"
+        )
     return 0
 
 

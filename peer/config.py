@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -126,7 +126,7 @@ class LogConfig(_Section):
     json_lines: bool = False
 
 
-AlgorithmConfig = Annotated[Union[PARAMS_TYPES], Field(discriminator="name")]  # type: ignore[valid-type]
+AlgorithmConfig = Annotated[PARAMS_TYPES, Field(discriminator="name")]  # type: ignore[valid-type]
 
 
 class PeerConfig(_Section):
@@ -224,9 +224,7 @@ def validate(raw: dict[str, Any], *, source: str) -> PeerConfig:
     if isinstance(algo, dict):
         name = algo.setdefault("name", "cdl")
         if name not in REGISTRY:
-            raise UnknownNameError(
-                "algorithm", str(name), list(REGISTRY), field="algorithm.name", source=source
-            )
+            raise UnknownNameError("algorithm", str(name), list(REGISTRY), field="algorithm.name", source=source)
     try:
         return PeerConfig.model_validate(raw)
     except ValidationError as exc:

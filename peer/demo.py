@@ -76,16 +76,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", help="digits | mnist1d (default digits)")
     parser.add_argument("--partition", default="shards:2", help="iid | shards:K | dirichlet:ALPHA (default shards:2)")
     parser.add_argument("--model", default="mlp", help="logreg | mlp | cnn (default mlp)")
-    parser.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS,
-                        help=f"local epochs per peer (default {DEFAULT_EPOCHS:g})")
+    parser.add_argument(
+        "--epochs", type=float, default=DEFAULT_EPOCHS, help=f"local epochs per peer (default {DEFAULT_EPOCHS:g})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="data, model and minibatch seed (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
-    parser.add_argument("--out", metavar="DIR",
-                        help="keep configs, logs, state dirs, summary.json and plot.png in DIR (default: temp dir)")
-    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
-                        help=f"overall time bound in seconds (default {DEFAULT_TIMEOUT_S:g})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every peer (repeatable), e.g. --set train.lr=0.1")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="keep configs, logs, state dirs, summary.json and plot.png in DIR (default: temp dir)",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"overall time bound in seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every peer (repeatable), e.g. --set train.lr=0.1",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -112,8 +125,13 @@ def peer_config(args: argparse.Namespace, index: int, work_dir: Path) -> dict[st
         "topology": args.topology,
         "discovery": {"mdns": True, "interfaces": ["127.0.0.1"], "static_peers": []},
         "algorithm": {"name": args.algorithm},
-        "data": {"dataset": args.dataset, "partition": args.partition, "num_partitions": n,
-                 "partition_index": index, "seed": args.seed},
+        "data": {
+            "dataset": args.dataset,
+            "partition": args.partition,
+            "num_partitions": n,
+            "partition_index": index,
+            "seed": args.seed,
+        },
         "model": {"name": args.model, "seed": args.seed},
         "train": {**TRAIN_DEFAULTS, "epochs": args.epochs, "seed": args.seed},
         "gossip": dict(GOSSIP_DEFAULTS),
@@ -268,7 +286,7 @@ def start_peer(index: int, node_id: str, config_path: Path, state_dir: Path, log
             text=True,
             env=_child_env(),
             start_new_session=True,  # Ctrl-C reaches the demo only; it stops the peers itself
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
     except BaseException:
         log_file.close()
@@ -364,8 +382,9 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def progress_line(records: Sequence[dict[str, Any] | None], node_ids: Sequence[str], epochs: float,
-                  expected_degree: int) -> str:
+def progress_line(
+    records: Sequence[dict[str, Any] | None], node_ids: Sequence[str], epochs: float, expected_degree: int
+) -> str:
     parts, nbrs, sent = [], [], 0
     for node_id, rec in zip(node_ids, records, strict=True):
         if rec is None:
@@ -377,7 +396,7 @@ def progress_line(records: Sequence[dict[str, Any] | None], node_ids: Sequence[s
         nbrs.append(str(len(rec.get("neighbours") or [])))
         sent += int(rec.get("bytes_sent") or 0)
     phase = "consensus" if all(r is not None and r.get("training_done") for r in records) else "training"
-    return (f"{phase}  {'  '.join(parts)}  neighbours {'/'.join(nbrs)} (of {expected_degree})  sent {_mb(sent)}")
+    return f"{phase}  {'  '.join(parts)}  neighbours {'/'.join(nbrs)} (of {expected_degree})  sent {_mb(sent)}"
 
 
 def expected_degree(topology: str, n: int) -> int:
@@ -418,8 +437,9 @@ def watch(procs: Sequence[PeerProc], epochs: float, topology: str, deadline: flo
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def train_reference(x: np.ndarray, y: np.ndarray, cfg: Any, input_shape: tuple[int, ...], num_classes: int,
-                    *, seed: int, device: Any) -> Any:
+def train_reference(
+    x: np.ndarray, y: np.ndarray, cfg: Any, input_shape: tuple[int, ...], num_classes: int, *, seed: int, device: Any
+) -> Any:
     """Train like a peer without neighbours: same model init, optimizer, batch size, epochs and lr schedule.
 
     (`peer.training.train_reference` has no lr schedule, so the demo drives a LocalTrainer with the worker's.)
@@ -430,8 +450,18 @@ def train_reference(x: np.ndarray, y: np.ndarray, cfg: Any, input_shape: tuple[i
 
     t = cfg.train
     model = build_model(cfg.model.name, input_shape, num_classes, seed=cfg.model.seed)
-    trainer = LocalTrainer(model, x, y, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                           weight_decay=t.weight_decay, optimizer=t.optimizer, device=device, seed=seed)
+    trainer = LocalTrainer(
+        model,
+        x,
+        y,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        device=device,
+        seed=seed,
+    )
     total = max(1, math.ceil(t.epochs * trainer.steps_per_epoch))
     for _ in range(total):
         trainer.set_lr(lr_at(t, trainer.step_count, total))
@@ -479,8 +509,9 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[
 
     c0 = cfgs[0]
     ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
-    parts = [local_partition(ds, c.data.partition, c.data.num_partitions, c.data.partition_index, c.data.seed)
-             for c in cfgs]
+    parts = [
+        local_partition(ds, c.data.partition, c.data.num_partitions, c.data.partition_index, c.data.seed) for c in cfgs
+    ]
     x_all = np.concatenate([p[0] for p in parts])
     y_all = np.concatenate([p[1] for p in parts])
     central = train_reference(x_all, y_all, c0, ds.input_shape, ds.num_classes, seed=c0.train.seed, device=device)
@@ -562,8 +593,10 @@ def format_table(summary: dict[str, Any]) -> str:
         ("training wall time", f"{summary['training_wall_s']:.1f} s"),
         ("demo wall time", f"{summary['wall_s']:.1f} s"),
     ]
-    head = (f"{summary['algorithm']} on {summary['dataset']} ({summary['partition']}), {summary['peers']} peers, "
-            f"{summary['topology']}, {summary['model']}, {summary['epochs']:g} epochs, seed {summary['seed']}")
+    head = (
+        f"{summary['algorithm']} on {summary['dataset']} ({summary['partition']}), {summary['peers']} peers, "
+        f"{summary['topology']}, {summary['model']}, {summary['epochs']:g} epochs, seed {summary['seed']}"
+    )
     width = max(len(k) for k, _ in rows)
     return "\n".join([head, "-" * len(head), *(f"{k.ljust(width)}  {v}" for k, v in rows)])
 
@@ -592,8 +625,9 @@ def _validate_args(args: argparse.Namespace) -> None:
     if args.peers < 1:
         raise ConfigError(f"--peers must be >= 1, got {args.peers}", field="peers")
     if args.algorithm not in REGISTRY:
-        raise ConfigError(f"unknown algorithm {args.algorithm!r}; valid names: {', '.join(REGISTRY)}",
-                          field="algorithm")
+        raise ConfigError(
+            f"unknown algorithm {args.algorithm!r}; valid names: {', '.join(REGISTRY)}", field="algorithm"
+        )
     if not args.epochs > 0:
         raise ConfigError(f"--epochs must be > 0, got {args.epochs}", field="epochs")
     if not args.timeout_s > 0:
@@ -640,9 +674,11 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
 
     configs = build_configs(args, work_dir)
     cfgs = [c for _, c in configs]
-    print(f"peer demo: {args.peers} peers ({args.algorithm}, {args.topology}) on {args.dataset} {args.partition}, "
-          f"{args.model}, {args.epochs:g} epochs; files in {work_dir}{'' if args.out else ' (temporary)'}",
-          flush=True)
+    print(
+        f"peer demo: {args.peers} peers ({args.algorithm}, {args.topology}) on {args.dataset} {args.partition}, "
+        f"{args.model}, {args.epochs:g} epochs; files in {work_dir}{'' if args.out else ' (temporary)'}",
+        flush=True,
+    )
     for path, cfg in configs:
         state_dir = Path(cfg.state_dir)
         procs.append(start_peer(len(procs), cfg.node_id, path, state_dir, work_dir / f"{cfg.node_id}.log"))

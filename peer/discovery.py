@@ -56,9 +56,7 @@ class Candidate:
 # Address and interface parsing (pure)
 # ---------------------------------------------------------------------------------------------------------
 
-_HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$"
-)
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
 
 
 def parse_address(text: str, *, field: str) -> tuple[str, int]:
@@ -84,9 +82,7 @@ def parse_address(text: str, *, field: str) -> tuple[str, int]:
         if not sep or not host:
             raise ConfigError(f"expected 'host:port', got {text!r}", field=field)
         if ":" in host:
-            raise ConfigError(
-                f"an IPv6 address needs brackets, e.g. '[{host}]:{port_text}', got {text!r}", field=field
-            )
+            raise ConfigError(f"an IPv6 address needs brackets, e.g. '[{host}]:{port_text}', got {text!r}", field=field)
         if not _HOSTNAME_RE.match(host):
             raise ConfigError(f"{host!r} in {text!r} is not a valid host name or IPv4 address", field=field)
     if not port_text.isascii() or not port_text.isdigit():
@@ -135,20 +131,14 @@ def resolve_interfaces(interfaces: list[str]) -> list[str]:
         if addr is not None:
             if addr.version != 4:
                 # zeroconf cannot listen on ::1 and we run it IPv4-only (one A record per peer).
-                raise ConfigError(
-                    f"{entry!r} is IPv6; only IPv4 is supported; available: {listing()}", field=fld
-                )
+                raise ConfigError(f"{entry!r} is IPv6; only IPv4 is supported; available: {listing()}", field=fld)
             if entry not in local_ips:
-                raise ConfigError(
-                    f"no local interface has address {entry!r}; available: {listing()}", field=fld
-                )
+                raise ConfigError(f"no local interface has address {entry!r}; available: {listing()}", field=fld)
             ips = [entry]
         elif entry in available:
             ips = available[entry]
             if not ips:
-                raise ConfigError(
-                    f"interface {entry!r} has no IPv4 address; available: {listing()}", field=fld
-                )
+                raise ConfigError(f"interface {entry!r} has no IPv4 address; available: {listing()}", field=fld)
         else:
             raise ConfigError(f"unknown interface {entry!r}; available: {listing()}", field=fld)
         resolved.extend(ip for ip in ips if ip not in resolved)
@@ -227,15 +217,11 @@ class MdnsDiscovery:
     ) -> None:
         if not node_id or len(node_id.encode()) > 63:
             # The instance name is one DNS label.
-            raise ConfigError(
-                f"{node_id!r} must be 1..63 bytes to serve as an mDNS instance name", field="node_id"
-            )
+            raise ConfigError(f"{node_id!r} must be 1..63 bytes to serve as an mDNS instance name", field="node_id")
         try:
             ipaddress.IPv4Address(advertise_ip)
         except ValueError:
-            raise ConfigError(
-                f"{advertise_ip!r} is not an IPv4 address", field="discovery.advertise_ip"
-            ) from None
+            raise ConfigError(f"{advertise_ip!r} is not an IPv4 address", field="discovery.advertise_ip") from None
         if not 1 <= port <= 65535:
             raise ValueError(f"port {port} is not a bound port (announce the real port, not 0)")
         extra = dict(extra_txt or {})
@@ -435,9 +421,7 @@ class MdnsDiscovery:
             return  # closed meanwhile
         try:
             info = AsyncServiceInfo(self.service_type, name)
-            found = await info.async_request(
-                aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM
-            )
+            found = await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM)
         except BadTypeInNameException:
             self._log.debug("mDNS: skipping malformed service name %r", name)
             return
@@ -474,9 +458,7 @@ class MdnsDiscovery:
         self._log.debug("mDNS candidate %s at %s", instance, where)
         self._on_candidate(candidate)
 
-    def _incompatibility(
-        self, instance: str, txt: dict[str, str], has_address: bool
-    ) -> tuple[str, str] | None:
+    def _incompatibility(self, instance: str, txt: dict[str, str], has_address: bool) -> tuple[str, str] | None:
         """(dedup key, message) if the peer must not be proposed, else None."""
         theirs_proto, theirs_schema = txt.get("proto"), txt.get("schema")
         if txt.get("node_id") != instance:

@@ -62,7 +62,7 @@ class MetricsLog:
 
 def read(path: str | Path) -> list[dict[str, Any]]:
     """All complete records of a metrics file (a torn last line from a crash is skipped)."""
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 
 from peer import PROTOCOL_VERSION, checkpoint
 from peer import config as config_mod
 from peer.algorithms import InMessage, Payload, create
 from peer.checkpoint import atomic_write_bytes
-from peer.codec import Envelope, ReceiveLimits, Received, encode, iter_requests
+from peer.codec import Envelope, Received, ReceiveLimits, encode, iter_requests
 from peer.config import PeerConfig
 from peer.data import load_dataset, local_partition, partition_summary
 from peer.discovery import Candidate, MdnsDiscovery, StaticPeers, resolve_interfaces
@@ -34,6 +35,19 @@ from peer.training import LocalTrainer, select_device
 from peer.transport import Client, Server, start_server
 from peer.v1 import gossip_pb2
 from peer.worker import TrainingWorker
+
+
+def reachable_address(advertised: str, peer: str) -> str:
+    """The address to dial a peer that said Hello: its advertised one, unless that names an unspecified or
+    loopback host while the call came from elsewhere; then the caller's IP with the advertised port."""
+    host, _, port = advertised.rpartition(":")
+    kind, _, rest = peer.partition(":")
+    if kind != "ipv4" or not port:
+        return advertised
+    caller_ip = rest.rpartition(":")[0]
+    if host in ("0.0.0.0", "", "localhost") or (host.startswith("127.") and not caller_ip.startswith("127.")):
+        return f"{caller_ip}:{port}"
+    return advertised
 
 
 class Node:
@@ -81,8 +95,12 @@ class Node:
         x, y = local_partition(ds, cfg.data.partition, cfg.data.num_partitions, cfg.data.partition_index, cfg.data.seed)
         self.log.info(
             "data %s, partition %s [%d/%d]: %d samples, labels %s",
-            ds.name, cfg.data.partition, cfg.data.partition_index, cfg.data.num_partitions, len(y),
-            partition_summary(y, [list(range(len(y)))])[0] if len(y) else {},
+            ds.name,
+            cfg.data.partition,
+            cfg.data.partition_index,
+            cfg.data.num_partitions,
+            len(y),
+            partition_summary(y, [np.arange(len(y))])[0] if len(y) else {},
         )
         self.dataset = ds
         if cfg.train.torch_threads:
@@ -93,8 +111,16 @@ class Node:
         self.num_params = num_params(model)
         t = cfg.train
         self.trainer = LocalTrainer(
-            model, x, y, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-            optimizer=t.optimizer, device=device, seed=t.seed + 1000 * cfg.data.partition_index,
+            model,
+            x,
+            y,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            optimizer=t.optimizer,
+            device=device,
+            seed=t.seed + 1000 * cfg.data.partition_index,
         )
         self.algorithm = create(cfg.algorithm, cfg.node_id)
         if self.reset and (aside := checkpoint.discard(self.state_dir)) is not None:
@@ -118,13 +144,21 @@ class Node:
         )
         self.log.info(
             "model %s (%d parameters, schema %s) on %s; algorithm %s [%s]",
-            cfg.model.name, self.num_params, self.fingerprint, device, self.algorithm.name, self.algorithm.provenance,
+            cfg.model.name,
+            self.num_params,
+            self.fingerprint,
+            device,
+            self.algorithm.name,
+            self.algorithm.provenance,
         )
 
     def _restore(self, state: dict[str, Any]) -> None:
         path = self.state_dir / checkpoint.CHECKPOINT_NAME
-        for key, mine in (("node_id", self.cfg.node_id), ("fingerprint", self.fingerprint),
-                          ("algorithm_name", self.algorithm.name)):
+        for key, mine in (
+            ("node_id", self.cfg.node_id),
+            ("fingerprint", self.fingerprint),
+            ("algorithm_name", self.algorithm.name),
+        ):
             if state.get(key) != mine:
                 raise CheckpointError(
                     f"checkpoint {path} was written with {key}={state.get(key)!r} but this config has {mine!r}; "
@@ -164,10 +198,15 @@ class Node:
         try:
             if self.cfg.discovery.mdns:
                 self._mdns = MdnsDiscovery(
-                    node_id=self.cfg.node_id, port=self._server.port, advertise_ip=host,
-                    interfaces=self.cfg.discovery.interfaces, protocol_version=PROTOCOL_VERSION,
-                    schema_fingerprint=self.fingerprint, on_candidate=self._on_mdns_candidate,
-                    on_removed=self._on_mdns_removed, extra_txt={"cluster": self.cfg.discovery.cluster},
+                    node_id=self.cfg.node_id,
+                    port=self._server.port,
+                    advertise_ip=host,
+                    interfaces=self.cfg.discovery.interfaces,
+                    protocol_version=PROTOCOL_VERSION,
+                    schema_fingerprint=self.fingerprint,
+                    on_candidate=self._on_mdns_candidate,
+                    on_removed=self._on_mdns_removed,
+                    extra_txt={"cluster": self.cfg.discovery.cluster},
                 )
                 await self._mdns.start()
             self._announce_ready()
@@ -196,8 +235,13 @@ class Node:
                 await self._server.server.stop(None)
 
     def _announce_ready(self) -> None:
-        line = {"event": "ready", "node_id": self.cfg.node_id, "address": self.address,
-                "incarnation": self.incarnation, "step": self.trainer.step_count}
+        line = {
+            "event": "ready",
+            "node_id": self.cfg.node_id,
+            "address": self.address,
+            "incarnation": self.incarnation,
+            "step": self.trainer.step_count,
+        }
         self.stdout.write(json.dumps(line) + "\n")
         self.stdout.flush()
         self.ready.set()
@@ -236,8 +280,12 @@ class Node:
 
     def _envelope(self) -> Envelope:
         return Envelope(
-            sender_id=self.cfg.node_id, schema_fingerprint=self.fingerprint, algorithm=self.algorithm.name,
-            incarnation=self.incarnation, sender_degree=self.core.degree(), sender_address=self.address,
+            sender_id=self.cfg.node_id,
+            schema_fingerprint=self.fingerprint,
+            algorithm=self.algorithm.name,
+            incarnation=self.incarnation,
+            sender_degree=self.core.degree(),
+            sender_address=self.address,
             sent_unix_ms=int(time.time() * 1000),
         )
 
@@ -291,18 +339,24 @@ class Node:
                     newer = self._outbox is not None and self._outbox.seq > seq
                     # Full-state pushes are idempotent (the receiver drops old sequence numbers), so a timed-out
                     # push may be retried; but never once a newer state supersedes this one.
-                    if not newer and should_retry(exc.code, attempt, max_attempts=self.cfg.gossip.max_attempts,
-                                                  idempotent=True, details=str(exc)):
+                    if not newer and should_retry(
+                        exc.code, attempt, max_attempts=self.cfg.gossip.max_attempts, idempotent=True, details=str(exc)
+                    ):
                         self.counters.add(send_retries=1)
-                        delay = retry_delay(attempt, base_s=self.cfg.gossip.backoff_base_s,
-                                            cap_s=self.cfg.gossip.backoff_cap_s, rng=self.rng)
+                        delay = retry_delay(
+                            attempt,
+                            base_s=self.cfg.gossip.backoff_base_s,
+                            cap_s=self.cfg.gossip.backoff_cap_s,
+                            rng=self.rng,
+                        )
                         attempt += 1
                         await self._sleep(delay)
                         continue
                     self.counters.add(send_failures=1)
                     skip = self.core.send_failed(node_id, exc.code, time.monotonic(), self.rng)
-                    self.once.warning(("send", node_id), "%s%s", exc,
-                                      f"; skipping {node_id} for {skip:.1f} s" if skip else "")
+                    self.once.warning(
+                        ("send", node_id), "%s%s", exc, f"; skipping {node_id} for {skip:.1f} s" if skip else ""
+                    )
                     return
                 self.core.send_ok(node_id, seq, time.monotonic())
                 self.once.reset("send")
@@ -325,8 +379,12 @@ class Node:
 
     def _hello_request(self) -> gossip_pb2.HelloRequest:
         return gossip_pb2.HelloRequest(
-            node_id=self.cfg.node_id, protocol_version=PROTOCOL_VERSION, schema_fingerprint=self.fingerprint,
-            algorithm=self.algorithm.name, degree=self.core.degree(), address=self.address,
+            node_id=self.cfg.node_id,
+            protocol_version=PROTOCOL_VERSION,
+            schema_fingerprint=self.fingerprint,
+            algorithm=self.algorithm.name,
+            degree=self.core.degree(),
+            address=self.address,
             incarnation=self.incarnation,
         )
 
@@ -339,15 +397,19 @@ class Node:
         finally:
             self._hello_in_progress.discard(cand.address)
         if not resp.accepted:
-            self.once.warning(("hello", cand.address), "peer %s at %s refused us: %s", resp.node_id, cand.address,
-                              resp.reason)
+            self.once.warning(
+                ("hello", cand.address), "peer %s at %s refused us: %s", resp.node_id, cand.address, resp.reason
+            )
             return
         problem = self._incompatibility(resp.node_id, resp.protocol_version, resp.schema_fingerprint, resp.algorithm)
         if problem:
-            self.once.warning(("incompatible", resp.node_id), "ignoring peer %s at %s: %s", resp.node_id,
-                              cand.address, problem)
+            self.once.warning(
+                ("incompatible", resp.node_id), "ignoring peer %s at %s: %s", resp.node_id, cand.address, problem
+            )
             return
-        self._peer_up(resp.node_id, resp.address or cand.address, resp.degree, resp.incarnation, "hello")
+        # The address we dialled is known to work from here; the one the peer advertises may not be (NAT, a
+        # container bridge, a 0.0.0.0 listener).
+        self._peer_up(resp.node_id, cand.address, resp.degree, resp.incarnation, "hello")
 
     def _incompatibility(self, node_id: str, proto: str, fingerprint: str, algorithm: str) -> str:
         if proto != PROTOCOL_VERSION:
@@ -374,8 +436,14 @@ class Node:
     def _on_mdns_candidate(self, cand: Candidate) -> None:
         cluster = cand.txt.get("cluster", "default")
         if cluster != self.cfg.discovery.cluster:
-            self.once.warning(("cluster", cand.node_id or cand.address), "ignoring peer %s at %s: cluster %r != ours %r",
-                              cand.node_id, cand.address, cluster, self.cfg.discovery.cluster)
+            self.once.warning(
+                ("cluster", cand.node_id or cand.address),
+                "ignoring peer %s at %s: cluster %r != ours %r",
+                cand.node_id,
+                cand.address,
+                cluster,
+                self.cfg.discovery.cluster,
+            )
             return
         self._candidates.put_nowait(cand)
 
@@ -407,23 +475,35 @@ class Node:
     def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse:
         resp = self._hello_request()
         reply = gossip_pb2.HelloResponse(
-            node_id=resp.node_id, protocol_version=resp.protocol_version, schema_fingerprint=resp.schema_fingerprint,
-            algorithm=resp.algorithm, degree=resp.degree, address=resp.address, incarnation=resp.incarnation,
+            node_id=resp.node_id,
+            protocol_version=resp.protocol_version,
+            schema_fingerprint=resp.schema_fingerprint,
+            algorithm=resp.algorithm,
+            degree=resp.degree,
+            address=resp.address,
+            incarnation=resp.incarnation,
             accepted=True,
         )
         if request.node_id == self.cfg.node_id and request.incarnation != self.incarnation:
             self.once.warning(("dup", peer), "another live peer at %s uses our node id %r", peer, request.node_id)
             reply.accepted, reply.reason = False, f"node id {request.node_id!r} is already in use at {self.address}"
             return reply
-        problem = self._incompatibility(request.node_id, request.protocol_version, request.schema_fingerprint,
-                                        request.algorithm)
+        problem = self._incompatibility(
+            request.node_id, request.protocol_version, request.schema_fingerprint, request.algorithm
+        )
         if problem:
-            self.once.warning(("incompatible", request.node_id), "ignoring hello from %s at %s: %s",
-                              request.node_id, request.address, problem)
+            self.once.warning(
+                ("incompatible", request.node_id),
+                "ignoring hello from %s at %s: %s",
+                request.node_id,
+                request.address,
+                problem,
+            )
             reply.accepted, reply.reason = False, problem
             return reply
         if request.node_id != self.cfg.node_id:
-            self._peer_up(request.node_id, request.address, request.degree, request.incarnation, "hello-in")
+            address = reachable_address(request.address, peer)
+            self._peer_up(request.node_id, address, request.degree, request.incarnation, "hello-in")
         return reply
 
     def receive_limits(self) -> ReceiveLimits:
@@ -448,26 +528,49 @@ class Node:
 
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
         self.counters.add(rejected_messages=1)
-        self.once.warning(("reject", sender, type(error).__name__), "rejected a push from %s (%s): %s [%s]",
-                          sender, peer, error, error.status)
+        self.once.warning(
+            ("reject", sender, type(error).__name__),
+            "rejected a push from %s (%s): %s [%s]",
+            sender,
+            peer,
+            error,
+            error.status,
+        )
 
     def status(self) -> gossip_pb2.GetStatusResponse:
         c = self.counters.snapshot()
         now = time.monotonic()
         wall = time.time()
         resp = gossip_pb2.GetStatusResponse(
-            node_id=self.cfg.node_id, address=self.address, algorithm=self.algorithm.name,
-            protocol_version=PROTOCOL_VERSION, schema_fingerprint=self.fingerprint, incarnation=self.incarnation,
-            step=c["step"], epoch=c["epoch"], seq=c["seq"], loss=c["loss"], training_done=c["training_done"],
-            uptime_s=now - self._started, bytes_sent=c["bytes_sent"], bytes_received=c["bytes_received"],
-            send_failures=c["send_failures"], rejected_messages=c["rejected_messages"], degree=self.core.degree(),
+            node_id=self.cfg.node_id,
+            address=self.address,
+            algorithm=self.algorithm.name,
+            protocol_version=PROTOCOL_VERSION,
+            schema_fingerprint=self.fingerprint,
+            incarnation=self.incarnation,
+            step=c["step"],
+            epoch=c["epoch"],
+            seq=c["seq"],
+            loss=c["loss"],
+            training_done=c["training_done"],
+            uptime_s=now - self._started,
+            bytes_sent=c["bytes_sent"],
+            bytes_received=c["bytes_received"],
+            send_failures=c["send_failures"],
+            rejected_messages=c["rejected_messages"],
+            degree=self.core.degree(),
         )
         neighbours = set(self.core.neighbours())
         for node_id, rec in sorted(self.core.peers.items()):
             resp.neighbours.add(
-                node_id=node_id, address=rec.address, state=self.core.state_of(node_id, now),
-                last_seen_unix_ms=int((wall - (now - rec.last_seen)) * 1000), failures=rec.breaker.failures,
-                backoff_s=rec.breaker.remaining(now), degree=rec.degree, last_seq=rec.last_sent_seq,
+                node_id=node_id,
+                address=rec.address,
+                state=self.core.state_of(node_id, now),
+                last_seen_unix_ms=int((wall - (now - rec.last_seen)) * 1000),
+                failures=rec.breaker.failures,
+                backoff_s=rec.breaker.remaining(now),
+                degree=rec.degree,
+                last_seq=rec.last_sent_seq,
             )
             resp.info[f"neighbour.{node_id}"] = "yes" if node_id in neighbours else "no"
         resp.info["provenance"] = self.algorithm.provenance
@@ -487,8 +590,14 @@ class Node:
 
     def _write_metrics(self, event: str = "metrics") -> None:
         c = self.counters.snapshot()
-        record = {"event": event, "node_id": self.cfg.node_id, "time": time.time(),
-                  "elapsed_s": time.monotonic() - self._started, "neighbours": self.core.neighbours(), **c}
+        record = {
+            "event": event,
+            "node_id": self.cfg.node_id,
+            "time": time.time(),
+            "elapsed_s": time.monotonic() - self._started,
+            "neighbours": self.core.neighbours(),
+            **c,
+        }
         try:
             self.metrics.append(record)
         except OSError as exc:

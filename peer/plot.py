@@ -32,8 +32,10 @@ def write_plot(
         if t:
             ax_acc.plot(t, [100 * a for a in curves["mean_accuracy"]], color="C0", lw=2, label="peers (mean)")
             ax_acc.plot(t, [100 * a for a in curves["min_accuracy"]], color="C0", lw=1, ls=":", label="peers (min)")
-        for key, label, color in (("centralized_accuracy", "centralized", "C2"),
-                                  ("local_only_accuracy", "local-only (mean)", "C3")):
+        for key, label, color in (
+            ("centralized_accuracy", "centralized", "C2"),
+            ("local_only_accuracy", "local-only (mean)", "C3"),
+        ):
             value = summary.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 ax_acc.axhline(100 * value, color=color, ls="--", lw=1.2, label=f"{label} {100 * value:.1f}%")
@@ -43,8 +45,9 @@ def write_plot(
         ax_acc.grid(alpha=0.3)
         ax_acc.set_title("test accuracy")
 
-        dist = [(x, d) for x, d in zip(t, curves.get("consensus_distance", []), strict=False)
-                if math.isfinite(d) and d > 0]
+        dist = [
+            (x, d) for x, d in zip(t, curves.get("consensus_distance", []), strict=False) if math.isfinite(d) and d > 0
+        ]
         if dist:
             ax_cd.plot([x for x, _ in dist], [d for _, d in dist], color="C1", lw=2)
             ax_cd.set_yscale("log")
@@ -60,9 +63,11 @@ def write_plot(
         if done_at_s is not None:
             ax_cd.legend(loc="upper right", fontsize=8)
 
-        title = (f"{summary.get('algorithm', '?')}: {summary.get('peers', '?')} peers, {summary.get('topology', '?')}, "
-                 f"{summary.get('dataset', '?')} {summary.get('partition', '')}, {summary.get('model', '?')}, "
-                 f"seed {summary.get('seed', '?')}")
+        title = (
+            f"{summary.get('algorithm', '?')}: {summary.get('peers', '?')} peers, {summary.get('topology', '?')}, "
+            f"{summary.get('dataset', '?')} {summary.get('partition', '')}, {summary.get('model', '?')}, "
+            f"seed {summary.get('seed', '?')}"
+        )
         fig.suptitle(title)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)

@@ -11,12 +11,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from peer.codec import Assembler, ReceiveLimits, Received
+from peer.codec import Assembler, Received, ReceiveLimits
 from peer.config import GossipConfig
 from peer.errors import PayloadError, SendError, StartupError
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
@@ -165,17 +165,15 @@ class Client:
             self._channels[address] = ch
         return gossip_pb2_grpc.GossipServiceStub(ch)
 
-    async def _call(self, what: str, fn: Callable[[], Awaitable[object]]) -> object:
+    async def _call(self, what: str, fn: Callable[[], Any]) -> object:
         try:
-            return await fn()
+            return await cast(Awaitable[object], fn())
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, what) from None
 
     async def hello(self, address: str, request: gossip_pb2.HelloRequest) -> gossip_pb2.HelloResponse:
         stub = self._stub(address)
-        result = await self._call(
-            f"hello to {address}", lambda: stub.Hello(request, timeout=self.cfg.rpc_timeout_s)
-        )
+        result = await self._call(f"hello to {address}", lambda: stub.Hello(request, timeout=self.cfg.rpc_timeout_s))
         assert isinstance(result, gossip_pb2.HelloResponse)
         return result
 
@@ -204,7 +202,7 @@ class Client:
         result = await self._call(
             f"push to {peer_id} at {address}",
             # wait_for_ready rides out short link flaps; the deadline still bounds the whole exchange.
-            lambda: stub.Push(gen(), timeout=self.push_timeout(total_bytes), wait_for_ready=True),
+            lambda: stub.Push(gen(), timeout=self.push_timeout(total_bytes), wait_for_ready=True),  # type: ignore[arg-type]
         )
         assert isinstance(result, gossip_pb2.PushResponse)
         return result

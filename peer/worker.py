@@ -71,8 +71,12 @@ class TrainingWorker:
     def run(self) -> None:
         """Thread body; returns when `stop` is set."""
         if self.cfg.wait_for_neighbors_s > 0 and not self.done:
-            # Bounded: a lonely peer starts alone after the timeout instead of waiting forever.
-            if not self.neighbours_ready.wait(self.cfg.wait_for_neighbors_s):
+            # Bounded: a lonely peer starts alone after the timeout instead of waiting forever; a stop request
+            # ends the wait at once.
+            deadline = time.monotonic() + self.cfg.wait_for_neighbors_s
+            while not self.neighbours_ready.is_set() and not self.stop.is_set() and time.monotonic() < deadline:
+                self.neighbours_ready.wait(0.1)
+            if not self.neighbours_ready.is_set():
                 self.log.warning("no neighbours after %.1f s; training alone for now", self.cfg.wait_for_neighbors_s)
         while not self.stop.is_set():
             started = time.monotonic()
@@ -147,7 +151,5 @@ class TrainingWorker:
             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "trainer": self.trainer.state_dict(),
             "algorithm": self.algorithm.state_dict(),
-            "counters": {
-                k: v for k, v in self.counters.snapshot().items() if isinstance(v, (int, float, bool))
-            },
+            "counters": {k: v for k, v in self.counters.snapshot().items() if isinstance(v, (int, float, bool))},
         }

@@ -57,11 +57,11 @@ def test_parameters_of_another_algorithm_are_rejected() -> None:
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
         config.load(missing)
     bad = tmp_path / "bad.yaml"
     bad.write_text("node_id: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         config.load(bad)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("node_id: a\nstate_dir: s\ntrain:\n  epochs: zero\n")
@@ -74,7 +74,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_bad_override_syntax() -> None:
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         config.load(None, [*BASE, "train.lr"])
 
 

@@ -70,9 +70,20 @@ async def test_three_daemons_discover_over_mdns_gossip_and_converge(tmp_path: Pa
     local = []
     for x in nodes:
         model = train_reference(
-            x.trainer.x.numpy(), x.trainer.y.numpy(), model_name="logreg", input_shape=ds.input_shape,
-            num_classes=ds.num_classes, epochs=6, batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0,
-            optimizer="sgd", seed=0, device=x.trainer.device, lr_schedule="cosine",
+            x.trainer.x.numpy(),
+            x.trainer.y.numpy(),
+            model_name="logreg",
+            input_shape=ds.input_shape,
+            num_classes=ds.num_classes,
+            epochs=6,
+            batch_size=32,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=0.0,
+            optimizer="sgd",
+            seed=0,
+            device=x.trainer.device,
+            lr_schedule="cosine",
         )
         local.append(evaluate(model, ds.x_test, ds.y_test)[0])
     assert min(accs) > 0.85, accs
@@ -128,12 +139,18 @@ async def test_unreachable_neighbour_is_skipped_without_stalling_training(tmp_pa
         a.core.peer_up(b.cfg.node_id, b.address, 1, b.incarnation, asyncio.get_running_loop().time())
         a._refresh_view()
         step0 = a.trainer.step_count
-        await wait_until(lambda: a.core.peers["zz-dead"].breaker.failures >= a.cfg.gossip.breaker_threshold, 30,
-                         "breaker to open on the dead neighbour")
+        await wait_until(
+            lambda: a.core.peers["zz-dead"].breaker.failures >= a.cfg.gossip.breaker_threshold,
+            30,
+            "breaker to open on the dead neighbour",
+        )
         assert a.counters.snapshot()["send_failures"] >= 1
         assert a.trainer.step_count > step0  # training never waited
         received = b.counters.snapshot()["messages_received"]
-        await wait_until(lambda: b.counters.snapshot()["messages_received"] > received + 3, 10,
-                         "pushes to the live neighbour to continue")
+        await wait_until(
+            lambda: b.counters.snapshot()["messages_received"] > received + 3,
+            10,
+            "pushes to the live neighbour to continue",
+        )
     finally:
         await _stop([a, b], tasks)

@@ -169,8 +169,7 @@ async def test_incompatible_schema_is_not_proposed(caplog: pytest.LogCaptureFixt
         lines = [
             r
             for r in caplog.records
-            if getattr(r, "node_id", None) == n.node_id
-            and r.getMessage().startswith(f"ignoring peer {bad.node_id} ")
+            if getattr(r, "node_id", None) == n.node_id and r.getMessage().startswith(f"ignoring peer {bad.node_id} ")
         ]
         assert len(lines) == 1, [r.getMessage() for r in lines]
         msg = lines[0].getMessage()
@@ -275,9 +274,7 @@ async def test_restart_after_crash_is_not_a_duplicate() -> None:
         restarted = Node(node_id, 41401, schema)
         try:
             await restarted.disc.start()
-            await watcher.probe.wait_until(
-                lambda: watcher.probe.candidates[node_id].address == f"{LOOPBACK}:41401", 10
-            )
+            await watcher.probe.wait_until(lambda: watcher.probe.candidates[node_id].address == f"{LOOPBACK}:41401", 10)
         finally:
             await restarted.disc.close()
         assert watcher.probe.removed in ([], [node_id])  # the goodbye from the clean close may already be in
@@ -293,9 +290,7 @@ async def test_late_joiner_finds_settled_peers() -> None:
     async with running(early):
         await early[0].probe.wait_until(lambda: early[1].node_id in early[0].probe.candidates, 10)
         async with running([late]):
-            await late.probe.wait_until(
-                lambda: {e.node_id for e in early} <= late.probe.candidates.keys(), 10
-            )
+            await late.probe.wait_until(lambda: {e.node_id for e in early} <= late.probe.candidates.keys(), 10)
             for e in early:
                 await e.probe.wait_until(lambda e=e: late.node_id in e.probe.candidates, 10)
 

@@ -30,7 +30,10 @@ class Daemon:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "peer", "run", "--config", str(config_path)],
-            stdout=subprocess.PIPE, stderr=self.log, env=env, text=True,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+            text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -72,8 +75,12 @@ def _write_config(tmp_path: Path, node_id: str, static_peers: list[str]) -> Path
         "state_dir": str(tmp_path / node_id),
         "listen": "127.0.0.1:0",
         "discovery": {"mdns": False, "static_peers": static_peers, "hello_retry_s": 0.5},
-        "data": {"dataset": "digits", "partition": "shards:2", "num_partitions": 2,
-                 "partition_index": int(node_id.endswith("b"))},
+        "data": {
+            "dataset": "digits",
+            "partition": "shards:2",
+            "num_partitions": 2,
+            "partition_index": int(node_id.endswith("b")),
+        },
         "model": {"name": "logreg"},
         "train": {"epochs": 400, "torch_threads": 1, "round_interval_s": 0.02},
         "gossip": {"interval_s": 0.02, "rpc_timeout_s": 2.0, "breaker_threshold": 2, "backoff_cap_s": 1.0},
@@ -120,13 +127,15 @@ def test_sigkill_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
         assert "resumed from checkpoint" in (tmp_path / "b2.log").read_text()
         _wait(
             lambda: any(r["step"] > saved + 20 for r in read_metrics(b_dir / "metrics.jsonl")[-3:]),
-            60, "b to train on after the restart",
+            60,
+            "b to train on after the restart",
         )
         # a recognised the restart (new incarnation at a new address) and pushes to b's new address.
         a_log = tmp_path / "a.log"
         _wait(lambda: "restarted" in a_log.read_text(), 30, "a to see b's restart")
-        from peer.status import fetch_status
         import asyncio
+
+        from peer.status import fetch_status
 
         status = asyncio.run(fetch_status(a_ready["address"]))
         nb = {n["node_id"]: n for n in status["neighbours"]}

@@ -21,8 +21,8 @@ def create(params: AlgoParams, node_id: str) -> Algorithm:
 
 
 __all__ = [
-    "REGISTRY",
     "PARAMS_TYPES",
+    "REGISTRY",
     "AlgoParams",
     "Algorithm",
     "Cdl",

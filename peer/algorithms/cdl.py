@@ -2,8 +2,9 @@
 
 Reconstructed (spec v1) from distributed averaging consensus: θ_i ← θ_i + ε Σ_{j∈R_i} a_ij (θ̂_j − θ_i), where
 R_i holds the neighbours whose cached copy is fresh (pattern P2: last-value cache, sequence numbers, staleness
-bound). By default each received copy is mixed once: re-mixing an old copy in later rounds drags the model back
-towards the neighbour's past and measurably slows training when rounds outpace gossip. With every neighbour fresh and Metropolis–Hastings a_ij the update is symmetric and doubly stochastic,
+bound). By default each received copy is mixed once: re-mixing an old copy in later rounds drags the model
+back towards the neighbour's past and measurably slows training when rounds outpace gossip. With every
+neighbour fresh and Metropolis–Hastings a_ij the update is symmetric and doubly stochastic,
 so it preserves the network mean; with some copies missing it stays row stochastic (a convex combination).
 """
 
