@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -126,7 +126,8 @@ class LogConfig(_Section):
     json_lines: bool = False
 
 
-AlgorithmConfig = Annotated[PARAMS_TYPES, Field(discriminator="name")]  # type: ignore[valid-type]
+# A discriminated union over every registered algorithm's parameter block, keyed by `algorithm.name`.
+AlgorithmConfig = Annotated[Union[PARAMS_TYPES], Field(discriminator="name")]  # type: ignore[valid-type]  # noqa: UP007
 
 
 class PeerConfig(_Section):
