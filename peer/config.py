@@ -57,6 +57,26 @@ class DataConfig(_Section):
     seed: int = 0
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str | None) -> str | None:
+        from peer.data import DATASET_NAMES  # numpy only; keeps torch out of config loading
+
+        if v is not None and v not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {v!r}; valid names: {', '.join(sorted(DATASET_NAMES))} (or set data.path)")
+        return v
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, v: str) -> str:
+        from peer.data import parse_partition
+
+        try:
+            parse_partition(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("data.partition: ")) from None
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.path is not None:
@@ -70,9 +90,19 @@ class DataConfig(_Section):
         return self
 
 
+MODEL_NAMES = ("logreg", "mlp", "cnn")  # peer.models.MODEL_NAMES; a test keeps the two equal
+
+
 class ModelConfig(_Section):
     name: str = "mlp"
     seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}; valid names: {', '.join(sorted(MODEL_NAMES))}")
+        return v
 
 
 class TrainConfig(_Section):
@@ -161,7 +191,7 @@ class PeerConfig(_Section):
     @classmethod
     def _topology(cls, v: str) -> str:
         if v not in TOPOLOGIES:
-            raise ValueError(f"unknown topology {v!r}; valid names: {', '.join(TOPOLOGIES)}")
+            raise ValueError(f"unknown topology {v!r}; valid names: {', '.join(sorted(TOPOLOGIES))}")
         return v
 
     @property

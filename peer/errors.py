@@ -7,10 +7,11 @@
     ├── CheckpointError        a checkpoint is missing, corrupt or incompatible (never silently reset)
     ├── StartupError           the daemon cannot start (port in use, duplicate node id, no interface)
     └── PayloadError           a received message is rejected; carries the gRPC status name to answer with
-        ├── SchemaMismatchError    other fingerprint / algorithm / protocol   -> FAILED_PRECONDITION
-        ├── PayloadTooLargeError   over the configured size                   -> RESOURCE_EXHAUSTED
-        └── CorruptPayloadError    bad SHA-256, truncated, wrong shape/dtype, NaN/Inf, bad framing
-                                                                               -> INVALID_ARGUMENT
+        ├── SchemaMismatchError    another fingerprint, algorithm, protocol or encoding, or tensors whose
+        │                          names, shapes or dtypes differ from our model's   -> FAILED_PRECONDITION
+        ├── PayloadTooLargeError   over the configured size (declared or actual)     -> RESOURCE_EXHAUSTED
+        └── CorruptPayloadError    bad SHA-256, truncated, NaN/Inf, a header that contradicts itself,
+                                   bad framing                                       -> INVALID_ARGUMENT
 
 Transport failures (gRPC status codes on the client side) are mapped in one place, `peer.transport`,
 into `SendError`, which is a PeerError too.

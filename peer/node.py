@@ -189,13 +189,16 @@ class Node:
         self.worker.view = self.core.view()
         if self.worker.done:
             self.trained.set()
-        self._server = await start_server(self.cfg.listen, self.cfg.gossip, self)
-        host = self.cfg.listen_host
-        if host in ("0.0.0.0", "::", ""):
-            host = resolve_interfaces(self.cfg.discovery.interfaces)[0]
-        self.address = f"{host}:{self._server.port}"
         self.client = Client(self.cfg.gossip)
+        self._server = await start_server(self.cfg.listen, self.cfg.gossip, self)
         try:
+            host = self.cfg.listen_host
+            if host in ("0.0.0.0", "::", ""):
+                # Listening everywhere: advertise the first mDNS interface's address.
+                host = resolve_interfaces(self.cfg.discovery.interfaces)[0]
+            elif host == "localhost":
+                host = "127.0.0.1"
+            self.address = f"{host}:{self._server.port}"
             if self.cfg.discovery.mdns:
                 self._mdns = MdnsDiscovery(
                     node_id=self.cfg.node_id,

@@ -87,7 +87,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
         self, request_iterator: AsyncIterator[gossip_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> gossip_pb2.PushResponse:
         limits = self.handlers.receive_limits()
-        asm = Assembler(limits)
+        asm = Assembler(limits, peer=context.peer())
         sender = "?"
         try:
             async for req in request_iterator:
@@ -128,8 +128,12 @@ async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Se
     gossip_pb2_grpc.add_GossipServiceServicer_to_server(GossipServicer(handlers), server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    host, _, port_text = listen.rpartition(":")
+    # gRPC binds every address a name resolves to and succeeds if any one binds: "localhost:P" with 127.0.0.1:P
+    # taken would quietly listen on [::1]:P alone, beside the other daemon. Bind the IPv4 loopback only.
+    bind = f"127.0.0.1:{port_text}" if host == "localhost" else listen
     try:
-        port = server.add_insecure_port(listen)
+        port = server.add_insecure_port(bind)
     except RuntimeError as exc:
         raise StartupError(
             f"cannot listen on {listen}: the port is in use or the address is not on this host ({exc})"

@@ -15,16 +15,18 @@ import dataclasses
 import io
 import logging
 import math
-import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -32,10 +34,14 @@ import yaml
 from peer import PROTOCOL_VERSION, checkpoint
 from peer import config as config_mod
 from peer.algorithms import REGISTRY
+from peer.cli import main as cli_main
 from peer.codec import Envelope, Payload, encode, iter_requests
+from peer.config import GossipConfig
 from peer.data import DATASET_NAMES
+from peer.errors import CheckpointError, StartupError
 from peer.models import MODEL_NAMES
 from peer.node import Node
+from peer.transport import start_server
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,13 +64,21 @@ def fast_tree(state_dir: Path, **sections: Any) -> dict[str, Any]:
         "discovery": {"mdns": False},
         "data": {"dataset": "digits"},
         "model": {"name": "logreg"},
-        "train": {"epochs": 0.02, "torch_threads": 1},
+        "train": {"epochs": 0.02, "torch_threads": 1, "device": "cpu"},
         "gossip": {"interval_s": 0.02, "chunk_bytes": CHUNK_LIMIT, "max_message_bytes": SIZE_LIMIT},
         "metrics": {"interval_s": 60.0},
         "checkpoint": {"interval_s": 60.0},
     }
     tree.update(sections)
     return tree
+
+
+def tiny_npz(path: Path) -> dict[str, Any]:
+    """A data section for a daemon subprocess: a small .npz spares it importing scikit-learn for `digits`."""
+    x = np.linspace(0.0, 1.0, 40 * 4, dtype=np.float32).reshape(40, 4)
+    y = np.arange(40) % 2
+    np.savez(path, x=x, y=y, x_test=x[:4], y_test=y[:4])
+    return {"path": str(path)}
 
 
 async def wait_until(pred: Callable[[], bool], within_s: float = 10.0, what: str = "condition") -> None:
@@ -101,22 +115,37 @@ class Victim:
 
     def envelope(self, sender_id: str = EVIL) -> Envelope:
         return Envelope(
-            sender_id=sender_id, schema_fingerprint=self.node.fingerprint, algorithm=self.node.algorithm.name,
-            incarnation=INCARNATION, sender_degree=1, sender_address=self.evil_address, sent_unix_ms=1,
+            sender_id=sender_id,
+            schema_fingerprint=self.node.fingerprint,
+            algorithm=self.node.algorithm.name,
+            incarnation=INCARNATION,
+            sender_degree=1,
+            sender_address=self.evil_address,
+            sent_unix_ms=1,
         )
 
     def params(self) -> torch.Tensor:
-        (shape, dtype), = self.node.receive_limits().expected_tensors.values()  # type: ignore[union-attr]
+        ((shape, dtype),) = self.node.receive_limits().expected_tensors.values()  # type: ignore[union-attr]
         assert dtype == "float32"
-        return torch.full(shape, 0.5)
+        return torch.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape)
 
     def encoded(
-        self, tensors: dict[str, torch.Tensor] | None = None, *, chunk_bytes: int = 1000, seq: int = 1,
-        sender_id: str = EVIL, scalars: dict[str, float] | None = None,
+        self,
+        tensors: dict[str, torch.Tensor] | None = None,
+        *,
+        chunk_bytes: int = 1000,
+        seq: int = 1,
+        sender_id: str = EVIL,
+        scalars: dict[str, float] | None = None,
     ) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
         """A push as a real neighbour encodes it (several chunks), for the test to corrupt."""
-        payload = Payload("state", tensors if tensors is not None else {"params": self.params()}, seq=seq,
-                          step=1, scalars=scalars or {})
+        payload = Payload(
+            "state",
+            tensors if tensors is not None else {"params": self.params()},
+            seq=seq,
+            step=1,
+            scalars=scalars or {},
+        )
         return encode(self.envelope(sender_id), payload, chunk_bytes=chunk_bytes)
 
     def snapshot(self) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -161,8 +190,11 @@ async def victim(tmp_path: Path) -> AsyncIterator[Victim]:
         await evil_server.stop(None)
 
 
-async def assert_untouched_and_serving(v: Victim, before: tuple[torch.Tensor, dict[str, Any]], rejected: int) -> None:
-    """Nothing of the bad push reached the model; the daemon still answers and still takes a good push."""
+async def assert_untouched_and_serving(
+    v: Victim, before: tuple[torch.Tensor, dict[str, Any]], rejected: int | tuple[int, ...]
+) -> None:
+    """Nothing of the bad push reached the model; the daemon still answers and still takes a good push.
+    `rejected`: how many rejections the daemon must have counted (or the values it may have counted)."""
     node = v.node
     rounds = node.counters.rounds
     # Give the training thread two full rounds in which a leaked message would have been mixed.
@@ -173,14 +205,20 @@ async def assert_untouched_and_serving(v: Victim, before: tuple[torch.Tensor, di
     assert not node.worker.inbox
     assert EVIL not in node.core.peers, "a rejected push made its sender a neighbour"
     assert node.counters.messages_received == 0
-    assert node.counters.rejected_messages == rejected
+    count = node.counters.rejected_messages
+    assert count in ((rejected,) if isinstance(rejected, int) else rejected)
 
     status = await v.stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=5)
-    assert status.node_id == "victim" and status.rejected_messages == rejected
+    assert status.node_id == "victim" and status.rejected_messages == count
     hello = await v.stub.Hello(
         gossip_pb2.HelloRequest(
-            node_id=EVIL, protocol_version=PROTOCOL_VERSION, schema_fingerprint=node.fingerprint,
-            algorithm=node.algorithm.name, degree=1, address=v.evil_address, incarnation=INCARNATION,
+            node_id=EVIL,
+            protocol_version=PROTOCOL_VERSION,
+            schema_fingerprint=node.fingerprint,
+            algorithm=node.algorithm.name,
+            degree=1,
+            address=v.evil_address,
+            incarnation=INCARNATION,
         ),
         timeout=5,
     )
@@ -195,7 +233,7 @@ async def assert_untouched_and_serving(v: Victim, before: tuple[torch.Tensor, di
     await wait_until(lambda: EVIL in cache_of and node.counters.mixes >= 1, what="the good push to be mixed")
     assert torch.equal(cache_of[EVIL].params, good)
     assert not torch.equal(node.trainer.get_flat(), before[0]), "mixing a good push must move the model"
-    assert node.counters.rejected_messages == rejected and node.counters.messages_received == 1
+    assert node.counters.rejected_messages == count and node.counters.messages_received == 1
 
 
 def rejection_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -216,9 +254,9 @@ def _with_header(mutate: Callable[[gossip_pb2.PushHeader], None]) -> Callable[[V
     return build
 
 
-def _with_tensors(make: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> Callable[
-    [Victim], list[gossip_pb2.PushRequest]
-]:
+def _with_tensors(
+    make: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+) -> Callable[[Victim], list[gossip_pb2.PushRequest]]:
     def build(v: Victim) -> list[gossip_pb2.PushRequest]:
         return _req(*v.encoded(make(v.params())))
 
@@ -277,6 +315,15 @@ def _chunk_first(v: Victim) -> list[gossip_pb2.PushRequest]:
     return [*reqs[1:], reqs[0]]
 
 
+def _chunks_out_of_order(v: Victim) -> list[gossip_pb2.PushRequest]:
+    header, chunks = v.encoded()
+    order = [1, 0, *range(2, len(chunks))]
+    return [
+        gossip_pb2.PushRequest(header=header),
+        *(gossip_pb2.PushRequest(chunk=gossip_pb2.Chunk(index=i, data=chunks[i])) for i in order),
+    ]
+
+
 def _more_than_declared(v: Victim) -> list[gossip_pb2.PushRequest]:
     """The header honestly declares 2600 bytes; the stream then carries 1000 more."""
     header, chunks = v.encoded()
@@ -286,15 +333,19 @@ def _more_than_declared(v: Victim) -> list[gossip_pb2.PushRequest]:
 def _oversized_chunk(v: Victim) -> list[gossip_pb2.PushRequest]:
     """One chunk over gossip.chunk_bytes (the whole payload declared honestly and small)."""
     header, _ = v.encoded()
-    return [gossip_pb2.PushRequest(header=header),
-            gossip_pb2.PushRequest(chunk=gossip_pb2.Chunk(index=0, data=b"\0" * (CHUNK_LIMIT + 1)))]
+    return [
+        gossip_pb2.PushRequest(header=header),
+        gossip_pb2.PushRequest(chunk=gossip_pb2.Chunk(index=0, data=b"\0" * (CHUNK_LIMIT + 1))),
+    ]
 
 
 def _chunk_over_grpc_limit(v: Victim) -> list[gossip_pb2.PushRequest]:
     """One stream message over gRPC's own message limit (8 MiB here): gRPC refuses it before our code."""
     header, _ = v.encoded()
-    return [gossip_pb2.PushRequest(header=header),
-            gossip_pb2.PushRequest(chunk=gossip_pb2.Chunk(index=0, data=b"\0" * (9 << 20)))]
+    return [
+        gossip_pb2.PushRequest(header=header),
+        gossip_pb2.PushRequest(chunk=gossip_pb2.Chunk(index=0, data=b"\0" * (9 << 20))),
+    ]
 
 
 BAD_PUSHES: list[tuple[str, Callable[[Victim], list[gossip_pb2.PushRequest]], grpc.StatusCode]] = [
@@ -329,7 +380,8 @@ BAD_PUSHES: list[tuple[str, Callable[[Victim], list[gossip_pb2.PushRequest]], gr
     ("flipped-payload-byte", _with_chunks(lambda c: [_flip(c[0], 5), *c[1:]]), INVALID),
     ("truncated", _with_chunks(lambda c: c[:-1]), INVALID),
     ("header-only", _with_chunks(lambda c: []), INVALID),
-    ("chunks-out-of-order", _with_chunks(lambda c: [c[1], c[0], *c[2:]]), INVALID),
+    ("chunks-out-of-order", _chunks_out_of_order, INVALID),
+    ("chunks-swapped", _with_chunks(lambda c: [c[1], c[0], *c[2:]]), INVALID),  # renumbered: the hash catches it
     ("empty-chunk", _with_chunks(lambda c: [c[0], b"", *c[1:]]), INVALID),
     ("empty-stream", lambda v: [], INVALID),
     ("chunk-before-header", _chunk_first, INVALID),
@@ -345,7 +397,9 @@ BAD_PUSHES: list[tuple[str, Callable[[Victim], list[gossip_pb2.PushRequest]], gr
 
 @pytest.mark.parametrize("build,code", [pytest.param(b, c, id=name) for name, b, c in BAD_PUSHES])
 async def test_bad_push_is_rejected_and_loses_nothing(
-    victim: Victim, build: Callable[[Victim], list[gossip_pb2.PushRequest]], code: grpc.StatusCode,
+    victim: Victim,
+    build: Callable[[Victim], list[gossip_pb2.PushRequest]],
+    code: grpc.StatusCode,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="peer.node")
@@ -393,7 +447,9 @@ async def test_sender_that_gives_up_mid_stream_loses_nothing(victim: Victim) -> 
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    await assert_untouched_and_serving(victim, before, rejected=0)
+    # gRPC ends the servicer's request stream either with a cancellation (not counted) or as a stream that
+    # stopped short (counted as a truncated push): both are fine, as long as nothing of it is used.
+    await assert_untouched_and_serving(victim, before, rejected=(0, 1))
 
 
 async def test_valid_push_is_accepted(victim: Victim) -> None:
@@ -403,15 +459,151 @@ async def test_valid_push_is_accepted(victim: Victim) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- the CLI
-def peer_run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "peer", "run", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-    )
+# Each case is a real `python -m peer run` process. They are independent, and each spends its time importing
+# torch, so the module-scoped batch starts them all at once and each test then waits for its own.
+CliSetup = Callable[[Path, list[socket.socket]], list[str]]
 
 
 def write_config(path: Path, tree: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
     return path
+
+
+def held_port(hold: list[socket.socket]) -> int:
+    """A port on 127.0.0.1 that a plain listening socket keeps busy until the batch is closed."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    hold.append(sock)
+    return int(sock.getsockname()[1])
+
+
+# id, YAML text (None: no file), the field the message must name, another phrase it must contain
+BAD_CONFIGS = [  # each run as a real process
+    ("unknown-field", "node_id: a\nstate_dir: s\ntrain:\n  epoch: 3\n", "train.epoch", "unknown field"),
+    ("wrong-type", "node_id: a\nstate_dir: s\ntrain:\n  epochs: lots\n", "train.epochs", "number"),
+    ("missing-state-dir", "node_id: a\n", "state_dir", "missing"),
+    ("bad-listen", "node_id: a\nstate_dir: s\nlisten: 127.0.0.1:99999\n", "listen", "out of range"),
+    ("bad-yaml-syntax", "node_id: a\nstate_dir: s\ntrain: [1, 2\n", "YAML", "line"),
+    ("missing-file", None, "not found", "config"),
+]
+MORE_BAD_CONFIGS = [  # the same path through `peer.cli.main`, in this process (a process each costs seconds)
+    ("unknown-section", "node_id: a\nstate_dir: s\ntrian:\n  epochs: 3\n", "trian", "unknown field"),
+    ("wrong-type-section", "node_id: a\nstate_dir: s\ngossip: 3\n", "gossip", "valid"),
+    ("bad-listen-host", "node_id: a\nstate_dir: s\nlisten: my-host:80\n", "listen", "IP address"),
+    ("bad-listen-no-port", "node_id: a\nstate_dir: s\nlisten: 127.0.0.1\n", "listen", "host:port"),
+    ("bad-value", "node_id: a\nstate_dir: s\ntrain:\n  lr: -1\n", "train.lr", "greater than 0"),
+    ("bad-node-id", "node_id: has space\nstate_dir: s\n", "node_id", "pattern"),
+    ("not-a-mapping", "- node_id\n- state_dir\n", "mapping", "config"),
+    ("empty-file", "", "state_dir", "missing"),
+]
+UNKNOWN_NAMES = [
+    # --set key, the kind the message names, the valid names it must list
+    ("data.dataset", "dataset", DATASET_NAMES),
+    ("model.name", "model", MODEL_NAMES),
+    ("algorithm.name", "algorithm", tuple(REGISTRY)),
+]
+GARBAGE = b"PK\x03\x04 this is not a checkpoint " + bytes(range(256)) * 2
+
+
+def _bad_config(text: str | None) -> CliSetup:
+    def setup(d: Path, hold: list[socket.socket]) -> list[str]:
+        if text is not None:
+            (d / "bad.yaml").write_text(text, encoding="utf-8")
+        return ["--config", str(d / "bad.yaml")]
+
+    return setup
+
+
+def _unknown_name(key: str) -> CliSetup:
+    def setup(d: Path, hold: list[socket.socket]) -> list[str]:
+        data = {} if key.startswith("data.") else {"data": tiny_npz(d / "data.npz")}
+        cfg = write_config(d / "peer.yaml", fast_tree(d / "state", **data))
+        return ["--config", str(cfg), "--set", f"{key}=nope"]
+
+    return setup
+
+
+def _with_checkpoint(content: bytes) -> CliSetup:
+    def setup(d: Path, hold: list[socket.socket]) -> list[str]:
+        (d / "state").mkdir()
+        (d / "state" / checkpoint.CHECKPOINT_NAME).write_bytes(content)
+        cfg = write_config(d / "peer.yaml", fast_tree(d / "state", data=tiny_npz(d / "data.npz")))
+        return ["--config", str(cfg)]
+
+    return setup
+
+
+def _port_in_use(host: str) -> CliSetup:
+    def setup(d: Path, hold: list[socket.socket]) -> list[str]:
+        tree = fast_tree(d / "state", listen=f"{host}:{held_port(hold)}", data=tiny_npz(d / "data.npz"))
+        return ["--config", str(write_config(d / "peer.yaml", tree))]
+
+    return setup
+
+
+CLI_CASES: dict[str, CliSetup] = {
+    **{f"config-{i}": _bad_config(text) for i, text, _, _ in BAD_CONFIGS},
+    **{f"name-{key}": _unknown_name(key) for key, _, _ in UNKNOWN_NAMES},
+    "checkpoint-garbage": _with_checkpoint(GARBAGE),
+    "port-in-use": _port_in_use("127.0.0.1"),
+}
+
+
+class CliBatch:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.hold: list[socket.socket] = []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for name, setup in CLI_CASES.items():
+            d = self.dir(name)
+            d.mkdir()
+            args = setup(d, self.hold)
+            with open(d / "stdout.txt", "wb") as out, open(d / "stderr.txt", "wb") as err:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "peer", "run", *args],
+                    cwd=d,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                )
+
+    def dir(self, name: str) -> Path:
+        return self.root / name
+
+    def result(self, name: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+        proc = self.procs[name]
+        d = self.dir(name)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(
+                f"`peer run` ({name}) still running after {timeout_s} s; stderr:\n{(d / 'stderr.txt').read_text()}"
+            ) from None
+        return subprocess.CompletedProcess(
+            proc.args, proc.returncode, (d / "stdout.txt").read_text(), (d / "stderr.txt").read_text()
+        )
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for sock in self.hold:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def cli() -> Iterator[CliBatch]:
+    root = Path(tempfile.mkdtemp(prefix="peer-bad-input-"))
+    batch = CliBatch(root)
+    try:
+        yield batch
+    finally:
+        batch.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
@@ -423,145 +615,176 @@ def assert_clean_error(proc: subprocess.CompletedProcess[str], code: int, *needl
     assert '"event": "ready"' not in proc.stdout
 
 
-BAD_CONFIGS = [
-    # id, YAML text (None: no file), the field the message must name, another phrase it must contain
-    ("unknown-field", "node_id: a\nstate_dir: s\ntrain:\n  epoch: 3\n", "train.epoch", "unknown field"),
-    ("unknown-section", "node_id: a\nstate_dir: s\ntrian:\n  epochs: 3\n", "trian", "unknown field"),
-    ("wrong-type", "node_id: a\nstate_dir: s\ntrain:\n  epochs: lots\n", "train.epochs", "number"),
-    ("wrong-type-section", "node_id: a\nstate_dir: s\ngossip: 3\n", "gossip", "valid"),
-    ("missing-state-dir", "node_id: a\n", "state_dir", "missing"),
-    ("bad-listen-port", "node_id: a\nstate_dir: s\nlisten: 127.0.0.1:99999\n", "listen", "out of range"),
-    ("bad-listen-host", "node_id: a\nstate_dir: s\nlisten: my-host:80\n", "listen", "IP address"),
-    ("bad-listen-no-port", "node_id: a\nstate_dir: s\nlisten: 127.0.0.1\n", "listen", "host:port"),
-    ("bad-yaml-syntax", "node_id: a\nstate_dir: s\ntrain: [1, 2\n", "YAML", "line"),
-    ("not-a-mapping", "- node_id\n- state_dir\n", "mapping", "config"),
-    ("missing-file", None, "not found", "config"),
-]
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case,field,phrase", [pytest.param(i, f, p, id=i) for i, _, f, p in BAD_CONFIGS])
+def test_invalid_config_exits_2_naming_file_and_field(cli: CliBatch, case: str, field: str, phrase: str) -> None:
+    proc = cli.result(f"config-{case}")
+    d = cli.dir(f"config-{case}")
+    assert_clean_error(proc, 2, str(d / "bad.yaml"), field, phrase)
+    assert not (d / "s").exists(), "an invalid config must not create its state_dir"
 
 
-@pytest.mark.parametrize("text,field,phrase", [pytest.param(t, f, p, id=i) for i, t, f, p in BAD_CONFIGS])
-def test_invalid_config_exits_2_naming_file_and_field(tmp_path: Path, text: str | None, field: str,
-                                                      phrase: str) -> None:
+@pytest.mark.parametrize("text,field,phrase", [pytest.param(t, f, p, id=i) for i, t, f, p in MORE_BAD_CONFIGS])
+def test_more_invalid_configs_exit_2_naming_file_and_field(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    field: str,
+    phrase: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "bad.yaml"
-    if text is not None:
-        path.write_text(text, encoding="utf-8")
-    proc = peer_run("--config", str(path), cwd=tmp_path)
-    assert_clean_error(proc, 2, str(path), field, phrase)
+    path.write_text(text, encoding="utf-8")
+    code = cli_main(["run", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert_clean_error(subprocess.CompletedProcess(["peer", "run"], code, out, err), 2, str(path), field, phrase)
     assert not (tmp_path / "s").exists(), "an invalid config must not create its state_dir"
 
 
-@pytest.mark.parametrize(
-    "key,kind,valid",
-    [
-        ("data.dataset", "dataset", DATASET_NAMES),
-        ("model.name", "model", MODEL_NAMES),
-        ("algorithm.name", "algorithm", tuple(REGISTRY)),
-    ],
-)
-def test_unknown_name_exits_2_listing_valid_names(tmp_path: Path, key: str, kind: str, valid: tuple[str, ...]) -> None:
-    cfg = write_config(tmp_path / "peer.yaml", fast_tree(tmp_path / "state"))
-    proc = peer_run("--config", str(cfg), "--set", f"{key}=nope", cwd=tmp_path)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("key,kind,valid", [pytest.param(k, n, v, id=k) for k, n, v in UNKNOWN_NAMES])
+def test_unknown_name_exits_2_listing_valid_names(cli: CliBatch, key: str, kind: str, valid: tuple[str, ...]) -> None:
+    proc = cli.result(f"name-{key}")
     assert_clean_error(proc, 2, key, f"unknown {kind} 'nope'", "valid names: " + ", ".join(sorted(valid)))
 
 
-def test_corrupt_checkpoint_exits_3_and_keeps_the_file(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    garbage = b"PK\x03\x04 this is not a checkpoint " + os.urandom(512)
+@pytest.mark.timeout(120)
+def test_corrupt_checkpoint_exits_3_and_keeps_the_file(cli: CliBatch) -> None:
+    proc = cli.result("checkpoint-garbage")
+    state = cli.dir("checkpoint-garbage") / "state"
     ckpt = state / checkpoint.CHECKPOINT_NAME
-    ckpt.write_bytes(garbage)
-    cfg = write_config(tmp_path / "peer.yaml", fast_tree(state))
-    proc = peer_run("--config", str(cfg), cwd=tmp_path)
     assert_clean_error(proc, 3, str(ckpt), "corrupt", "--reset")
-    assert ckpt.read_bytes() == garbage, "the corrupt checkpoint was overwritten"
+    assert ckpt.read_bytes() == GARBAGE, "the corrupt checkpoint was overwritten"
     assert not list(state.glob(f"{checkpoint.CHECKPOINT_NAME}?*")), "nothing may be moved aside without --reset"
 
 
-def test_checkpoint_of_unknown_format_exits_3(tmp_path: Path) -> None:
-    """A readable torch file that is not ours (e.g. a torn write replaced by something else)."""
-    state = tmp_path / "state"
-    state.mkdir()
-    ckpt = state / checkpoint.CHECKPOINT_NAME
-    buf = io.BytesIO()
-    torch.save({"weights": torch.zeros(3)}, buf)
-    ckpt.write_bytes(buf.getvalue())
-    proc = peer_run("--config", str(write_config(tmp_path / "peer.yaml", fast_tree(state))), cwd=tmp_path)
-    assert_clean_error(proc, 3, str(ckpt), "--reset")
-    assert ckpt.read_bytes() == buf.getvalue()
-
-
-async def start_daemon(tmp_path: Path, *args: str) -> tuple[asyncio.subprocess.Process, Path]:
-    stderr_path = tmp_path / "stderr.txt"
-    with open(stderr_path, "wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "peer", "run", *args, cwd=tmp_path,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
-        )
-    return proc, stderr_path
-
-
-async def stop_daemon(proc: asyncio.subprocess.Process) -> int:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
+async def run_briefly(cfg: config_mod.PeerConfig) -> None:
+    """Start a daemon in this process, wait until it serves, stop it (which writes its checkpoint)."""
+    node = Node(cfg, stdout=io.StringIO())
+    task = asyncio.create_task(node.run())
     try:
-        return await asyncio.wait_for(proc.wait(), timeout=20)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
+        await asyncio.wait_for(node.ready.wait(), timeout=20)
+    finally:
+        node.request_stop()
+        await asyncio.wait_for(task, timeout=20)
+
+
+def _torch_file(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "spoil,other,phrase",
+    [
+        pytest.param(lambda real: real[: len(real) // 2], {}, "corrupt", id="torn-write"),
+        pytest.param(lambda real: _torch_file({"weights": torch.zeros(3)}), {}, "unknown format", id="foreign"),
+        pytest.param(lambda real: real, {"model": {"name": "mlp"}}, "fingerprint", id="other-model"),
+        pytest.param(lambda real: real, {"node_id": "someone-else"}, "node_id", id="other-node"),
+    ],
+)
+async def test_unusable_checkpoint_stops_the_daemon_and_is_kept(
+    tmp_path: Path, spoil: Callable[[bytes], bytes], other: dict[str, Any], phrase: str
+) -> None:
+    """The same refusal, in this process, for a real checkpoint that was torn, replaced, or is another's."""
+    await run_briefly(config_mod.validate(fast_tree(tmp_path / "state"), source="test"))
+    ckpt = tmp_path / "state" / checkpoint.CHECKPOINT_NAME
+    content = spoil(ckpt.read_bytes())
+    ckpt.write_bytes(content)
+    node = Node(config_mod.validate(fast_tree(tmp_path / "state", **other), source="test"), stdout=io.StringIO())
+    with pytest.raises(CheckpointError) as info:
+        await asyncio.wait_for(node.run(), timeout=20)
+    text = str(info.value)
+    assert str(ckpt) in text and phrase in text and "--reset" in text, text
+    assert not node.ready.is_set()
+    assert ckpt.read_bytes() == content, "the checkpoint was overwritten"
+    assert not list(ckpt.parent.glob(f"{checkpoint.CHECKPOINT_NAME}?*"))
+
+
+@pytest.mark.timeout(120)
+def test_port_held_by_a_socket_exits_4(cli: CliBatch) -> None:
+    proc = cli.result("port-in-use")
+    listen = yaml.safe_load((cli.dir("port-in-use") / "peer.yaml").read_text())["listen"]
+    assert_clean_error(proc, 4, f"cannot listen on {listen}", "in use")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_start_server_refuses_a_port_in_use(host: str) -> None:
+    """gRPC binds every address a name resolves to and is content with one: "localhost" must not end up on
+    [::1] alone while another socket holds 127.0.0.1 on the same port."""
+    hold: list[socket.socket] = []
+    try:
+        listen = f"{host}:{held_port(hold)}"
+        with pytest.raises(StartupError, match=f"cannot listen on {listen}: the port is in use"):
+            server = await start_server(listen, GossipConfig(), Node.__new__(Node))
+            await server.server.stop(None)
+    finally:
+        for sock in hold:
+            sock.close()
 
 
 async def test_reset_moves_corrupt_checkpoint_aside_and_starts(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    garbage = b"\x80\x02 torn checkpoint " + os.urandom(256)
     ckpt = state / checkpoint.CHECKPOINT_NAME
-    ckpt.write_bytes(garbage)
-    cfg = write_config(tmp_path / "peer.yaml", fast_tree(state))
-    proc, stderr_path = await start_daemon(tmp_path, "--config", str(cfg), "--reset")
+    ckpt.write_bytes(GARBAGE)
+    cfg = write_config(tmp_path / "peer.yaml", fast_tree(state, data=tiny_npz(tmp_path / "data.npz")))
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "peer",
+            "run",
+            "--config",
+            str(cfg),
+            "--reset",
+            cwd=tmp_path,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+        )
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=40)
         assert b'"event": "ready"' in line, (line, stderr_path.read_text())
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(proc.wait(), timeout=15)
     finally:
-        rc = await stop_daemon(proc)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     stderr = stderr_path.read_text()
     assert rc == 0, stderr
     aside = state / f"{checkpoint.CHECKPOINT_NAME}.discarded.0"
-    assert aside.read_bytes() == garbage, "--reset must move the corrupt checkpoint aside, not delete it"
+    assert aside.read_bytes() == GARBAGE, "--reset must move the corrupt checkpoint aside, not delete it"
     assert str(aside) in stderr
     # The graceful stop wrote a fresh, loadable checkpoint in its place.
     fresh = checkpoint.load(state)
     assert fresh is not None and fresh["node_id"] == "victim"
 
 
-def held_port() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    return sock
-
-
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
-def test_port_held_by_a_socket_exits_4(tmp_path: Path, host: str) -> None:
-    with held_port() as sock:
-        port = sock.getsockname()[1]
-        listen = f"{host}:{port}"
-        cfg = write_config(tmp_path / "peer.yaml", fast_tree(tmp_path / "state", listen=listen))
-        proc = peer_run("--config", str(cfg), cwd=tmp_path)
-    assert_clean_error(proc, 4, f"cannot listen on {listen}", "in use")
-
-
 async def test_port_held_by_another_daemon_exits_4(victim: Victim, tmp_path: Path) -> None:
-    """Two daemons on one port: SO_REUSEPORT would let both bind silently; it is off, so the second fails."""
+    """Two daemons on one port: with SO_REUSEPORT both would bind and share it silently; it is off."""
     listen = f"127.0.0.1:{victim.node.address.rpartition(':')[2]}"
-    cfg = write_config(tmp_path / "peer.yaml", fast_tree(tmp_path / "second", node_id="second", listen=listen))
+    tree = fast_tree(tmp_path / "second", node_id="second", listen=listen, data=tiny_npz(tmp_path / "data.npz"))
+    cfg = write_config(tmp_path / "peer.yaml", tree)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "peer", "run", "--config", str(cfg), cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "peer",
+        "run",
+        "--config",
+        str(cfg),
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=50)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -569,6 +792,6 @@ async def test_port_held_by_another_daemon_exits_4(victim: Victim, tmp_path: Pat
     assert proc.returncode is not None
     result = subprocess.CompletedProcess(["peer", "run"], proc.returncode, out.decode(), err.decode())
     assert_clean_error(result, 4, f"cannot listen on {listen}", "in use")
-    # The first daemon is unharmed.
+    # The first daemon is unharmed and still serving.
     status = await victim.stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=5)
-    assert status.node_id == "victim"
+    assert status.node_id == "victim" and status.rejected_messages == 0

@@ -32,9 +32,12 @@ def test_defaults_and_overrides() -> None:
         ([*BASE, "listen=myhost:80"], "listen", "IP address"),
         ([*BASE, "discovery.static_peers=[nohost]"], "discovery.static_peers", "host:port"),
         ([*BASE, "algorithm.epsilon=2"], "algorithm.epsilon", "less than or equal to 1"),
-        ([*BASE, "topology=star"], "topology", "valid names: ring, full"),
+        ([*BASE, "topology=star"], "topology", "valid names: full, ring"),
         ([*BASE, "data.num_partitions=2", "data.partition_index=2"], "data", "partition_index"),
         ([*BASE, "node_id=has space"], "node_id", "pattern"),
+        ([*BASE, "data.dataset=cifar"], "data.dataset", "valid names: digits, mnist1d"),
+        ([*BASE, "data.partition=shards:x"], "data.partition", "shards"),
+        ([*BASE, "model.name=resnet"], "model.name", "valid names: cnn, logreg, mlp"),
     ],
 )
 def test_errors_name_the_field(overrides: list[str], field: str, text: str) -> None:
@@ -106,3 +109,9 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(config.dump(cfg))
     assert config.load(path) == cfg
+
+
+def test_model_names_match_the_model_zoo() -> None:
+    from peer.models import MODEL_NAMES
+
+    assert config.MODEL_NAMES == MODEL_NAMES
