@@ -63,7 +63,9 @@ class DataConfig(_Section):
         from peer.data import DATASET_NAMES  # numpy only; keeps torch out of config loading
 
         if v is not None and v not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {v!r}; valid names: {', '.join(sorted(DATASET_NAMES))} (or set data.path)")
+            raise ValueError(
+                f"unknown dataset {v!r}; valid names: {', '.join(sorted(DATASET_NAMES))} (or set data.path)"
+            )
         return v
 
     @field_validator("partition")
