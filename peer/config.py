@@ -144,6 +144,19 @@ class GossipConfig(_Section):
         return self
 
 
+class MembershipConfig(_Section):
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="probe each member this often (Hello, short deadline)")
+    evict_after: int = Field(3, ge=1, description="missed heartbeats before a member is evicted from the topology")
+    probe_evicted_max_s: float = Field(10.0, gt=0, description="evicted members are re-probed at most this far apart")
+
+
+class CatchupConfig(_Section):
+    enabled: bool = True
+    max_state_age_s: float = Field(60.0, ge=0, description="fetch a neighbour's model when ours is older than this")
+    min_step_lead: int = Field(1, ge=1, description="... and the neighbour is at least this many steps ahead")
+    wait_s: float = Field(10.0, ge=0, description="how long a starting peer waits for a model to fetch")
+
+
 class CheckpointConfig(_Section):
     interval_s: float = Field(10.0, gt=0)
 
@@ -173,6 +186,8 @@ class PeerConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     gossip: GossipConfig = GossipConfig()
+    membership: MembershipConfig = MembershipConfig()
+    catchup: CatchupConfig = CatchupConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

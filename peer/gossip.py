@@ -2,14 +2,17 @@
 
 Theory of operation.
   State:   one `PeerRecord` per compatible peer that answered a Hello or pushed to us (address, advertised
-           degree, incarnation, last-seen time, consecutive failures, breaker), plus the topology name.
+           degree, incarnation, last-seen time, missed heartbeats, eviction flag, breaker), plus the topology.
   Inputs:  `peer_up` (a verified Hello or push header), `peer_gone` (a clean mDNS goodbye), `send_ok`,
-           `send_failed`, and `sends_due(now, seq)` queries. Every input carries `now` (seconds, monotonic).
-  Effects: the return values: which neighbours to push to now, whether to retry and after how long, whether a
-           channel must be re-dialled because a peer came back at a new address.
-  Invariants: the neighbour set is a pure function of (topology, own id, member ids), so every peer with the
-           same view computes the same graph; a neighbour whose breaker is open is skipped, never waited on;
-           one success closes the breaker.
+           `send_failed`, `heartbeat_ok`, `heartbeat_failed`, and `sends_due` / `heartbeats_due` queries.
+           Every input carries `now` (seconds, monotonic).
+  Effects: the return values: which neighbours to push to or probe now, whether to retry and after how long,
+           whether a channel must be re-dialled, whether a peer was just evicted or re-admitted.
+  Invariants: the neighbour set is a pure function of (topology, own id, ids of the members that are not
+           evicted), so every peer with the same view computes the same graph; liveness comes from gRPC
+           (heartbeats, pushes), never from mDNS, whose caches keep a crashed peer for ≥ 1125 s; a neighbour
+           whose breaker is open is skipped, never waited on; one success closes the breaker, and any sign of
+           life re-admits an evicted peer.
 No clocks, sockets or global randomness here: `now` and an `random.Random` come in as arguments.
 """
 
@@ -102,6 +105,13 @@ def topology_neighbours(topology: str, self_id: str, members: list[str]) -> list
     raise ValueError(f"unknown topology {topology!r}")
 
 
+@dataclass(frozen=True)
+class LivenessPolicy:
+    heartbeat_interval_s: float = 2.0
+    evict_after: int = 3  # consecutive missed heartbeats
+    probe_evicted_max_s: float = 10.0  # evicted peers are re-probed with a growing interval up to this
+
+
 @dataclass
 class PeerRecord:
     node_id: str
@@ -116,6 +126,11 @@ class PeerRecord:
     last_failure: str = ""
     sends_ok: int = 0
     sends_failed: int = 0
+    misses: int = 0
+    evicted: bool = False
+    evicted_at: float = 0.0
+    next_probe: float = 0.0
+    evictions: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,7 @@ class GossipCore:
     self_id: str
     topology: str
     policy: BreakerPolicy = field(default_factory=BreakerPolicy)
+    liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     peers: dict[str, PeerRecord] = field(default_factory=dict)
 
     # -- inputs ---------------------------------------------------------------------------------------------
@@ -152,7 +168,7 @@ class GossipCore:
         if address:
             rec.address = address
         rec.degree = degree
-        rec.last_seen = now
+        self._alive(rec, now)
         if restarted:
             rec.incarnation = incarnation
             # The restarted process has a new sequence space: forget what we sent to its previous life.
@@ -161,11 +177,49 @@ class GossipCore:
             rec.breaker.record_success()
         return PeerUpdate(new=False, redial=redial, restarted=restarted)
 
-    def heard_from(self, node_id: str, degree: int, now: float) -> None:
+    def heard_from(self, node_id: str, degree: int, now: float) -> bool:
+        """Any message from the peer proves it alive. Returns True if that re-admitted an evicted peer."""
         rec = self.peers.get(node_id)
-        if rec is not None:
-            rec.last_seen = now
-            rec.degree = degree
+        if rec is None:
+            return False
+        rec.degree = degree
+        return self._alive(rec, now)
+
+    def _alive(self, rec: PeerRecord, now: float) -> bool:
+        readmitted = rec.evicted
+        rec.last_seen = now
+        rec.misses = 0
+        rec.evicted = False
+        rec.next_probe = now + self.liveness.heartbeat_interval_s
+        return readmitted
+
+    def heartbeats_due(self, now: float, in_flight: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Peers to probe now: members not heard from for an interval, and evicted peers on their backoff."""
+        return sorted(j for j, rec in self.peers.items() if j not in in_flight and now >= rec.next_probe)
+
+    def heartbeat_ok(self, node_id: str, degree: int, now: float) -> bool:
+        """A heartbeat was answered. Returns True if the peer had been evicted and is now re-admitted."""
+        return self.heard_from(node_id, degree, now)
+
+    def heartbeat_failed(self, node_id: str, now: float) -> bool:
+        """A heartbeat went unanswered. Returns True if this miss evicted the peer."""
+        rec = self.peers.get(node_id)
+        if rec is None:
+            return False
+        rec.misses += 1
+        if rec.evicted:
+            # Keep probing for re-admission, but back off: an evicted peer may be gone for good.
+            k = rec.misses - self.liveness.evict_after
+            wait = min(self.liveness.probe_evicted_max_s, self.liveness.heartbeat_interval_s * (2.0 ** max(0, k)))
+            rec.next_probe = now + wait
+            return False
+        rec.next_probe = now + self.liveness.heartbeat_interval_s
+        if rec.misses >= self.liveness.evict_after:
+            rec.evicted = True
+            rec.evicted_at = now
+            rec.evictions += 1
+            return True
+        return False
 
     def peer_gone(self, node_id: str) -> PeerRecord | None:
         """The peer said goodbye (clean mDNS unregister): drop it from the view."""
@@ -190,8 +244,12 @@ class GossipCore:
         return rec.breaker.record_failure(now, rng)
 
     # -- queries --------------------------------------------------------------------------------------------
+    def members(self) -> list[str]:
+        """Ids of the peers in the view: known, compatible and not evicted (ourselves excluded)."""
+        return sorted(j for j, rec in self.peers.items() if not rec.evicted)
+
     def neighbours(self) -> list[str]:
-        return topology_neighbours(self.topology, self.self_id, list(self.peers))
+        return topology_neighbours(self.topology, self.self_id, self.members())
 
     def degree(self) -> int:
         return len(self.neighbours())
@@ -216,8 +274,10 @@ class GossipCore:
 
     def state_of(self, node_id: str, now: float) -> str:
         rec = self.peers[node_id]
+        if rec.evicted:
+            return "evicted"
         if rec.breaker.is_open(now):
             return "backoff"
-        if rec.breaker.failures > 0:
+        if rec.misses > 0 or rec.breaker.failures > 0:
             return "suspect"
         return "alive"

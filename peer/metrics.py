@@ -28,6 +28,9 @@ class Counters:
     send_retries: int = 0
     rejected_messages: int = 0
     dropped_stale: int = 0
+    catchups: int = 0
+    evictions: int = 0
+    readmissions: int = 0
     training_done: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

@@ -25,29 +25,17 @@ from peer.checkpoint import atomic_write_bytes
 from peer.codec import Envelope, Received, ReceiveLimits, encode, iter_requests
 from peer.config import PeerConfig
 from peer.data import load_dataset, local_partition, partition_summary
-from peer.discovery import Candidate, MdnsDiscovery, StaticPeers, resolve_interfaces
-from peer.errors import CheckpointError, PayloadError, SendError
-from peer.gossip import BreakerPolicy, GossipCore, retry_delay, should_retry
+from peer.discovery import MdnsDiscovery, resolve_interfaces
+from peer.errors import CheckpointError, PayloadError, PeerError, SchemaMismatchError, SendError
+from peer.gossip import BreakerPolicy, GossipCore, LivenessPolicy, retry_delay, should_retry
 from peer.logs import OnceLogger, node_logger
+from peer.membership import Identity, Membership, MembershipEvents
 from peer.metrics import Counters, MetricsLog
 from peer.models import build_model, num_params, schema_fingerprint
 from peer.training import LocalTrainer, select_device
 from peer.transport import Client, Server, start_server
 from peer.v1 import gossip_pb2
 from peer.worker import TrainingWorker
-
-
-def reachable_address(advertised: str, peer: str) -> str:
-    """The address to dial a peer that said Hello: its advertised one, unless that names an unspecified or
-    loopback host while the call came from elsewhere; then the caller's IP with the advertised port."""
-    host, _, port = advertised.rpartition(":")
-    kind, _, rest = peer.partition(":")
-    if kind != "ipv4" or not port:
-        return advertised
-    caller_ip = rest.rpartition(":")[0]
-    if host in ("0.0.0.0", "", "localhost") or (host.startswith("127.") and not caller_ip.startswith("127.")):
-        return f"{caller_ip}:{port}"
-    return advertised
 
 
 class Node:
@@ -65,6 +53,9 @@ class Node:
             cfg.node_id,
             cfg.topology,
             BreakerPolicy(cfg.gossip.breaker_threshold, cfg.gossip.backoff_base_s, cfg.gossip.backoff_cap_s),
+            LivenessPolicy(
+                cfg.membership.heartbeat_interval_s, cfg.membership.evict_after, cfg.membership.probe_evicted_max_s
+            ),
         )
         self.incarnation = time.time_ns() // 1_000_000
         self.ready = asyncio.Event()
@@ -75,10 +66,12 @@ class Node:
         self._outbox_event = asyncio.Event()
         self._encoded: tuple[int, Any, list[bytes], int] | None = None
         self._in_flight: set[str] = set()
-        self._candidates: asyncio.Queue[Candidate] = asyncio.Queue()
-        self._hello_in_progress: set[str] = set()
-        self._closed_channels: asyncio.Queue[str] = asyncio.Queue()
         self._checkpoints: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._fatal: PeerError | None = None
+        self._isolated_since: float | None = None
+        self._catchup_task_running = False
+        self._tg: asyncio.TaskGroup | None = None
+        self._state_saved_unix_s: float | None = None  # when the resumed checkpoint was written
         self._started = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Server | None = None
@@ -171,6 +164,7 @@ class Node:
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {path} does not match this model: {exc}") from exc
         self.counters.restore(state.get("counters", {}))
+        self._state_saved_unix_s = float(state.get("saved_unix_s", 0.0))
         self.log.info("resumed from checkpoint %s at step %d", path, self.trainer.step_count)
 
     def _checkpoint_state(self, worker_state: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +184,17 @@ class Node:
         if self.worker.done:
             self.trained.set()
         self.client = Client(self.cfg.gossip)
+        self.membership = Membership(
+            self.cfg,
+            self.core,
+            self.client,
+            Identity(self.cfg.node_id, self.fingerprint, self.algorithm.name, self.incarnation),
+            MembershipEvents(self._refresh_view, self.worker.forget.append, self._on_readmitted, self._on_fatal),
+            step=lambda: self.trainer.step_count,
+            sleep=self._sleep,
+            stopping=self._stop.is_set,
+            log=self.log,
+        )
         self._server = await start_server(self.cfg.listen, self.cfg.gossip, self)
         try:
             host = self.cfg.listen_host
@@ -199,6 +204,7 @@ class Node:
             elif host == "localhost":
                 host = "127.0.0.1"
             self.address = f"{host}:{self._server.port}"
+            self.membership.me.address = self.address
             if self.cfg.discovery.mdns:
                 self._mdns = MdnsDiscovery(
                     node_id=self.cfg.node_id,
@@ -207,21 +213,27 @@ class Node:
                     interfaces=self.cfg.discovery.interfaces,
                     protocol_version=PROTOCOL_VERSION,
                     schema_fingerprint=self.fingerprint,
-                    on_candidate=self._on_mdns_candidate,
-                    on_removed=self._on_mdns_removed,
+                    on_candidate=self.membership.on_mdns_candidate,
+                    on_removed=self.membership.on_mdns_removed,
                     extra_txt={"cluster": self.cfg.discovery.cluster},
                 )
                 await self._mdns.start()
             self._announce_ready()
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 train_task = tg.create_task(asyncio.to_thread(self.worker.run))
                 tg.create_task(self._gossip_loop(tg))
                 waiters = [
-                    tg.create_task(self._hello_loop(tg)),
-                    tg.create_task(self._drain(self._closed_channels, self.client.forget)),
+                    tg.create_task(self.membership.hello_loop(tg)),
+                    tg.create_task(self._drain(self.membership.closed_channels, self.client.forget)),
                     tg.create_task(self._drain(self._checkpoints, self._save_checkpoint)),
                 ]
-                tg.create_task(self._static_loop())
+                tg.create_task(self.membership.static_loop())
+                tg.create_task(self.membership.heartbeat_loop(tg))
+                if self._needs_catchup():
+                    tg.create_task(self._catch_up(starting=True))
+                else:
+                    self.worker.catchup_done.set()
                 tg.create_task(self._periodic(self.cfg.checkpoint.interval_s, self.worker.checkpoint_requested.set))
                 tg.create_task(self._periodic(self.cfg.metrics.interval_s, self._write_metrics))
                 mdns_task = tg.create_task(self._mdns.run()) if self._mdns is not None else None
@@ -229,6 +241,8 @@ class Node:
                 await self._shutdown(train_task, mdns_task)
                 for task in waiters:
                     task.cancel()
+            if self._fatal is not None:
+                raise self._fatal
         finally:
             self.worker.stop.set()  # never leave the training thread running (asyncio.run would wait on it)
             if self._mdns is not None:
@@ -369,145 +383,122 @@ class Node:
             self._in_flight.discard(node_id)
 
     # ------------------------------------------------------------------------------------------ membership
-    async def _hello_loop(self, tg: asyncio.TaskGroup) -> None:
-        while True:
-            cand = await self._candidates.get()
-            if cand.address in self._hello_in_progress or cand.address == self.address:
-                continue
-            rec = self.core.peers.get(cand.node_id) if cand.node_id else None
-            if rec is not None and rec.address == cand.address and rec.breaker.failures == 0:
-                continue
-            self._hello_in_progress.add(cand.address)
-            tg.create_task(self._say_hello(cand))
+    # ------------------------------------------------------------------------------- membership callbacks
+    def _on_fatal(self, error: PeerError) -> None:
+        self.log.error("%s", error)
+        if self._fatal is None:
+            self._fatal = error
+        self.request_stop()
 
-    def _hello_request(self) -> gossip_pb2.HelloRequest:
-        return gossip_pb2.HelloRequest(
-            node_id=self.cfg.node_id,
-            protocol_version=PROTOCOL_VERSION,
-            schema_fingerprint=self.fingerprint,
-            algorithm=self.algorithm.name,
-            degree=self.core.degree(),
-            address=self.address,
-            incarnation=self.incarnation,
-        )
-
-    async def _say_hello(self, cand: Candidate) -> None:
-        try:
-            resp = await self.client.hello(cand.address, self._hello_request())
-        except SendError as exc:
-            self.log.debug("hello to %s failed: %s", cand.address, exc)
-            return
-        finally:
-            self._hello_in_progress.discard(cand.address)
-        if not resp.accepted:
-            self.once.warning(
-                ("hello", cand.address), "peer %s at %s refused us: %s", resp.node_id, cand.address, resp.reason
-            )
-            return
-        problem = self._incompatibility(resp.node_id, resp.protocol_version, resp.schema_fingerprint, resp.algorithm)
-        if problem:
-            self.once.warning(
-                ("incompatible", resp.node_id), "ignoring peer %s at %s: %s", resp.node_id, cand.address, problem
-            )
-            return
-        # The address we dialled is known to work from here; the one the peer advertises may not be (NAT, a
-        # container bridge, a 0.0.0.0 listener).
-        self._peer_up(resp.node_id, cand.address, resp.degree, resp.incarnation, "hello")
-
-    def _incompatibility(self, node_id: str, proto: str, fingerprint: str, algorithm: str) -> str:
-        if proto != PROTOCOL_VERSION:
-            return f"protocol {proto!r} != ours {PROTOCOL_VERSION!r}"
-        if fingerprint != self.fingerprint:
-            return f"schema fingerprint {fingerprint} != ours {self.fingerprint} (a different model?)"
-        if algorithm != self.algorithm.name:
-            return f"algorithm {algorithm!r} != ours {self.algorithm.name!r}"
-        return ""
-
-    def _peer_up(self, node_id: str, address: str, degree: int, incarnation: int, source: str) -> None:
-        old = self.core.peers.get(node_id)
-        old_address = old.address if old else None
-        upd = self.core.peer_up(node_id, address, degree, incarnation, time.monotonic(), source)
-        if upd.new:
-            self.log.info("new peer %s at %s (via %s)", node_id, address, source)
-        elif upd.restarted:
-            self.log.info("peer %s restarted (new incarnation) at %s", node_id, address)
-            self.worker.forget.append(node_id)
-        if upd.redial and old_address and old_address != address:
-            self._closed_channels.put_nowait(old_address)
-        self._refresh_view()
-
-    def _on_mdns_candidate(self, cand: Candidate) -> None:
-        cluster = cand.txt.get("cluster", "default")
-        if cluster != self.cfg.discovery.cluster:
-            self.once.warning(
-                ("cluster", cand.node_id or cand.address),
-                "ignoring peer %s at %s: cluster %r != ours %r",
-                cand.node_id,
-                cand.address,
-                cluster,
-                self.cfg.discovery.cluster,
-            )
-            return
-        self._candidates.put_nowait(cand)
-
-    def _on_mdns_removed(self, node_id: str) -> None:
-        rec = self.core.peer_gone(node_id)
-        if rec is not None:
-            self.log.info("peer %s left (mDNS goodbye)", node_id)
-            self._refresh_view()
+    def _on_readmitted(self, node_id: str) -> None:
+        isolated = self._isolated_since
+        if (
+            isolated is not None
+            and self.cfg.catchup.enabled
+            and time.monotonic() - isolated > self.cfg.catchup.max_state_age_s
+            and not self._catchup_task_running
+            and self._tg is not None
+        ):
+            self.log.info("back from %.0f s without neighbours: catching up", time.monotonic() - isolated)
+            self._tg.create_task(self._catch_up(starting=False))
 
     def _refresh_view(self) -> None:
         view = self.core.view()
         self.worker.view = view
+        if view.degrees:
+            self._isolated_since = None
+        elif self._isolated_since is None:
+            self._isolated_since = time.monotonic()
         target = len(self.core.neighbours())
         if target >= (2 if self.cfg.topology == "ring" else 1) or target >= self.cfg.data.num_partitions - 1:
             self.worker.neighbours_ready.set()
 
-    async def _static_loop(self) -> None:
-        static = StaticPeers(self.cfg.discovery.static_peers, self._candidates.put_nowait)
-        if not self.cfg.discovery.static_peers:
-            return
-        while not self._stop.is_set():
-            known = {r.address for r in self.core.peers.values() if r.breaker.failures == 0}
-            for cand in static.candidates():
-                if cand.address not in known:
-                    self._candidates.put_nowait(cand)
-            await self._sleep(self.cfg.discovery.hello_retry_s)
-
     # --------------------------------------------------------------------------- server handlers (Handlers)
     def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse:
-        resp = self._hello_request()
-        reply = gossip_pb2.HelloResponse(
-            node_id=resp.node_id,
-            protocol_version=resp.protocol_version,
-            schema_fingerprint=resp.schema_fingerprint,
-            algorithm=resp.algorithm,
-            degree=resp.degree,
-            address=resp.address,
-            incarnation=resp.incarnation,
-            accepted=True,
-        )
-        if request.node_id == self.cfg.node_id and request.incarnation != self.incarnation:
-            self.once.warning(("dup", peer), "another live peer at %s uses our node id %r", peer, request.node_id)
-            reply.accepted, reply.reason = False, f"node id {request.node_id!r} is already in use at {self.address}"
-            return reply
-        problem = self._incompatibility(
-            request.node_id, request.protocol_version, request.schema_fingerprint, request.algorithm
-        )
-        if problem:
-            self.once.warning(
-                ("incompatible", request.node_id),
-                "ignoring hello from %s at %s: %s",
-                request.node_id,
-                request.address,
-                problem,
+        return self.membership.handle_hello(request, peer)
+
+    async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
+        if request.schema_fingerprint != self.fingerprint:
+            raise SchemaMismatchError(
+                f"fetch from {request.node_id!r} refused: schema fingerprint {request.schema_fingerprint} != ours "
+                f"{self.fingerprint}"
             )
-            reply.accepted, reply.reason = False, problem
-            return reply
-        if request.node_id != self.cfg.node_id:
-            address = reachable_address(request.address, peer)
-            self._peer_up(request.node_id, address, request.degree, request.incarnation, "hello-in")
-        return reply
+        params = self.worker.latest_params
+        payload = Payload("state", {"params": params}, seq=self.counters.seq, step=self.trainer.step_count)
+        env = self._envelope()
+        # Encoding hashes and copies every byte: off the loop for big models.
+        return await asyncio.to_thread(encode, env, payload, chunk_bytes=self.cfg.gossip.chunk_bytes)
+
+    # --------------------------------------------------------------------------------------------- catch-up
+    def _needs_catchup(self) -> bool:
+        """A fresh peer, or one whose checkpoint is older than catchup.max_state_age_s, tries to catch up."""
+        if not self.cfg.catchup.enabled or self.worker.done:
+            return False
+        if not self.cfg.discovery.mdns and not self.cfg.discovery.static_peers:
+            return False  # nobody to fetch from: don't make a lone peer wait
+        saved = self._state_saved_unix_s
+        return saved is None or time.time() - saved > self.cfg.catchup.max_state_age_s
+
+    async def _catch_up(self, *, starting: bool) -> None:
+        """Fetch the most advanced neighbour's model (chunked, verified like a push) and adopt it.
+
+        A starting peer's training waits for this at most catchup.wait_s; it never blocks the others, whose
+        servers only stream their latest state.
+        """
+        self._catchup_task_running = True
+        deadline = time.monotonic() + self.cfg.catchup.wait_s
+        try:
+            while not self._stop.is_set():
+                mine = self.trainer.step_count
+                lead = self.cfg.catchup.min_step_lead
+                ahead = [
+                    (step, j)
+                    for j, step in self.membership.peer_steps.items()
+                    if step >= mine + lead and j in self.core.peers and not self.core.peers[j].evicted
+                ]
+                if ahead:
+                    step, j = max(ahead)
+                    if await self._fetch_from(j, step):
+                        return
+                    self.membership.peer_steps.pop(j, None)
+                    continue
+                # Neighbours at our step or behind: nothing newer to fetch (a fresh cluster starts together).
+                if self.core.neighbours() and all(j in self.membership.peer_steps for j in self.core.neighbours()):
+                    return
+                if time.monotonic() >= deadline:
+                    if starting:
+                        self.log.info(
+                            "no neighbour ahead of us within %.0f s; training from our own state",
+                            self.cfg.catchup.wait_s,
+                        )
+                    return
+                await self._sleep(0.1)
+        finally:
+            self._catchup_task_running = False
+            self.worker.catchup_done.set()
+
+    async def _fetch_from(self, node_id: str, their_step: int) -> bool:
+        rec = self.core.peers[node_id]
+        request = gossip_pb2.FetchStateRequest(node_id=self.cfg.node_id, schema_fingerprint=self.fingerprint)
+        limits = ReceiveLimits(
+            max_payload_bytes=self.cfg.gossip.max_message_bytes,
+            max_chunk_bytes=self.cfg.gossip.chunk_bytes,
+            expected_fingerprint=self.fingerprint,
+            expected_algorithm=self.algorithm.name,
+            expected_tensors={"params": ((self.num_params,), "float32")},
+        )
+        timeout = self.client.push_timeout(4 * self.num_params)
+        try:
+            received = await self.client.fetch_state(rec.address, request, limits, timeout_s=timeout)
+        except (SendError, PayloadError) as exc:
+            self.log.warning("catch-up from %s failed: %s", node_id, exc)
+            return False
+        self.worker.adopt.append(received.payload.tensors["params"])
+        self.counters.add(bytes_received=received.nbytes, catchups=1)
+        self.log.info(
+            "caught up: adopted %s's model (its step %d, ours %d)", node_id, their_step, self.trainer.step_count
+        )
+        return True
 
     def receive_limits(self) -> ReceiveLimits:
         return ReceiveLimits(
@@ -524,9 +515,9 @@ class Node:
         now = time.monotonic()
         rec = self.core.peers.get(env.sender_id)
         if (rec is None or rec.incarnation != env.incarnation) and env.sender_address:
-            self._peer_up(env.sender_id, env.sender_address, env.sender_degree, env.incarnation, "push")
+            self.membership.peer_up(env.sender_id, env.sender_address, env.sender_degree, env.incarnation, "push")
         else:
-            self.core.heard_from(env.sender_id, env.sender_degree, now)
+            self.membership.heard_from(env.sender_id, env.sender_degree)
         self.worker.inbox.append(InMessage(env.sender_id, env.incarnation, env.sender_degree, received.payload, now))
 
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
@@ -570,7 +561,7 @@ class Node:
                 address=rec.address,
                 state=self.core.state_of(node_id, now),
                 last_seen_unix_ms=int((wall - (now - rec.last_seen)) * 1000),
-                failures=rec.breaker.failures,
+                failures=max(rec.misses, rec.breaker.failures),
                 backoff_s=rec.breaker.remaining(now),
                 degree=rec.degree,
                 last_seq=rec.last_sent_seq,
@@ -592,6 +583,8 @@ class Node:
             self.once.warning(("checkpoint",), "%s", exc)
 
     def _write_metrics(self, event: str = "metrics") -> None:
+        self.counters.evictions = self.membership.evictions
+        self.counters.readmissions = self.membership.readmissions
         c = self.counters.snapshot()
         record = {
             "event": event,

@@ -67,6 +67,7 @@ class Handlers(Protocol):
     def deliver(self, received: Received) -> None: ...
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None: ...
     def status(self) -> gossip_pb2.GetStatusResponse: ...
+    async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]: ...
 
 
 class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
@@ -82,6 +83,17 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
         self, request: gossip_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> gossip_pb2.GetStatusResponse:
         return self.handlers.status()
+
+    async def FetchState(  # noqa: N802
+        self, request: gossip_pb2.FetchStateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gossip_pb2.FetchStateResponse]:
+        try:
+            header, chunks = await self.handlers.fetch_state(request)
+        except PayloadError as exc:
+            await context.abort(grpc.StatusCode[exc.status], str(exc))
+        yield gossip_pb2.FetchStateResponse(header=header)
+        for i, data in enumerate(chunks):
+            yield gossip_pb2.FetchStateResponse(chunk=gossip_pb2.Chunk(index=i, data=data))
 
     async def Push(  # noqa: N802
         self, request_iterator: AsyncIterator[gossip_pb2.PushRequest], context: grpc.aio.ServicerContext
@@ -175,9 +187,12 @@ class Client:
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, what) from None
 
-    async def hello(self, address: str, request: gossip_pb2.HelloRequest) -> gossip_pb2.HelloResponse:
+    async def hello(
+        self, address: str, request: gossip_pb2.HelloRequest, *, timeout_s: float | None = None
+    ) -> gossip_pb2.HelloResponse:
         stub = self._stub(address)
-        result = await self._call(f"hello to {address}", lambda: stub.Hello(request, timeout=self.cfg.rpc_timeout_s))
+        timeout = timeout_s if timeout_s is not None else self.cfg.rpc_timeout_s
+        result = await self._call(f"hello to {address}", lambda: stub.Hello(request, timeout=timeout))
         assert isinstance(result, gossip_pb2.HelloResponse)
         return result
 
@@ -210,6 +225,26 @@ class Client:
         )
         assert isinstance(result, gossip_pb2.PushResponse)
         return result
+
+    async def fetch_state(
+        self, address: str, request: gossip_pb2.FetchStateRequest, limits: ReceiveLimits, *, timeout_s: float
+    ) -> Received:
+        """Download and validate a peer's current model (catch-up). PayloadError if it fails validation."""
+        stub = self._stub(address)
+        asm = Assembler(limits, peer=address)
+        try:
+            stream = cast(AsyncIterator[gossip_pb2.FetchStateResponse], stub.FetchState(request, timeout=timeout_s))
+            async for msg in stream:
+                body = msg.WhichOneof("body")
+                if body == "header":
+                    asm.on_header(msg.header)
+                else:
+                    asm.on_chunk(msg.chunk)  # an empty message is a framing error; the codec says so
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, f"fetch state from {address}") from None
+        if asm.total_bytes > (1 << 20):
+            return await asyncio.to_thread(asm.finish)
+        return asm.finish()
 
     async def forget(self, address: str) -> None:
         ch = self._channels.pop(address, None)

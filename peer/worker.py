@@ -61,6 +61,9 @@ class TrainingWorker:
         self.stop = threading.Event()
         self.checkpoint_requested = threading.Event()
         self.neighbours_ready = threading.Event()
+        self.catchup_done = threading.Event()  # set by the shell when catch-up finished or was not needed
+        self.adopt: deque[torch.Tensor] = deque()  # models fetched by catch-up, to replace ours at a round start
+        self.latest_params = trainer.get_flat()  # what a catching-up neighbour fetches
         self.total_steps = max(1, math.ceil(train_cfg.epochs * trainer.steps_per_epoch))
         self._last_snapshot = -math.inf
 
@@ -78,6 +81,9 @@ class TrainingWorker:
                 self.neighbours_ready.wait(0.1)
             if not self.neighbours_ready.is_set():
                 self.log.warning("no neighbours after %.1f s; training alone for now", self.cfg.wait_for_neighbors_s)
+        # Catch-up is bounded by catchup.wait_s on the shell's side; here we only wait for its verdict.
+        while not self.catchup_done.is_set() and not self.stop.is_set():
+            self.catchup_done.wait(0.1)
         while not self.stop.is_set():
             started = time.monotonic()
             self.round()
@@ -90,6 +96,8 @@ class TrainingWorker:
         """One round: local steps (while epochs remain), merge what arrived, publish, checkpoint if asked."""
         trainer = self.trainer
         loss = float("nan")
+        while self.adopt:
+            trainer.set_flat(self.adopt.popleft())
         if not self.done:
             for _ in range(self.cfg.steps_per_round):
                 trainer.set_lr(lr_at(self.cfg, trainer.step_count, self.total_steps))
@@ -113,6 +121,7 @@ class TrainingWorker:
         mixed = self.algorithm.mix(x, now, self.view)
         if mixed is not x:
             trainer.set_flat(mixed)
+        self.latest_params = mixed
         payload = self.algorithm.outgoing(mixed, trainer.step_count)
         if payload is not None:
             self.publish(payload)

@@ -162,6 +162,7 @@ class HelloRequest(_message.Message):
     DEGREE_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The caller's node id, unique in the swarm."""
     protocol_version: _builtins.str
@@ -176,6 +177,8 @@ class HelloRequest(_message.Message):
     """"host:port" where the caller's own gRPC server listens."""
     incarnation: _builtins.int
     """Chosen anew at every process start, so a restarted peer is recognised as such."""
+    step: _builtins.int
+    """The caller's local training step (how far its model has come), for catch-up decisions."""
     def __init__(
         self,
         *,
@@ -186,10 +189,11 @@ class HelloRequest(_message.Message):
         degree: _builtins.int = ...,
         address: _builtins.str = ...,
         incarnation: _builtins.int = ...,
+        step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "degree", b"degree", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "degree", b"degree", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -210,6 +214,7 @@ class HelloResponse(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     ACCEPTED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The callee's node id."""
     protocol_version: _builtins.str
@@ -228,6 +233,8 @@ class HelloResponse(_message.Message):
     """True if the callee will take pushes from the caller."""
     reason: _builtins.str
     """Why not, when accepted is false (e.g. "schema fingerprint differs: ours 3f2a.., yours 9bc1..")."""
+    step: _builtins.int
+    """The callee's local training step."""
     def __init__(
         self,
         *,
@@ -240,10 +247,11 @@ class HelloResponse(_message.Message):
         incarnation: _builtins.int = ...,
         accepted: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "degree", b"degree", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "degree", b"degree", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,3 +789,61 @@ class NeighbourStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NeighbourStatus: _TypeAlias = NeighbourStatus  # noqa: Y015
+
+@_typing.final
+class FetchStateRequest(_message.Message):
+    """FetchStateRequest asks for the callee's current model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    SCHEMA_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The caller's node id."""
+    schema_fingerprint: _builtins.str
+    """The caller's schema fingerprint; the callee refuses with FAILED_PRECONDITION if it differs."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        schema_fingerprint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "schema_fingerprint", b"schema_fingerprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchStateRequest: _TypeAlias = FetchStateRequest  # noqa: Y015
+
+@_typing.final
+class FetchStateResponse(_message.Message):
+    """FetchStateResponse carries one message of the state stream: the header first, then chunks in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___PushHeader:
+        """Describes the model state that follows, exactly as in a Push."""
+
+    @_builtins.property
+    def chunk(self) -> Global___Chunk:
+        """The next slice of the payload bytes."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PushHeader | None = ...,
+        chunk: Global___Chunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___FetchStateResponse: _TypeAlias = FetchStateResponse  # noqa: Y015

@@ -51,6 +51,11 @@ class GossipServiceStub:
                 request_serializer=peer_dot_v1_dot_gossip__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=peer_dot_v1_dot_gossip__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.FetchState = channel.unary_stream(
+                '/peer.v1.GossipService/FetchState',
+                request_serializer=peer_dot_v1_dot_gossip__pb2.FetchStateRequest.SerializeToString,
+                response_deserializer=peer_dot_v1_dot_gossip__pb2.FetchStateResponse.FromString,
+                _registered_method=True)
 
 
 class GossipServiceServicer:
@@ -79,6 +84,14 @@ class GossipServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchState(self, request, context):
+        """FetchState streams the callee's current model (a PushHeader, then Chunks), for a peer that catches up
+        after a long outage or joins late. The caller validates it exactly like a Push.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GossipServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +109,11 @@ def add_GossipServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=peer_dot_v1_dot_gossip__pb2.GetStatusRequest.FromString,
                     response_serializer=peer_dot_v1_dot_gossip__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'FetchState': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchState,
+                    request_deserializer=peer_dot_v1_dot_gossip__pb2.FetchStateRequest.FromString,
+                    response_serializer=peer_dot_v1_dot_gossip__pb2.FetchStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +199,33 @@ class GossipService:
             '/peer.v1.GossipService/GetStatus',
             peer_dot_v1_dot_gossip__pb2.GetStatusRequest.SerializeToString,
             peer_dot_v1_dot_gossip__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/peer.v1.GossipService/FetchState',
+            peer_dot_v1_dot_gossip__pb2.FetchStateRequest.SerializeToString,
+            peer_dot_v1_dot_gossip__pb2.FetchStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

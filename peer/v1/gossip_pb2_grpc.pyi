@@ -43,6 +43,10 @@ class GossipServiceStub:
     """Push streams one payload: a PushHeader first, then its bytes as Chunks in index order."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_gossip_pb2.GetStatusRequest, _gossip_pb2.GetStatusResponse]
     """GetStatus reports the node's progress, counters and neighbour table (for `peer status`)."""
+    FetchState: _grpc.UnaryStreamMultiCallable[_gossip_pb2.FetchStateRequest, _gossip_pb2.FetchStateResponse]
+    """FetchState streams the callee's current model (a PushHeader, then Chunks), for a peer that catches up
+    after a long outage or joins late. The caller validates it exactly like a Push.
+    """
 
 @_typing.type_check_only
 class GossipServiceAsyncStub(GossipServiceStub):
@@ -57,6 +61,10 @@ class GossipServiceAsyncStub(GossipServiceStub):
     """Push streams one payload: a PushHeader first, then its bytes as Chunks in index order."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_gossip_pb2.GetStatusRequest, _gossip_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus reports the node's progress, counters and neighbour table (for `peer status`)."""
+    FetchState: _aio.UnaryStreamMultiCallable[_gossip_pb2.FetchStateRequest, _gossip_pb2.FetchStateResponse]  # type: ignore[assignment]
+    """FetchState streams the callee's current model (a PushHeader, then Chunks), for a peer that catches up
+    after a long outage or joins late. The caller validates it exactly like a Push.
+    """
 
 class GossipServiceServicer(metaclass=_abc_1.ABCMeta):
     """GossipService is served by every node. Peers call each other's Hello, then Push their payloads.
@@ -86,5 +94,15 @@ class GossipServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gossip_pb2.GetStatusResponse, _abc.Awaitable[_gossip_pb2.GetStatusResponse]]:
         """GetStatus reports the node's progress, counters and neighbour table (for `peer status`)."""
+
+    @_abc_1.abstractmethod
+    def FetchState(
+        self,
+        request: _gossip_pb2.FetchStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gossip_pb2.FetchStateResponse], _abc.AsyncIterator[_gossip_pb2.FetchStateResponse]]:
+        """FetchState streams the callee's current model (a PushHeader, then Chunks), for a peer that catches up
+        after a long outage or joins late. The caller validates it exactly like a Push.
+        """
 
 def add_GossipServiceServicer_to_server(servicer: GossipServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
