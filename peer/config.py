@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from peer.algorithms import PARAMS_TYPES, REGISTRY
 from peer.errors import ConfigError, UnknownNameError
+from peer.faults import FaultsConfig
+from peer.topology import parse_topology
 
 MIB = 1 << 20
-TOPOLOGIES = ("ring", "full")
 
 
 class _Section(BaseModel):
@@ -148,6 +149,8 @@ class MembershipConfig(_Section):
     heartbeat_interval_s: float = Field(2.0, gt=0, description="probe each member this often (Hello, short deadline)")
     evict_after: int = Field(3, ge=1, description="missed heartbeats before a member is evicted from the topology")
     probe_evicted_max_s: float = Field(10.0, gt=0, description="evicted members are re-probed at most this far apart")
+    topology_seed: int = Field(0, description="seed of random-regular graphs; the same on every peer")
+    topology_period_s: float = Field(1.0, gt=0, description="how long each graph of a time-varying topology lasts")
 
 
 class CatchupConfig(_Section):
@@ -188,6 +191,7 @@ class PeerConfig(_Section):
     gossip: GossipConfig = GossipConfig()
     membership: MembershipConfig = MembershipConfig()
     catchup: CatchupConfig = CatchupConfig()
+    faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
@@ -207,9 +211,10 @@ class PeerConfig(_Section):
     @field_validator("topology")
     @classmethod
     def _topology(cls, v: str) -> str:
-        if v not in TOPOLOGIES:
-            raise ValueError(f"unknown topology {v!r}; valid names: {', '.join(sorted(TOPOLOGIES))}")
-        return v
+        try:
+            return str(parse_topology(v))
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("topology: ")) from None
 
     @property
     def listen_host(self) -> str:

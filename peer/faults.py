@@ -227,7 +227,11 @@ class FaultInjector:
 
     # -- Gilbert–Elliott ----------------------------------------------------------------------------------------
     def _new_link(self, link: str, outage: OutageConfig, start: float) -> _Link:
-        rng = random.Random(f"{self.cfg.seed}-{self.node_id}-{link}")
+        # Seeded by the unordered pair, so that both ends of a link (each with its own injector, in its own
+        # process) simulate the same outage process: a flapping link is down in both directions at once, given
+        # a shared time origin (the daemon uses wall-clock time from the start of the hour).
+        a, b = sorted((self.node_id, link))
+        rng = random.Random(f"{self.cfg.seed}-{a}|{b}")
         state = _Link(rng, True, start)
         self._draw_stationary(state, outage, start)
         return state

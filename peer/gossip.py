@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from peer import topology as topo
 from peer.algorithms.base import NeighbourView
 
 # gRPC status names that a retry may fix. DEADLINE_EXCEEDED only for idempotent calls (full-state pushes are,
@@ -87,22 +88,11 @@ class CircuitBreaker:
         return max(0.0, self.open_until - now)
 
 
-def ring_neighbours(self_id: str, members: list[str]) -> list[str]:
-    """Ring by sorted node id: the predecessor and the successor (one neighbour with two members)."""
-    ids = sorted(set(members) | {self_id})
-    if len(ids) < 2:
-        return []
-    i = ids.index(self_id)
-    return sorted({ids[(i - 1) % len(ids)], ids[(i + 1) % len(ids)]} - {self_id})
-
-
-def topology_neighbours(topology: str, self_id: str, members: list[str]) -> list[str]:
+def topology_neighbours(
+    topology: str, self_id: str, members: list[str], *, seed: int = 0, round_index: int = 0
+) -> list[str]:
     """The neighbour set for `topology` over `members` (which may or may not include `self_id`)."""
-    if topology == "full":
-        return sorted(set(members) - {self_id})
-    if topology == "ring":
-        return ring_neighbours(self_id, members)
-    raise ValueError(f"unknown topology {topology!r}")
+    return topo.neighbours(topo.parse_topology(topology), self_id, members, seed=seed, round_index=round_index)
 
 
 @dataclass(frozen=True)
@@ -149,6 +139,11 @@ class GossipCore:
     policy: BreakerPolicy = field(default_factory=BreakerPolicy)
     liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     peers: dict[str, PeerRecord] = field(default_factory=dict)
+    topology_seed: int = 0
+    round_index: int = 0  # the shell advances it for time-varying topologies
+
+    def __post_init__(self) -> None:
+        self.spec = topo.parse_topology(self.topology)
 
     # -- inputs ---------------------------------------------------------------------------------------------
     def peer_up(
@@ -249,7 +244,9 @@ class GossipCore:
         return sorted(j for j, rec in self.peers.items() if not rec.evicted)
 
     def neighbours(self) -> list[str]:
-        return topology_neighbours(self.topology, self.self_id, self.members())
+        return topo.neighbours(
+            self.spec, self.self_id, self.members(), seed=self.topology_seed, round_index=self.round_index
+        )
 
     def degree(self) -> int:
         return len(self.neighbours())

@@ -27,15 +27,21 @@ from peer.config import PeerConfig
 from peer.data import load_dataset, local_partition, partition_summary
 from peer.discovery import MdnsDiscovery, resolve_interfaces
 from peer.errors import CheckpointError, PayloadError, PeerError, SchemaMismatchError, SendError
+from peer.faults import FaultInjector
 from peer.gossip import BreakerPolicy, GossipCore, LivenessPolicy, retry_delay, should_retry
 from peer.logs import OnceLogger, node_logger
 from peer.membership import Identity, Membership, MembershipEvents
 from peer.metrics import Counters, MetricsLog
 from peer.models import build_model, num_params, schema_fingerprint
+from peer.topology import is_time_varying, round_index_at
 from peer.training import LocalTrainer, select_device
 from peer.transport import Client, Server, start_server
 from peer.v1 import gossip_pb2
 from peer.worker import TrainingWorker
+
+
+def _hour_start(unix_s: float) -> float:
+    return unix_s - (unix_s % 3600.0)
 
 
 class Node:
@@ -56,7 +62,11 @@ class Node:
             LivenessPolicy(
                 cfg.membership.heartbeat_interval_s, cfg.membership.evict_after, cfg.membership.probe_evicted_max_s
             ),
+            topology_seed=cfg.membership.topology_seed,
         )
+        self._time_varying = is_time_varying(self.core.spec)
+        # Wall-clock time with a shared origin, so that both ends of a flapping link see the same outages.
+        self.faults = FaultInjector(cfg.faults, node_id=cfg.node_id, start_s=_hour_start(time.time()))
         self.incarnation = time.time_ns() // 1_000_000
         self.ready = asyncio.Event()
         self.trained = asyncio.Event()  # set once train.epochs are done (the daemon keeps mixing after that)
@@ -134,6 +144,7 @@ class Node:
             on_trained=self._trained_threadsafe,
             snapshot_dir=self.state_dir / "snapshots" if cfg.metrics.snapshot_interval_s > 0 else None,
             snapshot_interval_s=cfg.metrics.snapshot_interval_s,
+            slowdown=cfg.faults.slowdown,
         )
         self.log.info(
             "model %s (%d parameters, schema %s) on %s; algorithm %s [%s]",
@@ -313,6 +324,11 @@ class Node:
         interval = self.cfg.gossip.interval_s
         while not self._stop.is_set():
             started = time.monotonic()
+            if self._time_varying:
+                r = round_index_at(time.time(), self.cfg.membership.topology_period_s)
+                if r != self.core.round_index:
+                    self.core.round_index = r
+                    self._refresh_view()
             self._outbox_event.clear()
             payload = self._outbox
             if payload is not None:
@@ -346,6 +362,8 @@ class Node:
         header, chunks, total = encoded
         attempt = 0
         try:
+            if self.faults.enabled and not await self._survives_faults(node_id, seq):
+                return
             while True:
                 rec = self.core.peers.get(node_id)
                 if rec is None or self._stop.is_set():
@@ -382,6 +400,23 @@ class Node:
         finally:
             self._in_flight.discard(node_id)
 
+    async def _survives_faults(self, node_id: str, seq: int) -> bool:
+        """Injected faults (faults: config): an outage fails the push like a dead link would (so backoff and
+        the breaker are exercised), a random drop loses the message silently, a delay holds it back."""
+        decision = self.faults.decide(node_id, time.time())
+        if decision.reason == "outage":
+            self.counters.add(send_failures=1)
+            self.core.send_failed(node_id, "UNAVAILABLE", time.monotonic(), self.rng)
+            return False
+        if decision.drop:
+            rec = self.core.peers.get(node_id)
+            if rec is not None:
+                rec.last_sent_seq = max(rec.last_sent_seq, seq)
+            return False
+        if decision.delay_s > 0:
+            await self._sleep(decision.delay_s)
+        return True
+
     # ------------------------------------------------------------------------------------------ membership
     # ------------------------------------------------------------------------------- membership callbacks
     def _on_fatal(self, error: PeerError) -> None:
@@ -409,8 +444,8 @@ class Node:
             self._isolated_since = None
         elif self._isolated_since is None:
             self._isolated_since = time.monotonic()
-        target = len(self.core.neighbours())
-        if target >= (2 if self.cfg.topology == "ring" else 1) or target >= self.cfg.data.num_partitions - 1:
+        # wait_for_neighbors_s waits until the expected cluster (one peer per data partition) is known.
+        if view.degrees and len(self.core.members()) + 1 >= self.cfg.data.num_partitions:
             self.worker.neighbours_ready.set()
 
     # --------------------------------------------------------------------------- server handlers (Handlers)
@@ -586,6 +621,8 @@ class Node:
         self.counters.evictions = self.membership.evictions
         self.counters.readmissions = self.membership.readmissions
         c = self.counters.snapshot()
+        if self.faults.enabled:
+            c.update({f"faults_{k}": v for k, v in self.faults.counters.items()})
         record = {
             "event": event,
             "node_id": self.cfg.node_id,

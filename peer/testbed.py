@@ -370,7 +370,8 @@ class Testbed:
         self.state_path = Path(state_dir) / f"{name}.json"
         self.port = port
         self.host_overrides = {int(k): v for k, v in (host_overrides or {}).items()}
-        self.detached = detached
+        self.detached = detached  # how daemons are started from this process
+        self.state_detached = False  # the state file's flag, set by detach(): no owner; only `down` removes it
         self.prefix = ""
         self.placement: dict[int, int] = {}  # host -> bridge number
         self.cut_hosts: set[int] = set()
@@ -423,7 +424,7 @@ class Testbed:
             "host_overrides": {str(k): v for k, v in self.host_overrides.items()},
             "owner_pid": self._owner[0] if self._owner else None,
             "owner_start": self._owner[1] if self._owner else None,
-            "detached": self.detached,
+            "detached": self.state_detached,
             "placement": {str(k): v for k, v in self.placement.items()},
             "cut": sorted(self.cut_hosts),
             "bridges": sorted(self.bridges),
@@ -467,6 +468,7 @@ class Testbed:
         if not PREFIX_RE.match(prefix):
             raise TestbedError(f"{path}: bad prefix {prefix!r}")
         tb.prefix = prefix
+        tb.state_detached = bool(st.get("detached"))
         tb.placement = {int(k): int(v) for k, v in (st.get("placement") or {}).items()}
         tb.cut_hosts = set(st.get("cut") or [])
         tb.bridges = set(st.get("bridges") or [0, 1])
@@ -507,7 +509,7 @@ class Testbed:
                 other = Testbed.load(self.name, self.state_path.parent)
             except TestbedError:
                 other = None
-            if other is not None and (other.detached or other.owner_alive()):
+            if other is not None and (other.state_detached or other.owner_alive()):
                 raise TestbedError(
                     f"testbed {self.name!r} already exists ({self.state_path}); take it down first: "
                     f"scripts/testbed down --name {self.name}"
@@ -845,13 +847,13 @@ class Testbed:
         atexit.unregister(self._atexit)
 
     def _atexit(self) -> None:
-        if self._is_up and not self.detached:
+        if self._is_up and not self.state_detached:
             with contextlib.suppress(Exception):
                 self.down(grace_s=2.0)
 
     def detach(self) -> None:
         """Leave the testbed running after this process exits (the CLI's `up`)."""
-        self.detached = True
+        self.detached = self.state_detached = True
         self._owner = None
         atexit.unregister(self._atexit)
         self.save()
@@ -877,8 +879,7 @@ def cleanup(state_dir: str | Path = DEFAULT_STATE_DIR, *, include_detached: bool
         except TestbedError as exc:
             print(f"testbed: skipping {path}: {exc}", file=sys.stderr)
             continue
-        st = json.loads(path.read_text())
-        if st.get("detached"):
+        if tb.state_detached:
             if not include_detached or any(d.alive() for d in tb._daemons.values()):
                 continue
         elif tb.owner_alive():
@@ -1013,7 +1014,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         running = sum(d.alive() for d in tb._daemons.values())
         owner = (
             "detached"
-            if tb.detached
+            if tb.state_detached
             else f"owner pid {tb._owner[0] if tb._owner else '?'}" + ("" if tb.owner_alive() else " (dead)")
         )
         print(f"{tb.name:<24} {tb.prefix:<8} {tb.n} hosts, {running} running, {owner}, {tb.workdir}")

@@ -43,6 +43,7 @@ class TrainingWorker:
         on_trained: Callable[[], None] = lambda: None,
         snapshot_dir: Path | None = None,
         snapshot_interval_s: float = 0.0,
+        slowdown: float = 1.0,
     ) -> None:
         self.cfg = train_cfg
         self.consensus_interval_s = consensus_interval_s
@@ -55,6 +56,7 @@ class TrainingWorker:
         self.on_trained = on_trained
         self.snapshot_dir = snapshot_dir
         self.snapshot_interval_s = snapshot_interval_s
+        self.slowdown = slowdown  # injected straggler factor: every step and every round take this much longer
         self.inbox: deque[InMessage] = deque()
         self.forget: deque[str] = deque()  # neighbours that restarted or left: drop their cached state
         self.view = NeighbourView(algorithm.node_id, {})
@@ -87,7 +89,7 @@ class TrainingWorker:
         while not self.stop.is_set():
             started = time.monotonic()
             self.round()
-            interval = self.cfg.round_interval_s if not self.done else self.consensus_interval_s
+            interval = self.cfg.round_interval_s * self.slowdown if not self.done else self.consensus_interval_s
             remaining = interval - (time.monotonic() - started)
             if remaining > 0:
                 self.stop.wait(remaining)
@@ -101,7 +103,10 @@ class TrainingWorker:
         if not self.done:
             for _ in range(self.cfg.steps_per_round):
                 trainer.set_lr(lr_at(self.cfg, trainer.step_count, self.total_steps))
+                started = time.monotonic()
                 loss = trainer.step()
+                if self.slowdown > 1.0:
+                    self.stop.wait((self.slowdown - 1.0) * (time.monotonic() - started))
                 if self.done:
                     break
             if not math.isfinite(loss):

@@ -32,7 +32,7 @@ def test_defaults_and_overrides() -> None:
         ([*BASE, "listen=myhost:80"], "listen", "IP address"),
         ([*BASE, "discovery.static_peers=[nohost]"], "discovery.static_peers", "host:port"),
         ([*BASE, "algorithm.epsilon=2"], "algorithm.epsilon", "less than or equal to 1"),
-        ([*BASE, "topology=star"], "topology", "valid names: full, ring"),
+        ([*BASE, "topology=star"], "topology", "valid names: exponential, full, one-peer"),
         ([*BASE, "data.num_partitions=2", "data.partition_index=2"], "data", "partition_index"),
         ([*BASE, "node_id=has space"], "node_id", "pattern"),
         ([*BASE, "data.dataset=cifar"], "data.dataset", "valid names: digits, mnist1d"),

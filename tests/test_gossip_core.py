@@ -6,15 +6,19 @@ import random
 
 import pytest
 
+from peer.errors import UnknownNameError
 from peer.gossip import (
     BreakerPolicy,
     CircuitBreaker,
     GossipCore,
     retry_delay,
-    ring_neighbours,
     should_retry,
     topology_neighbours,
 )
+
+
+def ring_neighbours(self_id: str, members: list[str]) -> list[str]:
+    return topology_neighbours("ring", self_id, members)
 
 
 def test_ring_is_by_sorted_node_id_and_same_everywhere() -> None:
@@ -30,7 +34,7 @@ def test_ring_is_by_sorted_node_id_and_same_everywhere() -> None:
 
 def test_full_topology() -> None:
     assert topology_neighbours("full", "b", ["a", "b", "c"]) == ["a", "c"]
-    with pytest.raises(ValueError, match="unknown topology"):
+    with pytest.raises(UnknownNameError, match="unknown topology"):
         topology_neighbours("star", "a", ["a"])
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from peer.algorithms.mixing import mixing_matrix
 from peer.errors import ConfigError, UnknownNameError
-from peer.gossip import ring_neighbours
 from peer.topology import (
     TOPOLOGY_FORMS,
     TopologySpec,
@@ -135,6 +134,15 @@ def test_invariants(text: str, n: int) -> None:
         if not is_time_varying(spec):
             assert is_connected(adj)
     assert is_connected(union(per_round))
+
+
+def ring_neighbours(self_id: str, members: list[str]) -> list[str]:
+    """Reference: the ring as the daemon first defined it (predecessor and successor by sorted node id)."""
+    ids = sorted(set(members) | {self_id})
+    if len(ids) < 2:
+        return []
+    i = ids.index(self_id)
+    return sorted({ids[(i - 1) % len(ids)], ids[(i + 1) % len(ids)]} - {self_id})
 
 
 @pytest.mark.parametrize("n", range(1, 12))
