@@ -99,6 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"overall time bound in seconds (default {DEFAULT_TIMEOUT_S:g})",
     )
     parser.add_argument(
+        "--faults",
+        metavar="SPEC",
+        default="",
+        help="inject faults, comma-separated: drop=P (message loss), delay=DIST (e.g. exp:0.01), "
+        "flap=A:B:UP_S:DOWN_S (Gilbert-Elliott outages of link A-B), straggler=ID:FACTOR; "
+        "e.g. --faults drop=0.3,flap=peer-0:peer-1:2:2",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -117,6 +125,39 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"cannot set {dotted}: {part} is not a section", source="--set", field=dotted)
         node = child
     node[parts[-1]] = value
+
+
+def faults_for_peer(spec: str, node_id: str, num_peers: int) -> dict[str, Any]:
+    """The `faults:` section of one peer from the demo's --faults SPEC (see `add_arguments`)."""
+    out: dict[str, Any] = {}
+    ids = {f"peer-{i}" for i in range(num_peers)}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected KEY=VALUE")
+            if key == "drop":
+                out["drop_probability"] = float(value)
+            elif key == "delay":
+                out["delay_s"] = value
+            elif key == "flap":
+                a, b, up, down = value.split(":")
+                if not {a, b} <= ids or a == b:
+                    raise ValueError(f"flap needs two distinct peers among {', '.join(sorted(ids))}")
+                if node_id in (a, b):
+                    other = b if node_id == a else a
+                    out["outage"] = {"mean_up_s": float(up), "mean_down_s": float(down), "links": [other]}
+            elif key == "straggler":
+                who, factor = value.split(":")
+                if who not in ids:
+                    raise ValueError(f"unknown peer {who!r}")
+                if who == node_id:
+                    out["slowdown"] = float(factor)
+            else:
+                raise ValueError("valid keys: drop, delay, flap, straggler")
+        except ValueError as exc:
+            raise ConfigError(f"bad item {item!r}: {exc}", source="--faults") from None
+    return out
 
 
 def new_cluster_name() -> str:
@@ -152,6 +193,9 @@ def peer_config(args: argparse.Namespace, index: int, work_dir: Path, cluster: s
     }
     if n == 1:
         raw["train"]["wait_for_neighbors_s"] = 0.0  # nobody to wait for
+    faults = faults_for_peer(getattr(args, "faults", "") or "", f"peer-{index}", n)
+    if faults:
+        raw["faults"] = {"seed": args.seed, **faults}
     for key, value in parse_overrides(list(args.set or [])):
         if key in PROTECTED_KEYS or any(key.startswith(p + ".") for p in PROTECTED_KEYS):
             raise ConfigError(f"the demo sets {key} for each peer itself", source="--set", field=key)
@@ -825,6 +869,12 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
         "exit_codes": codes,
         "foreign_peers": sorted(foreign),
         "training_wall_s": training_wall_s,
+        "per_peer_training_s": [float((r or {}).get("training_s") or 0.0) for r in last],
+        "faults": getattr(args, "faults", "") or "",
+        "injected_faults": {
+            k: sum(int((r or {}).get(k) or 0) for r in last)
+            for k in ("faults_dropped", "faults_outage_dropped", "faults_delayed")
+        },
         "provenance": REGISTRY[args.algorithm].provenance,
         "overrides": list(args.set or []),
         "hyperparameters": cfgs[0].train.model_dump(mode="json"),

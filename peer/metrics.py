@@ -32,6 +32,7 @@ class Counters:
     evictions: int = 0
     readmissions: int = 0
     training_done: bool = False
+    training_s: float = 0.0  # wall time from the first local step of this run to the last one
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:

@@ -68,6 +68,7 @@ class TrainingWorker:
         self.latest_params = trainer.get_flat()  # what a catching-up neighbour fetches
         self.total_steps = max(1, math.ceil(train_cfg.epochs * trainer.steps_per_epoch))
         self._last_snapshot = -math.inf
+        self._first_step_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -101,6 +102,8 @@ class TrainingWorker:
         while self.adopt:
             trainer.set_flat(self.adopt.popleft())
         if not self.done:
+            if self._first_step_at is None:
+                self._first_step_at = time.monotonic()
             for _ in range(self.cfg.steps_per_round):
                 trainer.set_lr(lr_at(self.cfg, trainer.step_count, self.total_steps))
                 started = time.monotonic()
@@ -113,6 +116,7 @@ class TrainingWorker:
                 self.log.error("training loss is %s at step %d; check train.lr", loss, trainer.step_count)
             if self.done:
                 self.counters.training_done = True
+                self.counters.training_s = time.monotonic() - self._first_step_at
                 self.on_trained()
                 self.log.info("training done after %d steps (%.2f epochs)", trainer.step_count, self.cfg.epochs)
         now = time.monotonic()
