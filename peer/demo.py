@@ -550,33 +550,27 @@ def watch(procs: Sequence[PeerProc], epochs: float, deadline: float, foreign: se
 def train_reference(
     x: np.ndarray, y: np.ndarray, cfg: Any, input_shape: tuple[int, ...], num_classes: int, *, seed: int, device: Any
 ) -> Any:
-    """Train like a peer without neighbours: same model init, optimizer, batch size, epochs and lr schedule.
-
-    (`peer.training.train_reference` has no lr schedule, so the demo drives a LocalTrainer with the worker's.)
-    """
-    from peer.models import build_model
-    from peer.training import LocalTrainer
-    from peer.worker import lr_at
+    """Train like a peer without neighbours: same model init, optimizer, batch size, epochs and lr schedule."""
+    from peer import training
 
     t = cfg.train
-    model = build_model(cfg.model.name, input_shape, num_classes, seed=cfg.model.seed)
-    trainer = LocalTrainer(
-        model,
+    return training.train_reference(
         x,
         y,
+        model_name=cfg.model.name,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        epochs=t.epochs,
         batch_size=t.batch_size,
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
         optimizer=t.optimizer,
-        device=device,
         seed=seed,
+        device=device,
+        lr_schedule=t.lr_schedule,
+        model_seed=cfg.model.seed,
     )
-    total = max(1, math.ceil(t.epochs * trainer.steps_per_epoch))
-    for _ in range(total):
-        trainer.set_lr(lr_at(t, trainer.step_count, total))
-        trainer.step()
-    return model
 
 
 def evaluate_peers(cfgs: Sequence[Any], device: Any) -> tuple[list[float], float]:

@@ -281,10 +281,12 @@ def train_reference(
     seed: int,
     device: torch.device,
     lr_schedule: str = "constant",
+    model_seed: int | None = None,
 ) -> nn.Module:
-    """Train a fresh `model_name` (initialised from `seed`, as peers are) for `epochs` passes, with the same
-    learning-rate schedule as the daemon (`lr_schedule`: constant or cosine)."""
-    model = build_model(model_name, input_shape, num_classes, seed=seed)
+    """Train a fresh `model_name` for `epochs` passes, with the same learning-rate schedule as the daemon
+    (`lr_schedule`: constant or cosine). The model is initialised from `model_seed` (default: `seed`), as the
+    peers' are; `seed` orders the minibatches."""
+    model = build_model(model_name, input_shape, num_classes, seed=seed if model_seed is None else model_seed)
     trainer = LocalTrainer(
         model,
         ds_x,
