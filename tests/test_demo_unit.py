@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from peer import config as config_mod
-from peer import demo
+from peer import demo, launcher
 from peer.errors import ConfigError
 
 
@@ -181,10 +181,10 @@ def test_build_configs_writes_loadable_yaml(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------- progress
 def test_last_metrics_reads_last_complete_line(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    assert demo.last_metrics(path) is None
+    assert launcher.last_metrics(path) is None
     lines = [json.dumps({"step": i}) for i in range(3)]
     path.write_text("\n".join(lines) + '\n{"step": 3, "tor', encoding="utf-8")
-    assert demo.last_metrics(path) == {"step": 2}
+    assert launcher.last_metrics(path) == {"step": 2}
 
 
 def test_progress_line_and_foreign_neighbours() -> None:
@@ -193,10 +193,10 @@ def test_progress_line_and_foreign_neighbours() -> None:
         {"epoch": 30.0, "training_done": True, "neighbours": ["peer-0", "stranger"], "bytes_sent": 1_400_000},
         None,
     ]
-    line = demo.progress_line(recs, ["peer-0", "peer-1", "peer-2"], 30)
+    line = launcher.progress_line(recs, ["peer-0", "peer-1", "peer-2"], 30)
     assert "training" in line and "peer-0 12.3/30" in line and "peer-1 done" in line and "peer-2 -" in line
     assert "neighbours 2/2/-" in line and "3.4 MB" in line
-    assert demo.foreign_neighbours(recs, ["peer-0", "peer-1", "peer-2"]) == {"stranger"}
+    assert launcher.foreign_neighbours(recs, ["peer-0", "peer-1", "peer-2"]) == {"stranger"}
 
 
 def test_format_table_prints_percent() -> None:

@@ -1,0 +1,202 @@
+"""The demo's measurements: consensus distance, snapshots over time, references and per-peer accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peer.launcher import DemoError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+SNAPSHOT_BIN_S = 1.0
+
+
+# ---------------------------------------------------------------------------------------------- pure maths
+def consensus_distance(vectors: Sequence[np.ndarray]) -> float:
+    """Mean over peers of ‖θ_i − θ̄‖ / ‖θ̄‖ (0 for identical vectors; inf if θ̄ = 0 while they differ)."""
+    import numpy as np
+
+    if not vectors:
+        raise ValueError("no parameter vectors")
+    stack = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in vectors])
+    mean = stack.mean(axis=0)
+    spread = float(np.linalg.norm(stack - mean, axis=1).mean())
+    norm = float(np.linalg.norm(mean))
+    if norm == 0.0:
+        return 0.0 if spread == 0.0 else math.inf
+    return spread / norm
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    unix_ms: int
+    step: int
+    path: Path
+
+
+def parse_snapshot_name(path: Path) -> Snapshot | None:
+    """`<unix_ms:015d>_<step:09d>.npy`, or None for anything else (temporary files included)."""
+    if path.suffix != ".npy" or path.name.startswith("."):
+        return None
+    ms, sep, step = path.stem.partition("_")
+    if not sep or not ms.isdigit() or not step.isdigit():
+        return None
+    return Snapshot(int(ms), int(step), path)
+
+
+def list_snapshots(state_dir: Path) -> list[Snapshot]:
+    snap_dir = state_dir / "snapshots"
+    if not snap_dir.is_dir():
+        return []
+    found = (parse_snapshot_name(p) for p in snap_dir.iterdir())
+    return sorted((s for s in found if s is not None), key=lambda s: s.unix_ms)
+
+
+def bin_snapshots(
+    per_peer: Mapping[str, Sequence[Snapshot]], bin_s: float = SNAPSHOT_BIN_S
+) -> list[tuple[float, dict[str, Snapshot]]]:
+    """Group snapshots into `bin_s` bins relative to the earliest one; keep the bins where every peer has one.
+
+    Returns (bin start in seconds, {peer: its latest snapshot in the bin}) in time order.
+    """
+    if bin_s <= 0:
+        raise ValueError("bin_s must be > 0")
+    all_ms = [s.unix_ms for snaps in per_peer.values() for s in snaps]
+    if not per_peer or not all_ms:
+        return []
+    t0 = min(all_ms)
+    bins: dict[int, dict[str, Snapshot]] = {}
+    for peer_id, snaps in per_peer.items():
+        for s in snaps:
+            b = int((s.unix_ms - t0) / 1000.0 // bin_s)
+            cur = bins.setdefault(b, {}).get(peer_id)
+            if cur is None or s.unix_ms >= cur.unix_ms:
+                bins[b][peer_id] = s
+    return [(b * bin_s, bins[b]) for b in sorted(bins) if len(bins[b]) == len(per_peer)]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def train_reference(
+    x: np.ndarray, y: np.ndarray, cfg: Any, input_shape: tuple[int, ...], num_classes: int, *, seed: int, device: Any
+) -> Any:
+    """Train like a peer without neighbours: same model init, optimizer, batch size, epochs and lr schedule."""
+    from peer import training
+
+    t = cfg.train
+    return training.train_reference(
+        x,
+        y,
+        model_name=cfg.model.name,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        seed=seed,
+        device=device,
+        lr_schedule=t.lr_schedule,
+        model_seed=cfg.model.seed,
+    )
+
+
+def evaluate_peers(cfgs: Sequence[Any], device: Any) -> tuple[list[float], float]:
+    """Test accuracy of every peer's final checkpoint and the consensus distance between them."""
+    from peer import checkpoint
+    from peer.data import load_dataset
+    from peer.models import build_model, flatten_params
+    from peer.training import evaluate
+
+    c0 = cfgs[0]
+    ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
+    accs, flats = [], []
+    for cfg in cfgs:
+        state = checkpoint.load(cfg.state_dir)
+        if state is None:
+            raise DemoError(f"{cfg.node_id} wrote no checkpoint in {cfg.state_dir}")
+        model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed=cfg.model.seed)
+        model.load_state_dict(state["model"])
+        accs.append(evaluate(model.to(device), ds.x_test, ds.y_test)[0])
+        flats.append(flatten_params(model).numpy())
+    return accs, consensus_distance(flats)
+
+
+def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[float]]:
+    """(centralized accuracy, local-only accuracy of each partition)."""
+    import numpy as np
+
+    from peer.data import load_dataset, local_partition
+    from peer.training import evaluate
+
+    c0 = cfgs[0]
+    ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
+    parts = [
+        local_partition(ds, c.data.partition, c.data.num_partitions, c.data.partition_index, c.data.seed) for c in cfgs
+    ]
+    x_all = np.concatenate([p[0] for p in parts])
+    y_all = np.concatenate([p[1] for p in parts])
+    central = train_reference(x_all, y_all, c0, ds.input_shape, ds.num_classes, seed=c0.train.seed, device=device)
+    central_acc = evaluate(central, ds.x_test, ds.y_test)[0]
+    local = []
+    for cfg, (x, y) in zip(cfgs, parts, strict=True):
+        # The peer's own minibatch seed, as in peer.node.
+        seed = cfg.train.seed + 1000 * cfg.data.partition_index
+        model = train_reference(x, y, cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
+        local.append(evaluate(model, ds.x_test, ds.y_test)[0])
+    return central_acc, local
+
+
+def snapshot_curves(cfgs: Sequence[Any], bin_s: float = SNAPSHOT_BIN_S) -> dict[str, list[float]]:
+    """Mean / min test accuracy and consensus distance over time, from the peers' parameter snapshots."""
+    import numpy as np
+    import torch
+
+    from peer.data import load_dataset
+    from peer.models import build_model, load_flat_params
+    from peer.training import evaluate
+
+    c0 = cfgs[0]
+    ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
+    model = build_model(c0.model.name, ds.input_shape, ds.num_classes, seed=c0.model.seed)
+    per_peer = {c.node_id: list_snapshots(Path(c.state_dir)) for c in cfgs}
+    out: dict[str, list[float]] = {"time_s": [], "mean_accuracy": [], "min_accuracy": [], "consensus_distance": []}
+    xt = torch.as_tensor(ds.x_test)
+    yt = torch.as_tensor(ds.y_test)
+    for t, snaps in bin_snapshots(per_peer, bin_s):
+        flats, accs = [], []
+        try:
+            for c in cfgs:
+                flat = np.load(snaps[c.node_id].path)
+                load_flat_params(model, torch.from_numpy(flat))
+                accs.append(evaluate(model, xt, yt)[0])
+                flats.append(flat)
+        except (OSError, ValueError):
+            continue  # a torn or foreign file: skip the bin
+        out["time_s"].append(t)
+        out["mean_accuracy"].append(float(np.mean(accs)))
+        out["min_accuracy"].append(float(np.min(accs)))
+        out["consensus_distance"].append(consensus_distance(flats))
+    return out
+
+
+def training_done_offset(cfgs: Sequence[Any]) -> float | None:
+    """Seconds from the earliest snapshot until the last peer reported training_done (for the plot)."""
+    from peer.metrics import read
+
+    first_snap = [s.unix_ms for c in cfgs for s in list_snapshots(Path(c.state_dir))[:1]]
+    done_times = []
+    for c in cfgs:
+        t = next((r["time"] for r in read(Path(c.state_dir) / "metrics.jsonl") if r.get("training_done")), None)
+        if t is None:
+            return None
+        done_times.append(float(t))
+    if not first_snap or not done_times:
+        return None
+    return max(done_times) - min(first_snap) / 1000.0
