@@ -68,5 +68,6 @@ class OnceLogger:
             self._seen.add(key)
             self.log.warning(msg, *args)
 
-    def reset(self, prefix: str) -> None:
-        self._seen = {k for k in self._seen if k[0] != prefix}
+    def forget(self, key: tuple[str, ...]) -> None:
+        """The condition behind `key` cleared (e.g. the peer answers again): warn afresh next time."""
+        self._seen.discard(key)

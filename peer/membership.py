@@ -89,6 +89,8 @@ class Membership:
         self._hello_in_progress: set[str] = set()
         self._heartbeats_in_flight: set[str] = set()
         self.peer_steps: dict[str, int] = {}
+        # Incarnations that said goodbye: a push of theirs still in flight must not re-add them.
+        self.departed: dict[str, int] = {}
         self.evictions = 0
         self.readmissions = 0
 
@@ -173,7 +175,13 @@ class Membership:
                 ("dup", address), "a newer daemon at %s uses our node_id %r; it will stop", address, self.me.node_id
             )
 
+    def has_departed(self, node_id: str, incarnation: int) -> bool:
+        return self.departed.get(node_id) == incarnation
+
     def peer_up(self, node_id: str, address: str, degree: int, incarnation: int, source: str) -> None:
+        if self.has_departed(node_id, incarnation):
+            return
+        self.departed.pop(node_id, None)  # a new incarnation is welcome
         old = self.core.peers.get(node_id)
         old_address = old.address if old else None
         was_evicted = old is not None and old.evicted
@@ -247,7 +255,9 @@ class Membership:
         self.candidates.put_nowait(cand)
 
     def on_mdns_removed(self, node_id: str) -> None:
-        if self.core.peer_gone(node_id) is not None:
+        rec = self.core.peer_gone(node_id)
+        if rec is not None:
+            self.departed[node_id] = rec.incarnation
             self.log.info("peer %s left (mDNS goodbye)", node_id)
             self.events.forget(node_id)
             self.events.view_changed()
@@ -303,7 +313,13 @@ class Membership:
             self._heartbeats_in_flight.discard(node_id)
 
     def heard_from(self, node_id: str, degree: int) -> None:
-        """Any valid push is a sign of life (and re-admits an evicted peer)."""
-        if self.core.heard_from(node_id, degree, time.monotonic()):
+        """Any valid push is a sign of life (and re-admits an evicted peer). A changed advertised degree changes
+        the Metropolis-Hastings weights, so the view is refreshed then too (else the training thread would keep
+        mixing with the old degree while pushes keep the peer's heartbeats, and their Hello, away)."""
+        rec = self.core.peers.get(node_id)
+        degree_changed = rec is not None and rec.degree != degree
+        readmitted = self.core.heard_from(node_id, degree, time.monotonic())
+        if readmitted:
             self._readmitted(node_id)
+        if readmitted or degree_changed:
             self.events.view_changed()

@@ -22,17 +22,18 @@ from peer import PROTOCOL_VERSION, checkpoint
 from peer import config as config_mod
 from peer.algorithms import InMessage, Payload, create
 from peer.checkpoint import atomic_write_bytes
-from peer.codec import Envelope, Received, ReceiveLimits, encode, iter_requests
+from peer.codec import Envelope, Received, ReceiveLimits, encode
 from peer.config import PeerConfig
 from peer.data import load_dataset, local_partition, partition_summary
 from peer.discovery import MdnsDiscovery, resolve_interfaces
 from peer.errors import CheckpointError, PayloadError, PeerError, SchemaMismatchError, SendError
 from peer.faults import FaultInjector
-from peer.gossip import BreakerPolicy, GossipCore, LivenessPolicy, retry_delay, should_retry
+from peer.gossip import BreakerPolicy, GossipCore, LivenessPolicy
 from peer.logs import OnceLogger, node_logger
 from peer.membership import Identity, Membership, MembershipEvents
 from peer.metrics import Counters, MetricsLog
 from peer.models import build_model, num_params, schema_fingerprint
+from peer.pusher import Pusher
 from peer.topology import is_time_varying, round_index_at
 from peer.training import LocalTrainer, select_device
 from peer.transport import Client, Server, start_server
@@ -72,10 +73,6 @@ class Node:
         self.trained = asyncio.Event()  # set once train.epochs are done (the daemon keeps mixing after that)
         self.address = ""
         self._stop = asyncio.Event()
-        self._outbox: Payload | None = None
-        self._outbox_event = asyncio.Event()
-        self._encoded: tuple[int, Any, list[bytes], int] | None = None
-        self._in_flight: set[str] = set()
         self._checkpoints: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._fatal: PeerError | None = None
         self._isolated_since: float | None = None
@@ -195,6 +192,19 @@ class Node:
         if self.worker.done:
             self.trained.set()
         self.client = Client(self.cfg.gossip)
+        self.pusher = Pusher(
+            self.cfg,
+            self.core,
+            self.client,
+            self.counters,
+            self.faults,
+            self._envelope,
+            self._sleep,
+            self._stop.is_set,
+            self.log,
+            self.rng,
+        )
+        self.pusher.before_round = self._advance_topology
         self.membership = Membership(
             self.cfg,
             self.core,
@@ -233,7 +243,7 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 train_task = tg.create_task(asyncio.to_thread(self.worker.run))
-                tg.create_task(self._gossip_loop(tg))
+                tg.create_task(self.pusher.loop(tg))
                 waiters = [
                     tg.create_task(self.membership.hello_loop(tg)),
                     tg.create_task(self._drain(self.membership.closed_channels, self.client.forget)),
@@ -296,15 +306,11 @@ class Node:
     # ------------------------------------------------------------------------------------------- gossiping
     def _publish_threadsafe(self, payload: Payload) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._set_outbox, payload)
+        self._loop.call_soon_threadsafe(self.pusher.publish, payload)
 
     def _trained_threadsafe(self) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self.trained.set)
-
-    def _set_outbox(self, payload: Payload) -> None:
-        self._outbox = payload
-        self._outbox_event.set()
 
     def _envelope(self) -> Envelope:
         return Envelope(
@@ -317,105 +323,13 @@ class Node:
             sent_unix_ms=int(time.time() * 1000),
         )
 
-    async def _gossip_loop(self, tg: asyncio.TaskGroup) -> None:
-        """Push each new payload as soon as the training thread publishes it (a stale copy at the receiver
-        slows consensus), but no more often than `gossip.interval_s` per neighbour. Also wakes every
-        interval to retry neighbours that were skipped (breaker open, push in flight)."""
-        interval = self.cfg.gossip.interval_s
-        while not self._stop.is_set():
-            started = time.monotonic()
-            if self._time_varying:
-                r = round_index_at(time.time(), self.cfg.membership.topology_period_s)
-                if r != self.core.round_index:
-                    self.core.round_index = r
-                    self._refresh_view()
-            self._outbox_event.clear()
-            payload = self._outbox
-            if payload is not None:
-                due = self.core.sends_due(started, payload.seq, self._in_flight)
-                if due:
-                    encoded = await self._encode(payload)
-                    for j in due:
-                        self._in_flight.add(j)
-                        tg.create_task(self._push(j, payload.seq, encoded))
-            await self._sleep(interval - (time.monotonic() - started))
-            if not self._outbox_event.is_set():
-                await self._wait_outbox(interval)
-
-    async def _wait_outbox(self, timeout_s: float) -> None:
-        try:
-            await asyncio.wait_for(self._outbox_event.wait(), timeout=timeout_s)
-        except TimeoutError:
-            pass
-
-    async def _encode(self, payload: Payload) -> tuple[Any, list[bytes], int]:
-        if self._encoded is not None and self._encoded[0] == payload.seq:
-            return self._encoded[1:]
-        env = self._envelope()
-        big = sum(t.numel() * t.element_size() for t in payload.tensors.values()) > (1 << 20)
-        fn = lambda: encode(env, payload, chunk_bytes=self.cfg.gossip.chunk_bytes)  # noqa: E731
-        header, chunks = await asyncio.to_thread(fn) if big else fn()
-        self._encoded = (payload.seq, header, chunks, int(header.total_bytes))
-        return header, chunks, int(header.total_bytes)
-
-    async def _push(self, node_id: str, seq: int, encoded: tuple[Any, list[bytes], int]) -> None:
-        header, chunks, total = encoded
-        attempt = 0
-        try:
-            if self.faults.enabled and not await self._survives_faults(node_id, seq):
-                return
-            while True:
-                rec = self.core.peers.get(node_id)
-                if rec is None or self._stop.is_set():
-                    return
-                try:
-                    await self.client.push(rec.address, iter_requests(header, chunks), total, node_id)
-                except SendError as exc:
-                    newer = self._outbox is not None and self._outbox.seq > seq
-                    # Full-state pushes are idempotent (the receiver drops old sequence numbers), so a timed-out
-                    # push may be retried; but never once a newer state supersedes this one.
-                    if not newer and should_retry(
-                        exc.code, attempt, max_attempts=self.cfg.gossip.max_attempts, idempotent=True, details=str(exc)
-                    ):
-                        self.counters.add(send_retries=1)
-                        delay = retry_delay(
-                            attempt,
-                            base_s=self.cfg.gossip.backoff_base_s,
-                            cap_s=self.cfg.gossip.backoff_cap_s,
-                            rng=self.rng,
-                        )
-                        attempt += 1
-                        await self._sleep(delay)
-                        continue
-                    self.counters.add(send_failures=1)
-                    skip = self.core.send_failed(node_id, exc.code, time.monotonic(), self.rng)
-                    self.once.warning(
-                        ("send", node_id), "%s%s", exc, f"; skipping {node_id} for {skip:.1f} s" if skip else ""
-                    )
-                    return
-                self.core.send_ok(node_id, seq, time.monotonic())
-                self.once.reset("send")
-                self.counters.add(bytes_sent=total, messages_sent=1)
-                return
-        finally:
-            self._in_flight.discard(node_id)
-
-    async def _survives_faults(self, node_id: str, seq: int) -> bool:
-        """Injected faults (faults: config): an outage fails the push like a dead link would (so backoff and
-        the breaker are exercised), a random drop loses the message silently, a delay holds it back."""
-        decision = self.faults.decide(node_id, time.time())
-        if decision.reason == "outage":
-            self.counters.add(send_failures=1)
-            self.core.send_failed(node_id, "UNAVAILABLE", time.monotonic(), self.rng)
-            return False
-        if decision.drop:
-            rec = self.core.peers.get(node_id)
-            if rec is not None:
-                rec.last_sent_seq = max(rec.last_sent_seq, seq)
-            return False
-        if decision.delay_s > 0:
-            await self._sleep(decision.delay_s)
-        return True
+    def _advance_topology(self) -> None:
+        """Time-varying topologies change graph every membership.topology_period_s (wall clock)."""
+        if self._time_varying:
+            r = round_index_at(time.time(), self.cfg.membership.topology_period_s)
+            if r != self.core.round_index:
+                self.core.round_index = r
+                self._refresh_view()
 
     # ------------------------------------------------------------------------------------------ membership
     # ------------------------------------------------------------------------------- membership callbacks
@@ -548,6 +462,8 @@ class Node:
         env = received.envelope
         self.counters.add(bytes_received=received.nbytes, messages_received=1)
         now = time.monotonic()
+        if self.membership.has_departed(env.sender_id, env.incarnation):
+            return  # sent before its goodbye
         rec = self.core.peers.get(env.sender_id)
         if (rec is None or rec.incarnation != env.incarnation) and env.sender_address:
             self.membership.peer_up(env.sender_id, env.sender_address, env.sender_degree, env.incarnation, "push")

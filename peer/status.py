@@ -9,16 +9,18 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from peer.config import GossipConfig
-from peer.transport import SERVICE_NAME, Client, map_rpc_error
+from peer.rpc_errors import NO_PROXY, SERVICE_NAME, map_rpc_error
+from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 
 async def fetch_status(address: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
-    client = Client(GossipConfig(rpc_timeout_s=timeout_s))
-    try:
-        resp = await client.status(address)
-    finally:
-        await client.close()
+    # A bare channel: `peer status` must answer fast, so it imports neither torch nor the config tree.
+    async with grpc.aio.insecure_channel(address, options=[NO_PROXY]) as channel:
+        stub = gossip_pb2_grpc.GossipServiceStub(channel)
+        try:
+            resp = await stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, f"status of {address}") from None
     return MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
@@ -53,7 +55,7 @@ def format_status(s: dict[str, Any]) -> str:
 
 async def check_health(address: str, *, timeout_s: float = 3.0) -> tuple[bool, str]:
     """True when the daemon's gossip service reports SERVING."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address, options=[NO_PROXY]) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)

@@ -481,6 +481,11 @@ class Testbed:
         tb._is_up = True
         return tb
 
+    @property
+    def is_up(self) -> bool:
+        """True between a successful `up()` (or `load`) and `down()`."""
+        return self._is_up
+
     def owner_alive(self) -> bool:
         return self._owner is not None and _alive(self._owner[0], self._owner[1])
 
@@ -517,22 +522,35 @@ class Testbed:
             if other is not None:
                 other.down()  # a leftover of a crashed owner
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.prefix = self._choose_prefix()
         me = os.getpid()
         self._owner = (me, _proc_start_time(me))
         self._is_up = True
-        self.save()
         atexit.register(self._atexit)
         try:
+            self._claim_prefix()
             self._build_network()
         except BaseException:
             self.down()
             raise
         self.save()
 
+    def _claim_prefix(self) -> None:
+        """Pick a prefix and create its switch namespace: `ip netns add` fails if it exists, so a prefix
+        that another testbed picked at the same moment is never shared (nor deleted by our teardown)."""
+        for _ in range(20):
+            self.prefix = self._choose_prefix()
+            self.save()  # before creating anything, so that `cleanup` finds it after a crash
+            proc = _ip("netns", "add", self.bridge_ns, check=False)
+            if proc.returncode == 0:
+                return
+            self.prefix = ""
+            self.save()
+            if "exists" not in proc.stderr:
+                raise TestbedError(f"`ip netns add` failed: {proc.stderr.strip()}")
+        raise TestbedError("no free namespace prefix")
+
     def _build_network(self) -> None:
         br = self.bridge_ns
-        _ip("netns", "add", br)
         _ip("-n", br, "link", "set", "lo", "up")
         for k in (0, 1):
             self._add_bridge(k)
@@ -838,7 +856,7 @@ class Testbed:
         if left:
             raise TestbedError(f"could not delete namespaces {left}")
         if self._is_up or self.state_path.exists():
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, ValueError):
                 st = json.loads(self.state_path.read_text())
                 if st.get("prefix") == self.prefix:  # never remove another testbed's file of the same name
                     self.state_path.unlink()
@@ -925,7 +943,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 print(json.dumps(tb.ready(i, timeout_s=args.timeout)), flush=True)
             ok = True
         finally:
-            if not ok:
+            if not ok and tb.is_up:
                 print(f"testbed: up failed; tearing {args.name} down (logs in {workdir})", file=sys.stderr)
                 tb.down(grace_s=2.0)
     tb.detach()

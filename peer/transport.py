@@ -18,11 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from peer.codec import Assembler, Received, ReceiveLimits
 from peer.config import GossipConfig
-from peer.errors import PayloadError, SendError, StartupError
+from peer.errors import PayloadError, StartupError
+from peer.rpc_errors import NO_PROXY, SERVICE_NAME, map_rpc_error
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "peer.v1.GossipService"
 _ENVELOPE_SLACK = 1 << 20  # room for the header's manifest on top of one chunk
 
 
@@ -40,6 +40,7 @@ def channel_options(cfg: GossipConfig) -> list[tuple[str, int | str]]:
         ("grpc.max_reconnect_backoff_ms", int(cfg.reconnect_backoff_max_s * 1000)),
         # Retries are ours (per-neighbour backoff and breaker); core retries would multiply them.
         ("grpc.enable_retries", 0),
+        NO_PROXY,
     ]
 
 
@@ -156,15 +157,6 @@ async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Se
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     return Server(server, hs, port)
-
-
-def map_rpc_error(exc: grpc.RpcError, what: str) -> SendError:
-    """The single mapping from a gRPC failure to our error tree."""
-    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)) or ""
-    name = code.name if code is not None else "UNKNOWN"
-    retryable = name in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and "handshake" not in details.lower()
-    return SendError(f"{what}: {name}: {details}", code=name, retryable=retryable)
 
 
 class Client:

@@ -45,7 +45,7 @@ async def test_three_daemons_discover_over_mdns_gossip_and_converge(tmp_path: Pa
             discovery={"mdns": True, "cluster": cluster},
             data={"partition": "shards:2", "num_partitions": n, "partition_index": i},
             # Paced rounds leave time for gossip even on a loaded 2-core CI machine.
-            train={"epochs": 6, "wait_for_neighbors_s": 20, "round_interval_s": 0.05},
+            train={"epochs": 15, "wait_for_neighbors_s": 20, "round_interval_s": 0.05},
         )
         nodes.append(Node(cfg, stdout=io.StringIO()))
     tasks = await _start(nodes)
@@ -89,7 +89,7 @@ async def test_three_daemons_discover_over_mdns_gossip_and_converge(tmp_path: Pa
         local.append(evaluate(model, ds.x_test, ds.y_test)[0])
     # The consensus model is far better than any isolated peer. (Timing on a loaded machine moves the exact
     # figure by a few points; the demo and its benchmark measure accuracy against centralized training.)
-    assert min(accs) > 0.75, accs
+    assert min(accs) > 0.8, accs
     assert min(accs) > max(local) + 0.2, (accs, local)
     for x in nodes:
         state = checkpoint.load(x.state_dir)
