@@ -156,7 +156,9 @@ class MembershipConfig(_Section):
 class CatchupConfig(_Section):
     enabled: bool = True
     max_state_age_s: float = Field(60.0, ge=0, description="fetch a neighbour's model when ours is older than this")
-    min_step_lead: int = Field(1, ge=1, description="... and the neighbour is at least this many steps ahead")
+    max_epochs_behind: float = Field(
+        2.0, gt=0, description="a neighbour this many epochs ahead is caught up with even if our state is fresh"
+    )
     wait_s: float = Field(10.0, ge=0, description="how long a starting peer waits for a model to fetch")
 
 

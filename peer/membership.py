@@ -69,7 +69,7 @@ class Membership:
         client: Client,
         identity: Identity,
         events: MembershipEvents,
-        step: Callable[[], int],
+        progress: Callable[[], tuple[int, float]],
         sleep: Callable[[float], Awaitable[None]],
         stopping: Callable[[], bool],
         log: logging.LoggerAdapter[logging.Logger],
@@ -79,7 +79,7 @@ class Membership:
         self.client = client
         self.me = identity
         self.events = events
-        self.step = step
+        self.progress = progress
         self.sleep = sleep
         self.stopping = stopping
         self.log = log
@@ -88,7 +88,7 @@ class Membership:
         self.closed_channels: asyncio.Queue[str] = asyncio.Queue()
         self._hello_in_progress: set[str] = set()
         self._heartbeats_in_flight: set[str] = set()
-        self.peer_steps: dict[str, int] = {}
+        self.peer_progress: dict[str, tuple[int, float]] = {}  # node id -> (step, epoch) from its last Hello
         # Incarnations that said goodbye: a push of theirs still in flight must not re-add them.
         self.departed: dict[str, int] = {}
         self.evictions = 0
@@ -104,7 +104,8 @@ class Membership:
             degree=self.core.degree(),
             address=self.me.address,
             incarnation=self.me.incarnation,
-            step=self.step(),
+            step=self.progress()[0],
+            epoch=self.progress()[1],
         )
 
     def incompatibility(self, proto: str, fingerprint: str, algorithm: str) -> str:
@@ -155,7 +156,7 @@ class Membership:
             if self.core.peer_gone(resp.node_id) is not None:
                 self.events.view_changed()
             return False
-        self.peer_steps[resp.node_id] = resp.step
+        self.peer_progress[resp.node_id] = (resp.step, resp.epoch)
         # The address we dialled is known to work from here; the one the peer advertises may not be (NAT, a
         # container bridge, a 0.0.0.0 listener).
         self.peer_up(resp.node_id, address, resp.degree, resp.incarnation, source)
@@ -214,6 +215,7 @@ class Membership:
             address=mine.address,
             incarnation=mine.incarnation,
             step=mine.step,
+            epoch=mine.epoch,
             accepted=True,
         )
         if request.node_id == self.me.node_id:
@@ -233,7 +235,7 @@ class Membership:
             )
             reply.accepted, reply.reason = False, problem
             return reply
-        self.peer_steps[request.node_id] = request.step
+        self.peer_progress[request.node_id] = (request.step, request.epoch)
         self.peer_up(
             request.node_id, reachable_address(request.address, peer), request.degree, request.incarnation, "hello-in"
         )

@@ -211,7 +211,7 @@ class Node:
             self.client,
             Identity(self.cfg.node_id, self.fingerprint, self.algorithm.name, self.incarnation),
             MembershipEvents(self._refresh_view, self.worker.forget.append, self._on_readmitted, self._on_fatal),
-            step=lambda: self.trainer.step_count,
+            progress=lambda: (self.trainer.step_count, self.trainer.step_count / self.trainer.steps_per_epoch),
             sleep=self._sleep,
             stopping=self._stop.is_set,
             log=self.log,
@@ -380,39 +380,48 @@ class Node:
 
     # --------------------------------------------------------------------------------------------- catch-up
     def _needs_catchup(self) -> bool:
-        """A fresh peer, or one whose checkpoint is older than catchup.max_state_age_s, tries to catch up."""
+        """Whether a starting peer should look for a neighbour to catch up with (it may find none)."""
         if not self.cfg.catchup.enabled or self.worker.done:
             return False
-        if not self.cfg.discovery.mdns and not self.cfg.discovery.static_peers:
-            return False  # nobody to fetch from: don't make a lone peer wait
+        # Nobody to fetch from: don't make a lone peer wait.
+        return self.cfg.discovery.mdns or bool(self.cfg.discovery.static_peers)
+
+    def _state_is_old(self) -> bool:
         saved = self._state_saved_unix_s
         return saved is None or time.time() - saved > self.cfg.catchup.max_state_age_s
 
     async def _catch_up(self, *, starting: bool) -> None:
-        """Fetch the most advanced neighbour's model (chunked, verified like a push) and adopt it.
+        """Fetch the most advanced neighbour's model (chunked, verified like a push) and adopt it, with its
+        progress in epochs, when our state is old (a new peer, a long outage) and the neighbour is ahead, or
+        when the neighbour is more than catchup.max_epochs_behind ahead (a restart that cost us time: training
+        alone at the end on biased data would pull the consensus towards our classes).
 
         A starting peer's training waits for this at most catchup.wait_s; it never blocks the others, whose
         servers only stream their latest state.
         """
         self._catchup_task_running = True
         deadline = time.monotonic() + self.cfg.catchup.wait_s
+        old = self._state_is_old() if starting else True
         try:
             while not self._stop.is_set():
-                mine = self.trainer.step_count
-                lead = self.cfg.catchup.min_step_lead
+                mine = self.trainer.step_count / self.trainer.steps_per_epoch
+                # An old state adopts any neighbour at least an epoch ahead (peers of a fresh cluster that start
+                # a moment apart don't); a fresh one only a neighbour far ahead.
+                lead = min(1.0, self.cfg.catchup.max_epochs_behind) if old else self.cfg.catchup.max_epochs_behind
                 ahead = [
-                    (step, j)
-                    for j, step in self.membership.peer_steps.items()
-                    if step >= mine + lead and j in self.core.peers and not self.core.peers[j].evicted
+                    (epoch, step, j)
+                    for j, (step, epoch) in self.membership.peer_progress.items()
+                    if epoch > mine + lead and j in self.core.peers and not self.core.peers[j].evicted
                 ]
                 if ahead:
-                    step, j = max(ahead)
-                    if await self._fetch_from(j, step):
+                    epoch, step, j = max(ahead)
+                    if await self._fetch_from(j, step, epoch):
                         return
-                    self.membership.peer_steps.pop(j, None)
+                    self.membership.peer_progress.pop(j, None)
                     continue
-                # Neighbours at our step or behind: nothing newer to fetch (a fresh cluster starts together).
-                if self.core.neighbours() and all(j in self.membership.peer_steps for j in self.core.neighbours()):
+                # Every neighbour answered and none is ahead enough: train from our own state.
+                nbrs = self.core.neighbours()
+                if nbrs and all(j in self.membership.peer_progress for j in nbrs):
                     return
                 if time.monotonic() >= deadline:
                     if starting:
@@ -426,7 +435,7 @@ class Node:
             self._catchup_task_running = False
             self.worker.catchup_done.set()
 
-    async def _fetch_from(self, node_id: str, their_step: int) -> bool:
+    async def _fetch_from(self, node_id: str, their_step: int, their_epoch: float) -> bool:
         rec = self.core.peers[node_id]
         request = gossip_pb2.FetchStateRequest(node_id=self.cfg.node_id, schema_fingerprint=self.fingerprint)
         limits = ReceiveLimits(
@@ -442,10 +451,14 @@ class Node:
         except (SendError, PayloadError) as exc:
             self.log.warning("catch-up from %s failed: %s", node_id, exc)
             return False
-        self.worker.adopt.append(received.payload.tensors["params"])
+        self.worker.adopt.append((received.payload.tensors["params"], their_epoch))
         self.counters.add(bytes_received=received.nbytes, catchups=1)
         self.log.info(
-            "caught up: adopted %s's model (its step %d, ours %d)", node_id, their_step, self.trainer.step_count
+            "caught up: adopted %s's model and progress (its epoch %.2f, step %d; ours %.2f)",
+            node_id,
+            their_epoch,
+            their_step,
+            self.trainer.step_count / self.trainer.steps_per_epoch,
         )
         return True
 

@@ -64,7 +64,8 @@ class TrainingWorker:
         self.checkpoint_requested = threading.Event()
         self.neighbours_ready = threading.Event()
         self.catchup_done = threading.Event()  # set by the shell when catch-up finished or was not needed
-        self.adopt: deque[torch.Tensor] = deque()  # models fetched by catch-up, to replace ours at a round start
+        # Models fetched by catch-up, with the sender's progress in epochs, to adopt at the next round start.
+        self.adopt: deque[tuple[torch.Tensor, float]] = deque()
         self.latest_params = trainer.get_flat()  # what a catching-up neighbour fetches
         self.total_steps = max(1, math.ceil(train_cfg.epochs * trainer.steps_per_epoch))
         self._last_snapshot = -math.inf
@@ -100,7 +101,11 @@ class TrainingWorker:
         trainer = self.trainer
         loss = float("nan")
         while self.adopt:
-            trainer.set_flat(self.adopt.popleft())
+            params, epoch = self.adopt.popleft()
+            trainer.set_flat(params)
+            # Rejoin the cluster's schedule (learning rate, epochs left) instead of retraining alone.
+            trainer.step_count = max(trainer.step_count, min(self.total_steps, round(epoch * trainer.steps_per_epoch)))
+            trainer.epoch = trainer.step_count // trainer.steps_per_epoch
         if not self.done:
             if self._first_step_at is None:
                 self._first_step_at = time.monotonic()
@@ -114,11 +119,12 @@ class TrainingWorker:
                     break
             if not math.isfinite(loss):
                 self.log.error("training loss is %s at step %d; check train.lr", loss, trainer.step_count)
-            if self.done:
-                self.counters.training_done = True
+        if self.done and not self.counters.training_done:
+            self.counters.training_done = True
+            if self._first_step_at is not None:
                 self.counters.training_s = time.monotonic() - self._first_step_at
-                self.on_trained()
-                self.log.info("training done after %d steps (%.2f epochs)", trainer.step_count, self.cfg.epochs)
+            self.on_trained()
+            self.log.info("training done after %d steps (%.2f epochs)", trainer.step_count, self.cfg.epochs)
         now = time.monotonic()
         dropped = 0
         while self.forget:

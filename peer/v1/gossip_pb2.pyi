@@ -163,6 +163,7 @@ class HelloRequest(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The caller's node id, unique in the swarm."""
     protocol_version: _builtins.str
@@ -179,6 +180,8 @@ class HelloRequest(_message.Message):
     """Chosen anew at every process start, so a restarted peer is recognised as such."""
     step: _builtins.int
     """The caller's local training step (how far its model has come), for catch-up decisions."""
+    epoch: _builtins.float
+    """The caller's training progress in epochs over its own partition (comparable across partition sizes)."""
     def __init__(
         self,
         *,
@@ -190,10 +193,11 @@ class HelloRequest(_message.Message):
         address: _builtins.str = ...,
         incarnation: _builtins.int = ...,
         step: _builtins.int = ...,
+        epoch: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "degree", b"degree", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,6 +219,7 @@ class HelloResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The callee's node id."""
     protocol_version: _builtins.str
@@ -235,6 +240,8 @@ class HelloResponse(_message.Message):
     """Why not, when accepted is false (e.g. "schema fingerprint differs: ours 3f2a.., yours 9bc1..")."""
     step: _builtins.int
     """The callee's local training step."""
+    epoch: _builtins.float
+    """The callee's training progress in epochs over its own partition."""
     def __init__(
         self,
         *,
@@ -248,10 +255,11 @@ class HelloResponse(_message.Message):
         accepted: _builtins.bool = ...,
         reason: _builtins.str = ...,
         step: _builtins.int = ...,
+        epoch: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "degree", b"degree", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
