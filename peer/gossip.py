@@ -154,9 +154,9 @@ class GossipCore:
             return PeerUpdate(False, False, False)
         rec = self.peers.get(node_id)
         if rec is None:
-            self.peers[node_id] = PeerRecord(
-                node_id, address, degree, incarnation, source, now, now, CircuitBreaker(self.policy)
-            )
+            rec = PeerRecord(node_id, address, degree, incarnation, source, now, now, CircuitBreaker(self.policy))
+            rec.next_probe = now + self.liveness.heartbeat_interval_s
+            self.peers[node_id] = rec
             return PeerUpdate(new=True, redial=True, restarted=False)
         restarted = incarnation != rec.incarnation and incarnation != 0
         redial = bool(address) and address != rec.address
@@ -185,7 +185,10 @@ class GossipCore:
         rec.last_seen = now
         rec.misses = 0
         rec.evicted = False
-        rec.next_probe = now + self.liveness.heartbeat_interval_s
+        # Heartbeats keep their own cadence even while pushes flow: their answers carry the peer's progress
+        # (for catch-up) and its degree; only an evicted peer's backed-off probe is brought forward.
+        if readmitted or rec.next_probe > now + self.liveness.heartbeat_interval_s:
+            rec.next_probe = now + self.liveness.heartbeat_interval_s
         return readmitted
 
     def heartbeats_due(self, now: float, in_flight: set[str] | frozenset[str] = frozenset()) -> list[str]:
@@ -194,7 +197,11 @@ class GossipCore:
 
     def heartbeat_ok(self, node_id: str, degree: int, now: float) -> bool:
         """A heartbeat was answered. Returns True if the peer had been evicted and is now re-admitted."""
-        return self.heard_from(node_id, degree, now)
+        readmitted = self.heard_from(node_id, degree, now)
+        rec = self.peers.get(node_id)
+        if rec is not None:
+            rec.next_probe = now + self.liveness.heartbeat_interval_s
+        return readmitted
 
     def heartbeat_failed(self, node_id: str, now: float) -> bool:
         """A heartbeat went unanswered. Returns True if this miss evicted the peer."""

@@ -310,7 +310,12 @@ class Membership:
                 # Another daemon now answers at that address: the peer we knew is gone from there.
                 self.core.heartbeat_failed(node_id, time.monotonic())
                 return
-            self._on_hello_response(resp, address, "heartbeat")
+            if self._on_hello_response(resp, address, "heartbeat"):
+                self.core.heartbeat_ok(node_id, resp.degree, time.monotonic())
+            elif self.core.heartbeat_failed(node_id, time.monotonic()):
+                self.evictions += 1
+                self.events.forget(node_id)
+                self.events.view_changed()
         finally:
             self._heartbeats_in_flight.discard(node_id)
 

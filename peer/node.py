@@ -252,11 +252,12 @@ class Node:
                 tg.create_task(self.membership.static_loop())
                 tg.create_task(self.membership.heartbeat_loop(tg))
                 if self._needs_catchup():
-                    tg.create_task(self._catch_up(starting=True))
+                    tg.create_task(self._catch_up(starting=True, old=self._state_is_old()))
                 else:
                     self.worker.catchup_done.set()
                 tg.create_task(self._periodic(self.cfg.checkpoint.interval_s, self.worker.checkpoint_requested.set))
                 tg.create_task(self._periodic(self.cfg.metrics.interval_s, self._write_metrics))
+                tg.create_task(self._periodic(self.cfg.membership.heartbeat_interval_s, self._check_progress))
                 mdns_task = tg.create_task(self._mdns.run()) if self._mdns is not None else None
                 await self._stop.wait()
                 await self._shutdown(train_task, mdns_task)
@@ -349,7 +350,7 @@ class Node:
             and self._tg is not None
         ):
             self.log.info("back from %.0f s without neighbours: catching up", time.monotonic() - isolated)
-            self._tg.create_task(self._catch_up(starting=False))
+            self._tg.create_task(self._catch_up(starting=False, old=True))
 
     def _refresh_view(self) -> None:
         view = self.core.view()
@@ -386,11 +387,25 @@ class Node:
         # Nobody to fetch from: don't make a lone peer wait.
         return self.cfg.discovery.mdns or bool(self.cfg.discovery.static_peers)
 
+    def _check_progress(self) -> None:
+        """A peer that falls more than catchup.max_epochs_behind behind a neighbour while training (a straggler)
+        rejoins the cluster's progress: training on alone after the others finished would pull the consensus
+        towards its own classes. Progress comes with every heartbeat answer."""
+        if not self.cfg.catchup.enabled or self.worker.done or self._catchup_task_running or self._tg is None:
+            return
+        mine = self.trainer.step_count / self.trainer.steps_per_epoch
+        lead = max(
+            (e for j, (_, e) in self.membership.peer_progress.items() if j in self.core.neighbours()), default=0.0
+        )
+        if lead > mine + self.cfg.catchup.max_epochs_behind:
+            self._catchup_task_running = True  # before the task starts, so that one check cannot start two
+            self._tg.create_task(self._catch_up(starting=False, old=False))
+
     def _state_is_old(self) -> bool:
         saved = self._state_saved_unix_s
         return saved is None or time.time() - saved > self.cfg.catchup.max_state_age_s
 
-    async def _catch_up(self, *, starting: bool) -> None:
+    async def _catch_up(self, *, starting: bool, old: bool) -> None:
         """Fetch the most advanced neighbour's model (chunked, verified like a push) and adopt it, with its
         progress in epochs, when our state is old (a new peer, a long outage) and the neighbour is ahead, or
         when the neighbour is more than catchup.max_epochs_behind ahead (a restart that cost us time: training
@@ -401,7 +416,6 @@ class Node:
         """
         self._catchup_task_running = True
         deadline = time.monotonic() + self.cfg.catchup.wait_s
-        old = self._state_is_old() if starting else True
         try:
             while not self._stop.is_set():
                 mine = self.trainer.step_count / self.trainer.steps_per_epoch

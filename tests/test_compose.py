@@ -1,0 +1,165 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: the file is parsed, and each service's
+command goes through the real `peer` argument parser and config loader, so a typo fails here and not at
+`docker compose up`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from peer import cli, config
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+N_PEERS = 4
+PORT = 50051
+GRPC_GRACE_S = 5.0  # Node._shutdown: server.stop(grace_s=5.0) lets in-flight pushes finish
+CLI_STARTUP_MARGIN_S = 2.0  # Python start-up and imports of `peer health` before its RPC starts, on a slow device
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_s(value: Any) -> float:
+    """A compose duration ("1m30s", "500ms", "20s") in seconds."""
+    text = str(value).strip()
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a compose duration: {value!r}")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def test_duration_parser() -> None:
+    assert duration_s("30s") == 30 and duration_s("1m30s") == 90 and duration_s("500ms") == 0.5
+    with pytest.raises(ValueError):
+        duration_s("30")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))  # `<<: *peer` merge keys resolve here
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def peers(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run a peer daemon: command `run ...` after the image's `peer` entrypoint."""
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if isinstance(svc.get("command"), list) and svc["command"][:1] == ["run"]
+    }
+
+
+@pytest.fixture(scope="module")
+def configs(peers: dict[str, dict[str, Any]]) -> dict[str, config.PeerConfig]:
+    """Each peer service's command, parsed by `peer`'s own parser and loaded like `peer run` loads it."""
+    out = {}
+    for name, svc in peers.items():
+        args = cli.build_parser().parse_args([str(part) for part in svc["command"]])
+        assert args.command == "run" and args.fn is cli.cmd_run, name
+        assert args.config is None, f"{name}: --config needs a file mounted into the container; use --set"
+        out[name] = config.load(args.config, args.set)
+    return out
+
+
+def test_every_service_is_a_peer(compose: dict[str, Any], peers: dict[str, dict[str, Any]]) -> None:
+    assert len(peers) == N_PEERS
+    assert set(peers) == set(compose["services"])
+
+
+def test_commands_load_as_valid_configs_with_distinct_ids_and_partitions(
+    configs: dict[str, config.PeerConfig],
+) -> None:
+    ids = [c.node_id for c in configs.values()]
+    assert len(set(ids)) == N_PEERS, ids
+    for name, cfg in configs.items():
+        assert cfg.data.num_partitions == N_PEERS, name
+        assert cfg.state_dir.startswith("/home/peer/"), f"{name}: state_dir must be writable by the image's user"
+    # One data partition per peer, all of them covered.
+    assert sorted(c.data.partition_index for c in configs.values()) == list(range(N_PEERS))
+
+
+def test_peers_listen_everywhere_and_find_each_other_by_service_name(configs: dict[str, config.PeerConfig]) -> None:
+    for name, cfg in configs.items():
+        assert cfg.listen == f"0.0.0.0:{PORT}", name
+        # mDNS does not cross Docker's bridge reliably: static peers by compose service name, exactly the others.
+        assert not cfg.discovery.mdns, name
+        others = sorted(f"{other}:{PORT}" for other in configs if other != name)
+        assert sorted(cfg.discovery.static_peers) == others, name
+        assert len(cfg.discovery.static_peers) == len(set(cfg.discovery.static_peers)), name
+
+
+def test_healthchecks_call_peer_health(peers: dict[str, dict[str, Any]]) -> None:
+    for name, svc in peers.items():
+        hc = svc.get("healthcheck")
+        assert isinstance(hc, dict), f"{name} has no healthcheck"
+        test = hc["test"]
+        assert isinstance(test, list) and test[:3] == ["CMD", "peer", "health"], (name, test)
+        args = cli.build_parser().parse_args([str(t) for t in test[2:]])
+        assert args.fn is cli.cmd_health and args.addr == f"127.0.0.1:{PORT}", (name, test)
+        for key in ("interval", "timeout", "start_period"):
+            assert duration_s(hc[key]) > 0, (name, key)
+        assert int(hc["retries"]) >= 1, name
+        # Docker kills a check that outlives `timeout`: leave room for the CLI's start-up beyond its RPC deadline.
+        assert duration_s(hc["timeout"]) >= args.timeout + CLI_STARTUP_MARGIN_S, (name, hc["timeout"], args.timeout)
+        assert duration_s(hc["interval"]) >= duration_s(hc["timeout"]), name
+
+
+def test_stop_grace_period_exceeds_the_grpc_grace(peers: dict[str, dict[str, Any]]) -> None:
+    for name, svc in peers.items():
+        # After the 5 s gRPC grace the daemon still writes its final checkpoint; Docker must not SIGKILL first.
+        assert duration_s(svc["stop_grace_period"]) > GRPC_GRACE_S, name
+
+
+def test_all_peers_share_one_user_defined_bridge_network(
+    compose: dict[str, Any], peers: dict[str, dict[str, Any]]
+) -> None:
+    networks = compose.get("networks") or {}
+    assert len(networks) == 1, networks
+    (net_name, net) = next(iter(networks.items()))
+    assert net_name not in ("default", "host", "none", "bridge")
+    assert (net or {}).get("driver", "bridge") == "bridge"
+    assert not (net or {}).get("external", False)
+    for name, svc in peers.items():
+        assert "network_mode" not in svc, name
+        nets = svc.get("networks")
+        assert list(nets) == [net_name], (name, nets)
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_runs_peer_as_non_root_with_pinned_torch() -> None:
+    instr = _dockerfile_instructions()
+    last_from = max(i for i, (w, _) in enumerate(instr) if w == "FROM")
+    final = instr[last_from:]
+    users = [rest for w, rest in final if w == "USER"]
+    assert users, "the image must not run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), user
+    entry = [rest for w, rest in final if w == "ENTRYPOINT"]
+    assert entry and yaml.safe_load(entry[-1]) == ["peer"], entry
+    # torch is pinned through a build argument with a default version, and the pip install uses it.
+    args = dict(rest.partition("=")[::2] for w, rest in instr if w == "ARG")
+    version = args.get("TORCH_VERSION", "")
+    assert re.fullmatch(r"\d+\.\d+(\.\d+)?", version), f"ARG TORCH_VERSION needs a pinned default, got {version!r}"
+    runs = " ".join(rest for w, rest in instr if w == "RUN")
+    assert re.search(r"torch==\$\{?TORCH_VERSION\}?", runs), "pip must install torch==${TORCH_VERSION}"
+    # The same default as scripts/_setup.sh, so the image and the venv run the same torch.
+    setup = (ROOT / "scripts" / "_setup.sh").read_text(encoding="utf-8")
+    assert f"TORCH_VERSION:-{version}" in setup
