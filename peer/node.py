@@ -30,7 +30,7 @@ from peer.errors import CheckpointError, PayloadError, PeerError, SchemaMismatch
 from peer.faults import FaultInjector
 from peer.gossip import BreakerPolicy, GossipCore, LivenessPolicy
 from peer.logs import OnceLogger, node_logger
-from peer.membership import Identity, Membership, MembershipEvents
+from peer.membership import Identity, Membership, MembershipEvents, reachable_address
 from peer.metrics import Counters, MetricsLog
 from peer.models import build_model, num_params, schema_fingerprint
 from peer.pusher import Pusher
@@ -485,7 +485,7 @@ class Node:
             expected_tensors=self.algorithm.expected_tensors(self.num_params),
         )
 
-    def deliver(self, received: Received) -> None:
+    def deliver(self, received: Received, peer: str = "") -> None:
         env = received.envelope
         self.counters.add(bytes_received=received.nbytes, messages_received=1)
         now = time.monotonic()
@@ -493,7 +493,8 @@ class Node:
             return  # sent before its goodbye
         rec = self.core.peers.get(env.sender_id)
         if (rec is None or rec.incarnation != env.incarnation) and env.sender_address:
-            self.membership.peer_up(env.sender_id, env.sender_address, env.sender_degree, env.incarnation, "push")
+            address = reachable_address(env.sender_address, peer) if peer else env.sender_address
+            self.membership.peer_up(env.sender_id, address, env.sender_degree, env.incarnation, "push")
         else:
             self.membership.heard_from(env.sender_id, env.sender_degree)
         self.worker.inbox.append(InMessage(env.sender_id, env.incarnation, env.sender_degree, received.payload, now))

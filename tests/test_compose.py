@@ -90,7 +90,8 @@ def test_peers_listen_everywhere_and_find_each_other_by_service_name(configs: di
     for name, cfg in configs.items():
         assert cfg.listen == f"0.0.0.0:{PORT}", name
         # mDNS does not cross Docker's bridge reliably: static peers by compose service name, exactly the others.
-        assert not cfg.discovery.mdns, name
+        # mDNS on the user-defined bridge network, static peers by service name as the fallback.
+        assert cfg.discovery.mdns and cfg.discovery.interfaces == ["eth0"], name
         others = sorted(f"{other}:{PORT}" for other in configs if other != name)
         assert sorted(cfg.discovery.static_peers) == others, name
         assert len(cfg.discovery.static_peers) == len(set(cfg.discovery.static_peers)), name
