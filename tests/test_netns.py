@@ -44,8 +44,15 @@ SCENARIO: dict[str, Any] = {
     **BASE,
     "model": {"name": "mlp"},
     "train": {
-        "epochs": 200, "lr": 0.2, "lr_schedule": "cosine", "momentum": 0.9, "batch_size": 32, "torch_threads": 1,
-        "round_interval_s": 0.03, "device": "cpu", "wait_for_neighbors_s": 20,
+        "epochs": 200,
+        "lr": 0.2,
+        "lr_schedule": "cosine",
+        "momentum": 0.9,
+        "batch_size": 32,
+        "torch_threads": 1,
+        "round_interval_s": 0.03,
+        "device": "cpu",
+        "wait_for_neighbors_s": 20,
     },
     "gossip": {**BASE["gossip"], "interval_s": 0.005},
     "checkpoint": {"interval_s": 1},
@@ -296,10 +303,21 @@ def _accuracies(tb: Testbed) -> tuple[float, list[float]]:
     with torch.random.fork_rng():
         torch.set_num_threads(1)
         model = train_reference(
-            np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), model_name=c0.model.name,
-            input_shape=ds.input_shape, num_classes=ds.num_classes, epochs=t.epochs, batch_size=t.batch_size,
-            lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, optimizer=t.optimizer, seed=t.seed,
-            device=torch.device("cpu"), lr_schedule=t.lr_schedule, model_seed=c0.model.seed,
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            model_name=c0.model.name,
+            input_shape=ds.input_shape,
+            num_classes=ds.num_classes,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            optimizer=t.optimizer,
+            seed=t.seed,
+            device=torch.device("cpu"),
+            lr_schedule=t.lr_schedule,
+            model_seed=c0.model.seed,
         )
     central = evaluate(model, ds.x_test, ds.y_test)[0]
     accs = []
