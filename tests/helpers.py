@@ -13,6 +13,7 @@ import torch
 
 from peer import config
 from peer.config import PeerConfig
+from peer.node import Node
 
 
 def unique(prefix: str) -> str:
@@ -60,3 +61,22 @@ def consensus_distance(vectors: list[torch.Tensor]) -> float:
     stacked = torch.stack([v.double() for v in vectors])
     mean = stacked.mean(0)
     return float(((stacked - mean).norm(dim=1) / mean.norm()).mean())
+
+
+async def start_nodes(nodes: list[Node], timeout_s: float = 60) -> list[asyncio.Task[None]]:
+    """Run in-process daemons until every one is ready; a daemon that dies during start-up raises its error."""
+    tasks = [asyncio.create_task(n.run()) for n in nodes]
+    ready = asyncio.ensure_future(asyncio.gather(*(n.ready.wait() for n in nodes)))
+    done, _ = await asyncio.wait([ready, *tasks], timeout=timeout_s, return_when="FIRST_COMPLETED")
+    for t in tasks:
+        if t in done:
+            t.result()
+    assert all(n.ready.is_set() for n in nodes), "daemons did not become ready"
+    return tasks
+
+
+async def stop_nodes(nodes: list[Node], tasks: list[asyncio.Task[None]], *, return_exceptions: bool = False) -> None:
+    """Graceful stop of in-process daemons, bounded in time."""
+    for n in nodes:
+        n.request_stop()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=return_exceptions), timeout=30)

@@ -13,24 +13,7 @@ from peer import checkpoint
 from peer.metrics import read as read_metrics
 from peer.node import Node
 from peer.training import evaluate, train_reference
-from tests.helpers import consensus_distance, fast_config, unique, wait_until
-
-
-async def _start(nodes: list[Node]) -> list[asyncio.Task[None]]:
-    tasks = [asyncio.create_task(n.run()) for n in nodes]
-    ready = asyncio.gather(*(n.ready.wait() for n in nodes))
-    done, _ = await asyncio.wait([asyncio.ensure_future(ready), *tasks], timeout=60, return_when="FIRST_COMPLETED")
-    for t in tasks:
-        if t in done:
-            t.result()  # a daemon died during start-up: raise its error
-    assert all(n.ready.is_set() for n in nodes), "daemons did not become ready"
-    return tasks
-
-
-async def _stop(nodes: list[Node], tasks: list[asyncio.Task[None]]) -> None:
-    for n in nodes:
-        n.request_stop()
-    await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, wait_until
 
 
 @pytest.mark.timeout(120)
@@ -48,7 +31,7 @@ async def test_three_daemons_discover_over_mdns_gossip_and_converge(tmp_path: Pa
             train={"epochs": 15, "wait_for_neighbors_s": 20, "round_interval_s": 0.05},
         )
         nodes.append(Node(cfg, stdout=io.StringIO()))
-    tasks = await _start(nodes)
+    tasks = await start_nodes(nodes)
     try:
         # Discovery through mDNS alone: no static peers are configured.
         await wait_until(lambda: all(len(x.core.neighbours()) == n - 1 for x in nodes), 20, "mDNS discovery")
@@ -63,7 +46,7 @@ async def test_three_daemons_discover_over_mdns_gossip_and_converge(tmp_path: Pa
             assert c["bytes_sent"] > 0 and c["bytes_received"] > 0 and c["mixes"] > 0
             assert c["rejected_messages"] == 0
     finally:
-        await _stop(nodes, tasks)
+        await stop_nodes(nodes, tasks)
 
     ds = nodes[0].dataset
     accs = [evaluate(x.trainer.model, ds.x_test, ds.y_test)[0] for x in nodes]
@@ -107,12 +90,12 @@ async def test_static_peers_fallback_and_status(tmp_path: Path) -> None:
     from peer.status import fetch_status
 
     a = Node(fast_config(tmp_path, unique("a"), train={"epochs": 50}), stdout=io.StringIO())
-    tasks = await _start([a])
+    tasks = await start_nodes([a])
     b = Node(
         fast_config(tmp_path, unique("b"), train={"epochs": 50}, discovery={"static_peers": [a.address]}),
         stdout=io.StringIO(),
     )
-    tasks += await _start([b])
+    tasks += await start_nodes([b])
     try:
         await wait_until(lambda: a.core.neighbours() == [b.cfg.node_id], 15, "a learns b from b's hello")
         await wait_until(lambda: b.counters.snapshot()["messages_received"] > 2, 15, "pushes from a to b")
@@ -122,7 +105,7 @@ async def test_static_peers_fallback_and_status(tmp_path: Path) -> None:
         assert status["neighbours"][0]["state"] == "alive"
         assert int(status["bytes_sent"]) > 0
     finally:
-        await _stop([a, b], tasks)
+        await stop_nodes([a, b], tasks)
 
 
 @pytest.mark.timeout(60)
@@ -131,7 +114,7 @@ async def test_unreachable_neighbour_is_skipped_without_stalling_training(tmp_pa
     neighbour go on meanwhile."""
     a = Node(fast_config(tmp_path, unique("a"), train={"epochs": 200}, topology="full"), stdout=io.StringIO())
     b = Node(fast_config(tmp_path, unique("b"), train={"epochs": 200}, topology="full"), stdout=io.StringIO())
-    tasks = await _start([a, b])
+    tasks = await start_nodes([a, b])
     # c exists only as a membership entry at an address where nothing listens.
     import socket
 
@@ -158,4 +141,4 @@ async def test_unreachable_neighbour_is_skipped_without_stalling_training(tmp_pa
             "pushes to the live neighbour to continue",
         )
     finally:
-        await _stop([a, b], tasks)
+        await stop_nodes([a, b], tasks)

@@ -30,7 +30,7 @@ from peer.errors import StartupError
 from peer.metrics import read as read_metrics
 from peer.node import Node
 from peer.status import fetch_status
-from tests.helpers import fast_config, unique, wait_until
+from tests.helpers import fast_config, start_nodes, stop_nodes, unique, wait_until
 
 HEARTBEAT_S = 0.3
 EVICT_AFTER = 3
@@ -53,23 +53,6 @@ def _cfg(tmp_path: Path, node_id: str, **sections: Any) -> config.PeerConfig:
         else:
             base[key] = value
     return fast_config(tmp_path, node_id, **base)
-
-
-async def _start(nodes: list[Node]) -> list[asyncio.Task[None]]:
-    tasks = [asyncio.create_task(n.run()) for n in nodes]
-    ready = asyncio.ensure_future(asyncio.gather(*(n.ready.wait() for n in nodes)))
-    done, _ = await asyncio.wait([ready, *tasks], timeout=60, return_when="FIRST_COMPLETED")
-    for t in tasks:
-        if t in done:
-            t.result()  # a daemon died during start-up: raise its error
-    assert all(n.ready.is_set() for n in nodes), "daemons did not become ready"
-    return tasks
-
-
-async def _stop(nodes: list[Node], tasks: list[asyncio.Task[None]]) -> None:
-    for n in nodes:
-        n.request_stop()
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
 
 
 class Proc:
@@ -125,9 +108,9 @@ def _now() -> float:
 async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_restart(tmp_path: Path) -> None:
     base = unique("live")
     a = Node(_cfg(tmp_path, f"{base}-a"), stdout=io.StringIO())
-    tasks = await _start([a])
+    tasks = await start_nodes([a])
     b = Node(_cfg(tmp_path, f"{base}-b", discovery={"static_peers": [a.address]}), stdout=io.StringIO())
-    tasks += await _start([b])
+    tasks += await start_nodes([b])
     c_id = f"{base}-c"
     c_cfg_path = tmp_path / "c.yaml"
     c_cfg = _cfg(tmp_path, c_id, discovery={"static_peers": [a.address, b.address]})
@@ -213,7 +196,7 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
         c.stop(signal.SIGKILL)
         if c2 is not None:
             c2.stop()
-        await _stop([a, b], tasks)
+        await stop_nodes([a, b], tasks, return_exceptions=True)
 
 
 # -------------------------------------------------------------------------------------------- duplicate id
@@ -221,7 +204,7 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
 async def test_duplicate_node_id_over_static_peers_stops_the_newcomer(tmp_path: Path) -> None:
     node_id = unique("dup")
     a = Node(_cfg(tmp_path, node_id), stdout=io.StringIO())
-    tasks = await _start([a])
+    tasks = await start_nodes([a])
     try:
         b = Node(
             _cfg(tmp_path, node_id, state_dir=str(tmp_path / "second"), discovery={"static_peers": [a.address]}),
@@ -239,7 +222,7 @@ async def test_duplicate_node_id_over_static_peers_stops_the_newcomer(tmp_path: 
         step = a.trainer.step_count
         await wait_until(lambda: a.trainer.step_count > step, 10, "a to keep training")
     finally:
-        await _stop([a], tasks)
+        await stop_nodes([a], tasks, return_exceptions=True)
 
 
 # ------------------------------------------------------------------------------------------------ catch-up
@@ -270,7 +253,7 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
     caplog.set_level(logging.INFO, logger="peer.node")
     base = unique("cu")
     a = RecordingNode(_cfg(tmp_path, f"{base}-a"), stdout=io.StringIO())
-    tasks = await _start([a])
+    tasks = await start_nodes([a])
     b_cfg = _cfg(
         tmp_path,
         f"{base}-b",
@@ -286,7 +269,7 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
 
         # A fresh peer fetches a's model before its first local step.
         b = RecordingNode(b_cfg, stdout=io.StringIO())
-        b_tasks = await _start([b])
+        b_tasks = await start_nodes([b])
         await wait_until(lambda: b is not None and b.counters.snapshot()["catchups"] == 1, 20, "b to catch up")
         assert a.served is not None and b.adopted is not None
         assert torch.equal(b.adopted, a.served), "b adopted exactly the model a served"
@@ -295,7 +278,7 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
             "caught up" in r.getMessage() and getattr(r, "node_id", None) == b.cfg.node_id for r in caplog.records
         )
         await wait_until(lambda: b is not None and b.trainer.step_count > 0, 20, "b to train")
-        await _stop([b], b_tasks)
+        await stop_nodes([b], b_tasks, return_exceptions=True)
         b_tasks = []
         steps = b.trainer.step_count
 
@@ -303,7 +286,7 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
         # nothing, though a trained on meanwhile and is ahead.
         caplog.clear()
         b = RecordingNode(b_cfg, stdout=io.StringIO())
-        b_tasks = await _start([b])
+        b_tasks = await start_nodes([b])
         ready = json.loads(b.stdout.getvalue().splitlines()[0])  # type: ignore[attr-defined]
         assert ready["step"] == steps
         await wait_until(lambda: b is not None and a.cfg.node_id in b.core.neighbours(), 20, "b to rejoin a")
@@ -313,8 +296,8 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
         assert not any("caught up" in r.getMessage() for r in caplog.records)
     finally:
         if b is not None and b_tasks:
-            await _stop([b], b_tasks)
-        await _stop([a], tasks)
+            await stop_nodes([b], b_tasks, return_exceptions=True)
+        await stop_nodes([a], tasks, return_exceptions=True)
 
 
 # ------------------------------------------------------------------------------------------ injected faults
@@ -325,12 +308,12 @@ async def test_injected_drops_lose_about_half_the_pushes(tmp_path: Path) -> None
         _cfg(tmp_path, f"{base}-a", faults={"drop_probability": 0.5, "seed": 1}, catchup={"enabled": False}),
         stdout=io.StringIO(),
     )
-    tasks = await _start([a])
+    tasks = await start_nodes([a])
     b = Node(
         _cfg(tmp_path, f"{base}-b", discovery={"static_peers": [a.address]}, catchup={"enabled": False}),
         stdout=io.StringIO(),
     )
-    tasks += await _start([b])
+    tasks += await start_nodes([b])
     try:
         await wait_until(lambda: a.faults.counters["dropped"] + a.counters.messages_sent >= 200, 40, "200 pushes")
         dropped, sent = a.faults.counters["dropped"], a.counters.messages_sent
@@ -343,7 +326,7 @@ async def test_injected_drops_lose_about_half_the_pushes(tmp_path: Path) -> None
         assert read_metrics(a.state_dir / "metrics.jsonl")[-1]["faults_dropped"] >= dropped > 0
         assert "faults_dropped" not in read_metrics(b.state_dir / "metrics.jsonl")[-1]  # b injects nothing
     finally:
-        await _stop([a, b], tasks)
+        await stop_nodes([a, b], tasks, return_exceptions=True)
 
 
 @pytest.mark.timeout(60)
@@ -354,12 +337,12 @@ async def test_outage_on_the_only_link_opens_the_breaker_but_heartbeats_keep_the
         _cfg(tmp_path, f"{base}-a", faults={"outage": {"mean_up_s": 0.001, "mean_down_s": 1000.0}}),
         stdout=io.StringIO(),
     )
-    tasks = await _start([a])
+    tasks = await start_nodes([a])
     b = Node(
         _cfg(tmp_path, f"{base}-b", discovery={"static_peers": [a.address]}, catchup={"enabled": False}),
         stdout=io.StringIO(),
     )
-    tasks += await _start([b])
+    tasks += await start_nodes([b])
     a_id, b_id = a.cfg.node_id, b.cfg.node_id
     try:
         await wait_until(lambda: b_id in a.core.peers, 20, "a to learn b from b's hello")
@@ -379,4 +362,4 @@ async def test_outage_on_the_only_link_opens_the_breaker_but_heartbeats_keep_the
         status = await fetch_status(a.address)
         assert {n["node_id"]: n["state"] for n in status["neighbours"]}[b_id] in ("backoff", "suspect")
     finally:
-        await _stop([a, b], tasks)
+        await stop_nodes([a, b], tasks, return_exceptions=True)
