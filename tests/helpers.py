@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -80,3 +87,58 @@ async def stop_nodes(nodes: list[Node], tasks: list[asyncio.Task[None]], *, retu
     for n in nodes:
         n.request_stop()
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=return_exceptions), timeout=30)
+
+
+class PeerProcess:
+    """A real `peer run` child process: stdout lines arrive on a queue (no blocking reads), stderr goes to a log."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "peer", "run", "--config", str(config_path)],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def _no_ready_line(self) -> AssertionError:
+        return AssertionError(f"no ready line; log:\n{self.log_path.read_text()[-3000:]}")
+
+    def ready(self, timeout_s: float = 60) -> dict[str, Any]:
+        """The parsed ready line (blocking, for synchronous tests)."""
+        try:
+            return dict(json.loads(self.lines.get(timeout=timeout_s)))
+        except queue.Empty:
+            raise self._no_ready_line() from None
+
+    async def aready(self, timeout_s: float = 60) -> dict[str, Any]:
+        """The parsed ready line, without blocking the event loop (for tests that also run in-process daemons)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return dict(json.loads(self.lines.get_nowait()))
+            except queue.Empty:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise self._no_ready_line()
+            await asyncio.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()

@@ -12,12 +12,7 @@ import asyncio
 import io
 import json
 import logging
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +25,7 @@ from peer.errors import StartupError
 from peer.metrics import read as read_metrics
 from peer.node import Node
 from peer.status import fetch_status
-from tests.helpers import fast_config, start_nodes, stop_nodes, unique, wait_until
+from tests.helpers import PeerProcess, fast_config, start_nodes, stop_nodes, unique, wait_until
 
 HEARTBEAT_S = 0.3
 EVICT_AFTER = 3
@@ -55,50 +50,6 @@ def _cfg(tmp_path: Path, node_id: str, **sections: Any) -> config.PeerConfig:
     return fast_config(tmp_path, node_id, **base)
 
 
-class Proc:
-    """A `peer run` child process; its stdout lines arrive on a queue, its stderr goes to a log file."""
-
-    def __init__(self, config_path: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peer", "run", "--config", str(config_path)],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    async def ready(self, timeout_s: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return dict(json.loads(self.lines.get_nowait()))
-            except queue.Empty:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no ready line; log:\n{self.log_path.read_text()[-3000:]}")
-            await asyncio.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._log.close()
-
-
 def _now() -> float:
     return time.monotonic()
 
@@ -115,11 +66,11 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
     c_cfg_path = tmp_path / "c.yaml"
     c_cfg = _cfg(tmp_path, c_id, discovery={"static_peers": [a.address, b.address]})
     c_cfg_path.write_text(config.dump(c_cfg))
-    c = Proc(c_cfg_path, tmp_path / "c1.log")
-    c2: Proc | None = None
+    c = PeerProcess(c_cfg_path, tmp_path / "c1.log")
+    c2: PeerProcess | None = None
     a_id, b_id = a.cfg.node_id, b.cfg.node_id
     try:
-        c_ready = await c.ready()
+        c_ready = await c.aready()
         # Three peers on a ring are all neighbours; every degree is 2 (Metropolis-Hastings weights 1/3).
         await wait_until(
             lambda: a.core.view().degrees == {b_id: 2, c_id: 2} and b.core.view().degrees == {a_id: 2, c_id: 2},
@@ -175,8 +126,8 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
         assert remote["degree"] == 1
 
         # Restart with the same node id (and state_dir): a new incarnation, re-admitted by both.
-        c2 = Proc(c_cfg_path, tmp_path / "c2.log")
-        c2_ready = await c2.ready()
+        c2 = PeerProcess(c_cfg_path, tmp_path / "c2.log")
+        c2_ready = await c2.aready()
         assert c2_ready["node_id"] == c_id and c2_ready["incarnation"] != c_ready["incarnation"]
         await wait_until(lambda: all(n.core.state_of(c_id, _now()) == "alive" for n in (a, b)), 30, "re-admission of c")
         assert a.membership.readmissions > readmissions[0] and b.membership.readmissions > readmissions[1]

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,47 +12,7 @@ import yaml
 
 from peer import checkpoint
 from peer.metrics import read as read_metrics
-from tests.helpers import unique
-
-
-class Daemon:
-    """A `peer run` child process whose stdout lines arrive on a queue (no blocking reads in the test)."""
-
-    def __init__(self, config_path: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peer", "run", "--config", str(config_path)],
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            env=env,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def ready(self, timeout_s: float = 60) -> dict[str, Any]:
-        try:
-            line = self.lines.get(timeout=timeout_s)
-        except queue.Empty:
-            raise AssertionError(f"no ready line; log:\n{self.log_path.read_text()[-3000:]}") from None
-        return json.loads(line)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.log.close()
+from tests.helpers import PeerProcess, unique
 
 
 def _wait(predicate: Any, timeout_s: float, what: str) -> None:
@@ -104,12 +58,12 @@ def _checkpoint_step(state_dir: Path) -> int:
 def test_sigkill_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     base = unique("p")
     a_cfg = _write_config(tmp_path, f"{base}-a", [])
-    a = Daemon(a_cfg, tmp_path / "a.log")
-    b: Daemon | None = None
+    a = PeerProcess(a_cfg, tmp_path / "a.log")
+    b: PeerProcess | None = None
     try:
         a_ready = a.ready()
         b_cfg = _write_config(tmp_path, f"{base}-b", [a_ready["address"]])
-        b = Daemon(b_cfg, tmp_path / "b1.log")
+        b = PeerProcess(b_cfg, tmp_path / "b1.log")
         b_ready = b.ready()
         assert b_ready["step"] == 0
         b_dir = tmp_path / f"{base}-b"
@@ -119,7 +73,7 @@ def test_sigkill_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
         saved = _checkpoint_step(b_dir)
         assert saved > 30
 
-        b = Daemon(b_cfg, tmp_path / "b2.log")
+        b = PeerProcess(b_cfg, tmp_path / "b2.log")
         b_ready2 = b.ready()
         # Resumed: the step counter continues from the checkpoint, and a new incarnation is announced.
         assert b_ready2["step"] == saved
