@@ -21,12 +21,13 @@ import torch
 from peer import PROTOCOL_VERSION, checkpoint
 from peer import config as config_mod
 from peer.algorithms import InMessage, Payload, create
+from peer.catchup import CatchUp
 from peer.checkpoint import atomic_write_bytes
 from peer.codec import Envelope, Received, ReceiveLimits, encode
 from peer.config import PeerConfig
 from peer.data import load_dataset, local_partition, partition_summary
 from peer.discovery import MdnsDiscovery, resolve_interfaces
-from peer.errors import CheckpointError, PayloadError, PeerError, SchemaMismatchError, SendError
+from peer.errors import CheckpointError, PayloadError, PeerError, SchemaMismatchError
 from peer.faults import FaultInjector
 from peer.gossip import BreakerPolicy, GossipCore, LivenessPolicy
 from peer.logs import OnceLogger, node_logger
@@ -76,7 +77,7 @@ class Node:
         self._checkpoints: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._fatal: PeerError | None = None
         self._isolated_since: float | None = None
-        self._catchup_task_running = False
+        self.catchup = CatchUp(self)
         self._tg: asyncio.TaskGroup | None = None
         self._state_saved_unix_s: float | None = None  # when the resumed checkpoint was written
         self._started = time.monotonic()
@@ -251,13 +252,13 @@ class Node:
                 ]
                 tg.create_task(self.membership.static_loop())
                 tg.create_task(self.membership.heartbeat_loop(tg))
-                if self._needs_catchup():
-                    tg.create_task(self._catch_up(starting=True, old=self._state_is_old()))
+                if self.catchup.needed_at_start():
+                    tg.create_task(self.catchup.run(starting=True, old=self.catchup.state_is_old()))
                 else:
                     self.worker.catchup_done.set()
                 tg.create_task(self._periodic(self.cfg.checkpoint.interval_s, self.worker.checkpoint_requested.set))
                 tg.create_task(self._periodic(self.cfg.metrics.interval_s, self._write_metrics))
-                tg.create_task(self._periodic(self.cfg.membership.heartbeat_interval_s, self._check_progress))
+                tg.create_task(self._periodic(self.cfg.membership.heartbeat_interval_s, self.catchup.check_progress))
                 mdns_task = tg.create_task(self._mdns.run()) if self._mdns is not None else None
                 await self._stop.wait()
                 await self._shutdown(train_task, mdns_task)
@@ -341,16 +342,7 @@ class Node:
         self.request_stop()
 
     def _on_readmitted(self, node_id: str) -> None:
-        isolated = self._isolated_since
-        if (
-            isolated is not None
-            and self.cfg.catchup.enabled
-            and time.monotonic() - isolated > self.cfg.catchup.max_state_age_s
-            and not self._catchup_task_running
-            and self._tg is not None
-        ):
-            self.log.info("back from %.0f s without neighbours: catching up", time.monotonic() - isolated)
-            self._tg.create_task(self._catch_up(starting=False, old=True))
+        self.catchup.on_readmitted(self._isolated_since)
 
     def _refresh_view(self) -> None:
         view = self.core.view()
@@ -378,103 +370,6 @@ class Node:
         env = self._envelope()
         # Encoding hashes and copies every byte: off the loop for big models.
         return await asyncio.to_thread(encode, env, payload, chunk_bytes=self.cfg.gossip.chunk_bytes)
-
-    # --------------------------------------------------------------------------------------------- catch-up
-    def _needs_catchup(self) -> bool:
-        """Whether a starting peer should look for a neighbour to catch up with (it may find none)."""
-        if not self.cfg.catchup.enabled or self.worker.done:
-            return False
-        # Nobody to fetch from: don't make a lone peer wait.
-        return self.cfg.discovery.mdns or bool(self.cfg.discovery.static_peers)
-
-    def _check_progress(self) -> None:
-        """A peer that falls more than catchup.max_epochs_behind behind a neighbour while training (a straggler)
-        rejoins the cluster's progress: training on alone after the others finished would pull the consensus
-        towards its own classes. Progress comes with every heartbeat answer."""
-        if not self.cfg.catchup.enabled or self.worker.done or self._catchup_task_running or self._tg is None:
-            return
-        mine = self.trainer.step_count / self.trainer.steps_per_epoch
-        lead = max(
-            (e for j, (_, e) in self.membership.peer_progress.items() if j in self.core.neighbours()), default=0.0
-        )
-        if lead > mine + self.cfg.catchup.max_epochs_behind:
-            self._catchup_task_running = True  # before the task starts, so that one check cannot start two
-            self._tg.create_task(self._catch_up(starting=False, old=False))
-
-    def _state_is_old(self) -> bool:
-        saved = self._state_saved_unix_s
-        return saved is None or time.time() - saved > self.cfg.catchup.max_state_age_s
-
-    async def _catch_up(self, *, starting: bool, old: bool) -> None:
-        """Fetch the most advanced neighbour's model (chunked, verified like a push) and adopt it, with its
-        progress in epochs, when our state is old (a new peer, a long outage) and the neighbour is ahead, or
-        when the neighbour is more than catchup.max_epochs_behind ahead (a restart that cost us time: training
-        alone at the end on biased data would pull the consensus towards our classes).
-
-        A starting peer's training waits for this at most catchup.wait_s; it never blocks the others, whose
-        servers only stream their latest state.
-        """
-        self._catchup_task_running = True
-        deadline = time.monotonic() + self.cfg.catchup.wait_s
-        try:
-            while not self._stop.is_set():
-                mine = self.trainer.step_count / self.trainer.steps_per_epoch
-                # An old state adopts any neighbour at least an epoch ahead (peers of a fresh cluster that start
-                # a moment apart don't); a fresh one only a neighbour far ahead.
-                lead = min(1.0, self.cfg.catchup.max_epochs_behind) if old else self.cfg.catchup.max_epochs_behind
-                ahead = [
-                    (epoch, step, j)
-                    for j, (step, epoch) in self.membership.peer_progress.items()
-                    if epoch > mine + lead and j in self.core.peers and not self.core.peers[j].evicted
-                ]
-                if ahead:
-                    epoch, step, j = max(ahead)
-                    if await self._fetch_from(j, step, epoch):
-                        return
-                    self.membership.peer_progress.pop(j, None)
-                    continue
-                # Every neighbour answered and none is ahead enough: train from our own state.
-                nbrs = self.core.neighbours()
-                if nbrs and all(j in self.membership.peer_progress for j in nbrs):
-                    return
-                if time.monotonic() >= deadline:
-                    if starting:
-                        self.log.info(
-                            "no neighbour ahead of us within %.0f s; training from our own state",
-                            self.cfg.catchup.wait_s,
-                        )
-                    return
-                await self._sleep(0.1)
-        finally:
-            self._catchup_task_running = False
-            self.worker.catchup_done.set()
-
-    async def _fetch_from(self, node_id: str, their_step: int, their_epoch: float) -> bool:
-        rec = self.core.peers[node_id]
-        request = gossip_pb2.FetchStateRequest(node_id=self.cfg.node_id, schema_fingerprint=self.fingerprint)
-        limits = ReceiveLimits(
-            max_payload_bytes=self.cfg.gossip.max_message_bytes,
-            max_chunk_bytes=self.cfg.gossip.chunk_bytes,
-            expected_fingerprint=self.fingerprint,
-            expected_algorithm=self.algorithm.name,
-            expected_tensors={"params": ((self.num_params,), "float32")},
-        )
-        timeout = self.client.push_timeout(4 * self.num_params)
-        try:
-            received = await self.client.fetch_state(rec.address, request, limits, timeout_s=timeout)
-        except (SendError, PayloadError) as exc:
-            self.log.warning("catch-up from %s failed: %s", node_id, exc)
-            return False
-        self.worker.adopt.append((received.payload.tensors["params"], their_epoch))
-        self.counters.add(bytes_received=received.nbytes, catchups=1)
-        self.log.info(
-            "caught up: adopted %s's model and progress (its epoch %.2f, step %d; ours %.2f)",
-            node_id,
-            their_epoch,
-            their_step,
-            self.trainer.step_count / self.trainer.steps_per_epoch,
-        )
-        return True
 
     def receive_limits(self) -> ReceiveLimits:
         return ReceiveLimits(

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from peer import config
+from peer.catchup import CatchUp
 from peer.errors import StartupError
 from peer.metrics import read as read_metrics
 from peer.node import Node
@@ -177,24 +178,41 @@ async def test_duplicate_node_id_over_static_peers_stops_the_newcomer(tmp_path: 
 
 
 # ------------------------------------------------------------------------------------------------ catch-up
-class RecordingNode(Node):
-    """Records the model it serves to a catching-up peer, and the model (and local step) catch-up adopted."""
+class RecordingCatchUp(CatchUp):
+    """Records the model catch-up adopted (and the local step at that moment)."""
 
-    served: torch.Tensor | None = None
     adopted: torch.Tensor | None = None
     step_at_adoption: int | None = None
-
-    async def fetch_state(self, request: Any) -> Any:
-        self.served = self.worker.latest_params
-        return await super().fetch_state(request)
 
     async def _fetch_from(self, *args: Any, **kwargs: Any) -> bool:
         ok = await super()._fetch_from(*args, **kwargs)
         if ok:
-            item = self.worker.adopt[-1]  # the fetched model (with the sender's progress)
-            self.adopted = (item[0] if isinstance(item, tuple) else item).clone()
-            self.step_at_adoption = self.trainer.step_count
+            params, _epoch = self.node.worker.adopt[-1]  # the fetched model, with the sender's progress
+            self.adopted = params.clone()
+            self.step_at_adoption = self.node.trainer.step_count
         return ok
+
+
+class RecordingNode(Node):
+    """Records the model it serves to a catching-up peer, and (through its CatchUp) what it adopted."""
+
+    served: torch.Tensor | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.catchup = RecordingCatchUp(self)
+
+    @property
+    def adopted(self) -> torch.Tensor | None:
+        return self.catchup.adopted  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def step_at_adoption(self) -> int | None:
+        return self.catchup.step_at_adoption  # type: ignore[attr-defined, no-any-return]
+
+    async def fetch_state(self, request: Any) -> Any:
+        self.served = self.worker.latest_params
+        return await super().fetch_state(request)
 
 
 @pytest.mark.timeout(90)
