@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from peer.algorithms.base import AlgoParams, Algorithm, InMessage, MixReport, NeighbourView, Payload
+from peer.algorithms.base import AlgoParams, Algorithm, InMessage, MixReport, NeighbourView, Oracle, Payload, Send
 from peer.algorithms.cdl import Cdl, CdlParams
+from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
 from peer.algorithms.isolated import Isolated, NoneParams
 from peer.errors import UnknownNameError
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Isolated)}
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Dpsgd, Isolated)}
 PARAMS_TYPES = tuple(cls.params_type for cls in REGISTRY.values())
 
 
@@ -27,11 +28,15 @@ __all__ = [
     "Algorithm",
     "Cdl",
     "CdlParams",
+    "Dpsgd",
+    "DpsgdParams",
     "InMessage",
     "Isolated",
     "MixReport",
     "NeighbourView",
     "NoneParams",
+    "Oracle",
     "Payload",
+    "Send",
     "create",
 ]

@@ -1,15 +1,28 @@
 """The algorithm interface every consensus algorithm implements: pure code over flat tensors, no I/O.
 
-Theory of operation. The daemon's training thread owns one `Algorithm`. It calls, in order, every round:
+Theory of operation. The daemon's training thread owns one `Algorithm`, driven in one of two modes.
 
-1. `local_steps` of the trainer (the optimizer step), unless `owns_local_update` is set, in which case the
-   trainer hands each gradient to `local_update` instead (momentum, tracking and ADMM methods need that);
+**Mix mode** (`owns_local_update = False`, e.g. `cdl`). Every round the thread runs:
+
+1. `steps_per_round` optimizer steps of the trainer;
 2. `on_message(msg, now)` for every message that arrived since the last round (already validated by the codec);
 3. `mix(x, now, view)` to merge what arrived into the local parameters `x`, which returns the new `x`;
-4. `outgoing(x, step)` for the payload(s) to push to neighbours.
+4. `outgoing(x, step)`: one latest-wins payload for every neighbour (a newer one supersedes an unsent older one).
+
+**Step mode** (`owns_local_update = True`: momentum, tracking, push-sum, token, ADMM and compressed methods).
+The algorithm owns the whole iteration and asks for gradients through an `Oracle`:
+
+1. `start(x, now, view)` once;
+2. `on_message(msg, now)` and `on_ack(to, key, now)` as messages and delivery acknowledgements arrive;
+3. whenever `ready(now, view)` is true (P1: every frozen neighbour's round-k message is in), `advance(x, oracle,
+   now, view)` runs one iteration and returns the new `x`;
+4. `sends(now)` returns the per-destination messages due now: new ones and retransmissions of unacknowledged
+   reliable ones. A `Send` with a `key` is reliable: the shell reports its delivery with `on_ack`, and the
+   algorithm retransmits it until then (de-duplication on the receiving side is the algorithm's job too).
 
 `now` is a float in seconds from any monotonic clock and `view` describes the current neighbours; the
-algorithm never reads a clock, a socket or global randomness, so tests drive it with plain numbers.
+algorithm never reads a clock, a socket or global randomness (randomness comes from a seeded generator it owns),
+so tests drive it with plain numbers, and `peer.sim` runs whole networks of them in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -33,6 +46,43 @@ class Payload:
     round: int = 0
     step: int = 0
     scalars: dict[str, float] = field(default_factory=dict)
+
+
+Manifest = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype name)
+
+
+@dataclass(frozen=True)
+class Send:
+    """One message to one neighbour. `key` non-empty means reliable: retransmitted until `on_ack(to, key)`."""
+
+    to: str
+    payload: Payload
+    key: tuple[int, ...] = ()
+
+    @property
+    def reliable(self) -> bool:
+        return bool(self.key)
+
+
+def payload_floats(payload: Payload) -> int:
+    """Number of values on the wire (tensor elements); scalars in the header are not counted."""
+    return sum(t.numel() for t in payload.tensors.values())
+
+
+class Oracle(Protocol):
+    """Local information an algorithm in step mode may ask for. The daemon backs it with the trainer."""
+
+    def gradient(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """(loss, ∇f_i(x; ξ)) on the next minibatch (a full-batch gradient for deterministic oracles)."""
+        ...
+
+    def lr(self) -> float:
+        """The scheduled learning rate for the next gradient step (the config's `train.lr` schedule)."""
+        ...
+
+    def local_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [J, P] float32, integer labels [J]) of this peer, for closed-form layer solvers (dSSFN)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -82,29 +132,57 @@ class Algorithm(abc.ABC):
     # A faithful-to-paper label: runs of reconstructed rules are reported as "reconstructed (spec v1)".
     provenance: ClassVar[str] = "standard"
     owns_local_update: ClassVar[bool] = False
+    # Step-mode algorithms that train something other than the model's flat parameters (dSSFN) set this;
+    # the shell then reports `result_state()` instead of the parameters.
+    trains_own_model: ClassVar[bool] = False
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         self.params = params
         self.node_id = node_id
         self.last_report = MixReport()
+        self.iteration = 0  # completed iterations (P1 round in step mode); for metrics and simulations
 
-    def local_update(self, x: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-        """Apply one local gradient step; only called when `owns_local_update` is true."""
-        raise NotImplementedError(f"{self.name} does not own the local update")
+    # ------------------------------------------------------------------------------------------- step mode
+    def start(self, x: torch.Tensor, now: float, view: NeighbourView) -> None:  # noqa: B027 - optional hook
+        """Called once before the first `advance` (step mode): open round 0, queue the first messages."""
 
+    def ready(self, now: float, view: NeighbourView) -> bool:
+        """May `advance` run now? (P1: the current round is complete.) Step mode only."""
+        return True
+
+    def advance(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
+        """One iteration in step mode; returns the new parameters."""
+        raise NotImplementedError(f"{self.name} runs in mix mode")
+
+    def sends(self, now: float) -> list[Send]:
+        """Per-destination messages due now, retransmissions included. Step mode only."""
+        return []
+
+    def on_ack(self, to: str, key: tuple[int, ...], now: float) -> None:  # noqa: B027 - optional hook
+        """A reliable message (`Send.key`) reached `to`."""
+
+    def expected_by_kind(self, num_params: int) -> dict[str, Manifest] | None:
+        """Per payload kind, the tensors a message of that kind carries (overrides `expected_tensors`)."""
+        return None
+
+    def result_state(self) -> dict[str, torch.Tensor]:
+        """For `trains_own_model` algorithms: the trained model's tensors, saved as the peer's result."""
+        return {}
+
+    # -------------------------------------------------------------------------------------------- mix mode
     @abc.abstractmethod
     def on_message(self, msg: InMessage, now: float) -> bool:
         """Take in a neighbour's message. Returns False if it was dropped (stale, duplicate, out of order)."""
 
-    @abc.abstractmethod
     def mix(self, x: torch.Tensor, now: float, view: NeighbourView) -> torch.Tensor:
-        """Merge received information into `x` and return the new parameters (may be `x` itself)."""
+        """Merge received information into `x` and return the new parameters (may be `x` itself). Mix mode."""
+        return x
 
-    @abc.abstractmethod
     def outgoing(self, x: torch.Tensor, step: int) -> Payload | None:
-        """The payload to push to every neighbour after this round, or None to send nothing."""
+        """The latest-wins payload to push to every neighbour after this round, or None. Mix mode."""
+        return None
 
-    def expected_tensors(self, num_params: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    def expected_tensors(self, num_params: int) -> Manifest:
         """Names, shapes and dtypes a received payload may carry; anything else is rejected by the codec."""
         return {"params": ((num_params,), "float32")}
 

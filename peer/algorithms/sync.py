@@ -1,0 +1,248 @@
+"""P1, the round synchronizer (spec §1.4): round-tagged reliable messages and a frozen neighbour set per round.
+
+A node in round k has sent its round-k message to every member of the round's frozen neighbour set and may
+advance once it holds the round-k message of every member. That reproduces a synchronous algorithm exactly on
+a lossy, reordering, duplicating network:
+
+* every round-k message is retransmitted every `retransmit_s` until acknowledged. An acknowledgement is either
+  explicit (`ack`, the daemon's RPC success or a simulated ACK packet) or implicit: a neighbour's round-r
+  message proves it finished every round before r, so it holds all our messages for those rounds;
+* the receiver de-duplicates by (sender, round) and buffers messages of later rounds (a neighbour can be at
+  most one round ahead of a member that waits for it, but a jump can put it further);
+* the neighbour set is frozen when a round opens; membership changes take effect at the next round, where the
+  algorithm recomputes its mixing weights;
+* liveness over exactness: a member silent for `give_up_s` after the round opened is excluded from that round
+  (counted in `gave_up`), so a dead or partitioned neighbour cannot stall training forever. The round then
+  mixes over fewer neighbours, which is not the synchronous algorithm any more, and the counter says so;
+* a message from a round beyond k + 1 means this node fell behind (it restarted, or was cut off): `jump_to`
+  tells the algorithm to continue from that round with its current state instead of replaying the gap.
+
+Pure: no clock, no I/O. `now` comes from the caller.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from peer.algorithms.base import (
+    AlgoParams,
+    Algorithm,
+    InMessage,
+    MixReport,
+    NeighbourView,
+    Oracle,
+    Payload,
+    Send,
+)
+from peer.algorithms.mixing import WEIGHT_RULES
+
+
+@dataclass
+class _Pending:
+    payload: Payload
+    last_sent: float | None = None  # None: never sent yet
+
+
+@dataclass
+class RoundSync:
+    node_id: str
+    retransmit_s: float = 0.5
+    give_up_s: float = 30.0
+    round: int = -1  # -1 until the first round opens
+    members: frozenset[str] = frozenset()
+    opened_at: float = 0.0
+    gave_up: int = 0  # members excluded from a round after give_up_s of silence (each counts once per round)
+    duplicates: int = 0
+    stale: int = 0
+    jump_to: int | None = None
+    _excluded: set[str] = field(default_factory=set)
+    _received: dict[int, dict[str, Payload]] = field(default_factory=dict)
+    _pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------ rounds
+    def open(self, round_: int, messages: Mapping[str, Payload], now: float) -> None:
+        """Start `round_` with one message per member (the keys of `messages` are the frozen members)."""
+        if round_ <= self.round:
+            raise ValueError(f"round {round_} is not after the current round {self.round}")
+        self.round = round_
+        self.members = frozenset(messages)
+        self.opened_at = now
+        self._excluded = set()
+        if self.jump_to is not None and self.jump_to <= round_:
+            self.jump_to = None
+        for r in [r for r in self._received if r < round_]:
+            del self._received[r]
+        for to, payload in messages.items():
+            if payload.round != round_:
+                raise ValueError(f"message for {to} is tagged round {payload.round}, not {round_}")
+            self._pending[(to, round_)] = _Pending(payload)
+
+    def complete(self, now: float) -> bool:
+        """Does this node hold the current round's message from every member (or gave up on the silent ones)?"""
+        if self.jump_to is not None:
+            return True
+        missing = self.missing()
+        if missing and now - self.opened_at >= self.give_up_s:
+            self._excluded |= missing
+            self.gave_up += len(missing)
+            missing = set()
+        return not missing
+
+    def missing(self) -> set[str]:
+        got = self._received.get(self.round, {})
+        return set(self.members) - set(got) - self._excluded
+
+    def take(self) -> dict[str, Payload]:
+        """The current round's messages from members (call once `complete`)."""
+        got = self._received.get(self.round, {})
+        return {j: got[j] for j in sorted(self.members) if j in got and j not in self._excluded}
+
+    # ---------------------------------------------------------------------------------------- receiving
+    def receive(self, sender: str, payload: Payload) -> bool:
+        """Store a round-tagged message. False for duplicates and for rounds already finished."""
+        r = payload.round
+        # Implicit acknowledgement: a round-r message means the sender finished every round before r.
+        for key in [k for k in self._pending if k[0] == sender and k[1] < r]:
+            del self._pending[key]
+        if r < self.round:
+            self.stale += 1
+            return False
+        slot = self._received.setdefault(r, {})
+        if sender in slot:
+            self.duplicates += 1
+            return False
+        slot[sender] = payload
+        if r > self.round + 1 and self.round >= 0:
+            self.jump_to = max(self.jump_to or 0, r)
+        return True
+
+    def ack(self, to: str, key: tuple[int, ...]) -> None:
+        if key:
+            self._pending.pop((to, key[0]), None)
+
+    # ------------------------------------------------------------------------------------------ sending
+    def due(self, now: float) -> list[Send]:
+        """Messages never sent, or unacknowledged for `retransmit_s`; marks them sent at `now`."""
+        out: list[Send] = []
+        for (to, r), p in sorted(self._pending.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if p.last_sent is None or now - p.last_sent >= self.retransmit_s:
+                p.last_sent = now
+                out.append(Send(to, p.payload, (r,)))
+        return out
+
+    def unacked(self) -> int:
+        return len(self._pending)
+
+    def forget(self, node_id: str) -> None:
+        """`node_id` left or restarted: stop waiting for it and stop sending to it."""
+        self._excluded.add(node_id)
+        for key in [k for k in self._pending if k[0] == node_id]:
+            del self._pending[key]
+        for slot in self._received.values():
+            slot.pop(node_id, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The template every P1 algorithm builds on (dpsgd, dmsgd, local_sgd, next, choco, dssfn).
+
+
+class SyncParams(AlgoParams):
+    """Parameters every P1 algorithm shares (`algorithm.retransmit_s` and so on)."""
+
+    weights: Literal["metropolis", "uniform"] = "metropolis"
+    retransmit_s: float = Field(0.5, gt=0, description="resend an unacknowledged round message this often")
+    give_up_s: float = Field(10.0, gt=0, description="a neighbour silent this long is left out of the round")
+
+
+class SynchronousAlgorithm(Algorithm):
+    """A synchronous iteration run through the P1 synchronizer.
+
+    Subclasses say what round k sends (`round_messages`) and how round k's messages turn the state into round
+    k + 1's (`update`). This base class freezes the neighbour set and the mixing weights per round, handles
+    retransmission, acknowledgement, de-duplication, jumps and churn, and numbers the rounds.
+    """
+
+    owns_local_update: ClassVar[bool] = True
+    kinds: ClassVar[tuple[str, ...]] = ("state",)
+
+    def __init__(self, params: AlgoParams, node_id: str) -> None:
+        super().__init__(params, node_id)
+        assert isinstance(params, SyncParams)
+        self.sp: SyncParams = params
+        self.sync = RoundSync(node_id, retransmit_s=params.retransmit_s, give_up_s=params.give_up_s)
+        self.frozen_view = NeighbourView(node_id, {})
+        self.jumps = 0
+
+    # ----------------------------------------------------------------------------------- subclass hooks
+    @abc.abstractmethod
+    def round_messages(self, x: torch.Tensor, round_: int, to: Sequence[str]) -> dict[str, Payload]:
+        """Round `round_`'s message to each of `to` (payload.round must be `round_`)."""
+
+    @abc.abstractmethod
+    def update(
+        self, x: torch.Tensor, received: dict[str, Payload], weights: dict[str, float], oracle: Oracle
+    ) -> torch.Tensor:
+        """x_{k+1} from x_k and the round-k messages; `weights` holds w_ij for the neighbours that delivered
+        (the self weight is 1 − their sum)."""
+
+    def on_jump(self, x: torch.Tensor, from_round: int, to_round: int) -> None:
+        """The node skipped rounds (it restarted or was cut off); reset per-round state that depends on them."""
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _open(self, round_: int, x: torch.Tensor, now: float, view: NeighbourView) -> None:
+        self.frozen_view = view
+        self.sync.open(round_, self.round_messages(x, round_, sorted(view.degrees)), now)
+
+    def start(self, x: torch.Tensor, now: float, view: NeighbourView) -> None:
+        self._open(self.iteration, x, now, view)
+
+    def ready(self, now: float, view: NeighbourView) -> bool:
+        return self.sync.complete(now)
+
+    def mixing_weights(self, senders: Sequence[str]) -> dict[str, float]:
+        """w_ij over the frozen round's neighbours, restricted to those whose message arrived."""
+        v = self.frozen_view
+        all_w = WEIGHT_RULES[self.sp.weights](v.self_degree, v.degrees)
+        return {j: all_w[j] for j in senders}
+
+    def advance(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
+        target = self.sync.jump_to
+        if target is not None:
+            self.jumps += 1
+            self.on_jump(x, self.iteration, target)
+            self.iteration = target
+            self._open(target, x, now, view)
+            return x
+        received = self.sync.take()
+        weights = self.mixing_weights(list(received))
+        self.last_report = MixReport(tuple(received), (), 1.0 - sum(weights.values()))
+        x_new = self.update(x, received, weights, oracle)
+        self.iteration += 1
+        self._open(self.iteration, x_new, now, view)
+        return x_new
+
+    def sends(self, now: float) -> list[Send]:
+        return self.sync.due(now)
+
+    def on_ack(self, to: str, key: tuple[int, ...], now: float) -> None:
+        self.sync.ack(to, key)
+
+    def on_message(self, msg: InMessage, now: float) -> bool:
+        if msg.payload.kind not in self.kinds:
+            return False
+        return self.sync.receive(msg.sender, msg.payload)
+
+    def forget(self, node_id: str) -> None:
+        self.sync.forget(node_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state.get("iteration", 0))
