@@ -92,6 +92,7 @@ class Simulation:
         self._order = itertools.count()
         self._sent_keys: set[tuple[str, str, tuple[int, ...]]] = set()
         self.stats = {i: NodeStats() for i in self.algorithms}
+        self.members = frozenset(self.algorithms)
         self.started = False
 
     # ------------------------------------------------------------------------------------------- graph
@@ -105,8 +106,8 @@ class Simulation:
         adj = self.adjacency
         if callable(adj):
             k = self.algorithms[node].iteration
-            return NeighbourView(node, {j: len(adj(j, k)) for j in adj(node, k)})
-        return NeighbourView(node, {j: len(adj[j]) for j in adj[node]})
+            return NeighbourView(node, {j: len(adj(j, k)) for j in adj(node, k)}, self.members)
+        return NeighbourView(node, {j: len(adj[j]) for j in adj[node]}, self.members)
 
     # ---------------------------------------------------------------------------------------- running
     def _push(self, at: float, kind: str, *data: object) -> None:

@@ -102,6 +102,9 @@ class NeighbourView:
 
     self_id: str
     degrees: Mapping[str, int]  # neighbour id -> its advertised degree
+    # Every live cluster member this node knows of, itself included (membership, not topology): token
+    # algorithms use it for N_current and to agree on stream origins. Empty when unknown.
+    members: frozenset[str] = frozenset()
 
     @property
     def self_degree(self) -> int:
@@ -164,6 +167,10 @@ class Algorithm(abc.ABC):
     def expected_by_kind(self, num_params: int) -> dict[str, Manifest] | None:
         """Per payload kind, the tensors a message of that kind carries (overrides `expected_tensors`)."""
         return None
+
+    def finished(self) -> bool:
+        """For `trains_own_model` algorithms: training is complete (the shell then stops calling `advance`)."""
+        return False
 
     def result_state(self) -> dict[str, torch.Tensor]:
         """For `trains_own_model` algorithms: the trained model's tensors, saved as the peer's result."""
