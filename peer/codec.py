@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +66,8 @@ class ReceiveLimits:
     expected_fingerprint: str
     expected_algorithm: str
     expected_tensors: Manifest | None = None  # None: any names and shapes (the fingerprint still binds)
-    expected_by_kind: Mapping[str, Manifest] | None = None
+    # A kind may list several accepted manifests (e.g. dSSFN's layer 0 and later layers differ in shape).
+    expected_by_kind: Mapping[str, Manifest | Sequence[Manifest]] | None = None
 
 
 @dataclass(frozen=True)
@@ -327,11 +328,13 @@ class Assembler:
             if not math.isfinite(value):
                 raise self._reject(CorruptPayloadError, f"scalar {_show(key)} is {value}")
         self._slots = self._check_manifest(header)
-        expected = lim.expected_tensors
+        expected: Manifest | Sequence[Manifest] | None = lim.expected_tensors
         if lim.expected_by_kind is not None and kind in lim.expected_by_kind:
             expected = lim.expected_by_kind[kind]
-        if expected is not None:
+        if isinstance(expected, Mapping):
             self._check_against_model(expected)
+        elif expected is not None:
+            self._check_against_any(list(expected))
         self._buf = bytearray(header.total_bytes)
 
     def _check_encoding(self, value: int, where: str, *, inherit_ok: bool) -> None:
@@ -401,6 +404,18 @@ class Assembler:
                     f"tensor {_show(slot.name)} is {slot.dtype.name}{list(slot.shape)}, "
                     f"our model has {dtype}{list(shape)}",
                 )
+
+    def _check_against_any(self, manifests: list[Manifest]) -> None:
+        first: PayloadError | None = None
+        for manifest in manifests:
+            try:
+                self._check_against_model(manifest)
+                return
+            except PayloadError as exc:
+                first = first or exc
+        if first is None:
+            raise self._reject(SchemaMismatchError, "this payload kind accepts no tensors")
+        raise first
 
     def on_chunk(self, chunk: gossip_pb2.Chunk) -> None:
         if self._done:

@@ -259,7 +259,8 @@ class GossipCore:
         return len(self.neighbours())
 
     def view(self) -> NeighbourView:
-        return NeighbourView(self.self_id, {j: self.peers[j].degree for j in self.neighbours()})
+        members = frozenset(self.members()) | {self.self_id}
+        return NeighbourView(self.self_id, {j: self.peers[j].degree for j in self.neighbours()}, members)
 
     def sends_due(self, now: float, seq: int, in_flight: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """Neighbours that should get payload `seq` now: not yet sent, breaker closed, no push in flight."""

@@ -20,7 +20,7 @@ import torch
 
 from peer import PROTOCOL_VERSION, checkpoint
 from peer import config as config_mod
-from peer.algorithms import InMessage, Payload, create
+from peer.algorithms import InMessage, Payload, Send, create
 from peer.catchup import CatchUp
 from peer.checkpoint import atomic_write_bytes
 from peer.codec import Envelope, Received, ReceiveLimits, encode
@@ -138,6 +138,7 @@ class Node:
             counters=self.counters,
             log=self.log,
             publish=self._publish_threadsafe,
+            send=self._send_threadsafe,
             on_checkpoint=self._checkpoint_threadsafe,
             on_trained=self._trained_threadsafe,
             snapshot_dir=self.state_dir / "snapshots" if cfg.metrics.snapshot_interval_s > 0 else None,
@@ -206,6 +207,7 @@ class Node:
             self.rng,
         )
         self.pusher.before_round = self._advance_topology
+        self.pusher.on_ack = self._on_ack
         self.membership = Membership(
             self.cfg,
             self.core,
@@ -310,6 +312,14 @@ class Node:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self.pusher.publish, payload)
 
+    def _send_threadsafe(self, sends: list[Send]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.pusher.enqueue, sends)
+
+    def _on_ack(self, to: str, key: tuple[int, ...]) -> None:
+        self.worker.acks.append((to, key))
+        self.worker.wake.set()
+
     def _trained_threadsafe(self) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self.trained.set)
@@ -378,6 +388,7 @@ class Node:
             expected_fingerprint=self.fingerprint,
             expected_algorithm=self.algorithm.name,
             expected_tensors=self.algorithm.expected_tensors(self.num_params),
+            expected_by_kind=self.algorithm.expected_by_kind(self.num_params),
         )
 
     def deliver(self, received: Received, peer: str = "") -> None:
@@ -393,6 +404,7 @@ class Node:
         else:
             self.membership.heard_from(env.sender_id, env.sender_degree)
         self.worker.inbox.append(InMessage(env.sender_id, env.incarnation, env.sender_degree, received.payload, now))
+        self.worker.wake.set()
 
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
         self.counters.add(rejected_messages=1)

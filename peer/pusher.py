@@ -1,4 +1,10 @@
-"""Outgoing gossip: push each payload the training thread publishes to the neighbours the core names.
+"""Outgoing gossip: push what the training thread publishes.
+
+Two paths. Mix-mode algorithms publish one latest-wins payload for every neighbour the core names (`publish`).
+Step-mode algorithms hand over per-destination `Send`s (`enqueue`): each destination has its own ordered
+queue, drained by one task; a reliable send (non-empty key) reports its delivery through `on_ack` (a
+successful Push RPC is the acknowledgement), and the algorithm retransmits what stays unacknowledged. An
+unreliable one is latest-wins per destination: a newer unsent one replaces it.
 
 Pushes run as tasks of the daemon's TaskGroup, one per neighbour at a time; a slow or dead neighbour never
 delays the others. Each push has a deadline, is retried with full-jitter backoff on transient errors (never
@@ -11,10 +17,11 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from peer.algorithms import Payload
+from peer.algorithms import Payload, Send
 from peer.codec import Envelope, encode, iter_requests
 from peer.config import PeerConfig
 from peer.errors import SendError
@@ -56,6 +63,78 @@ class Pusher:
         self.in_flight: set[str] = set()
         self._encoded: tuple[int, Encoded] | None = None
         self.before_round: Callable[[], None] = lambda: None  # e.g. advance a time-varying topology
+        self.on_ack: Callable[[str, tuple[int, ...]], None] = lambda to, key: None
+        self.queues: dict[str, deque[Send]] = {}
+        self.draining: set[str] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._encoded_sends: dict[int, tuple[Payload, Encoded]] = {}  # id(payload) -> encoding, shared by dests
+
+    # ------------------------------------------------------------------------------- step mode: per destination
+    def enqueue(self, sends: list[Send]) -> None:
+        """Queue step-mode sends (on the loop thread). A reliable send already queued is not queued twice; an
+        unreliable one replaces the unsent older one to the same destination."""
+        for send in sends:
+            q = self.queues.setdefault(send.to, deque())
+            if send.key:
+                if any(s.key == send.key and s.payload.kind == send.payload.kind for s in q):
+                    continue
+            else:
+                for old in [s for s in q if not s.key]:
+                    q.remove(old)
+            q.append(send)
+            if send.to not in self.draining and self._tg is not None:
+                self.draining.add(send.to)
+                self._tg.create_task(self._drain(send.to))
+
+    async def _drain(self, to: str) -> None:
+        try:
+            q = self.queues[to]
+            while q and not self.stopping():
+                send = q[0]
+                delivered = await self._send_one(send)
+                if q and q[0] is send:
+                    q.popleft()
+                if delivered and send.key:
+                    self.on_ack(to, send.key)
+            if not any(q for q in self.queues.values()):
+                self._encoded_sends.clear()
+        finally:
+            self.draining.discard(to)
+
+    async def _send_one(self, send: Send) -> bool:
+        """One attempt series for one send; True once the receiver accepted it."""
+        to = send.to
+        rec = self.core.peers.get(to)
+        if rec is None or not rec.breaker.allows(time.monotonic()):
+            return False  # unknown or backing off: the algorithm retransmits later
+        if self.faults.enabled and not await self._survives_faults(to, None):
+            return False
+        cached = self._encoded_sends.get(id(send.payload))
+        if cached is None or cached[0] is not send.payload:
+            cached = (send.payload, await self._encode_payload(send.payload))
+            self._encoded_sends[id(send.payload)] = cached
+        header, chunks, total = cached[1]
+        g = self.cfg.gossip
+        for attempt in range(g.max_attempts):
+            try:
+                await self.client.push(rec.address, iter_requests(header, chunks), total, to)
+            except SendError as exc:
+                # Step-mode messages are idempotent at the receiver (de-duplicated by key or ordered by seq).
+                if attempt + 1 < g.max_attempts and should_retry(
+                    exc.code, attempt, max_attempts=g.max_attempts, idempotent=True, details=str(exc)
+                ):
+                    self.counters.add(send_retries=1)
+                    await self.sleep(retry_delay(attempt, base_s=g.backoff_base_s, cap_s=g.backoff_cap_s, rng=self.rng))
+                    continue
+                self.counters.add(send_failures=1)
+                skip = self.core.send_failed(to, exc.code, time.monotonic(), self.rng)
+                self.once.warning(("send", to), "%s%s", exc, f"; skipping {to} for {skip:.1f} s" if skip else "")
+                return False
+            self.core.send_ok(to, send.payload.seq, time.monotonic())
+            self.once.forget(("send", to))
+            self.counters.add(bytes_sent=total, messages_sent=1)
+            return True
+        return False
 
     def publish(self, payload: Payload) -> None:
         """The newest payload supersedes any older one that was not sent yet (on the loop thread)."""
@@ -63,6 +142,14 @@ class Pusher:
         self.outbox_event.set()
 
     async def loop(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        for to, q in self.queues.items():  # sends queued before the loop started
+            if q and to not in self.draining:
+                self.draining.add(to)
+                tg.create_task(self._drain(to))
+        await self._mix_mode_loop(tg)
+
+    async def _mix_mode_loop(self, tg: asyncio.TaskGroup) -> None:
         """Push each new payload as soon as it is published (a stale copy at the receiver slows consensus),
         but no more often than `gossip.interval_s` per neighbour. Also wakes every interval to retry neighbours
         that were skipped (breaker open, push in flight)."""
@@ -90,13 +177,16 @@ class Pusher:
         """Encode once per payload, whatever the number of neighbours; big payloads off the loop."""
         if self._encoded is not None and self._encoded[0] == payload.seq:
             return self._encoded[1]
+        encoded = await self._encode_payload(payload)
+        self._encoded = (payload.seq, encoded)
+        return encoded
+
+    async def _encode_payload(self, payload: Payload) -> Encoded:
         env = self.envelope()
         big = sum(t.numel() * t.element_size() for t in payload.tensors.values()) > (1 << 20)
         fn = lambda: encode(env, payload, chunk_bytes=self.cfg.gossip.chunk_bytes)  # noqa: E731
         header, chunks = await asyncio.to_thread(fn) if big else fn()
-        encoded = (header, chunks, int(header.total_bytes))
-        self._encoded = (payload.seq, encoded)
-        return encoded
+        return header, chunks, int(header.total_bytes)
 
     async def push(self, node_id: str, seq: int, encoded: Encoded) -> None:
         header, chunks, total = encoded
@@ -137,7 +227,7 @@ class Pusher:
         finally:
             self.in_flight.discard(node_id)
 
-    async def _survives_faults(self, node_id: str, seq: int) -> bool:
+    async def _survives_faults(self, node_id: str, seq: int | None) -> bool:
         """Injected faults (`faults:` config): an outage fails the push as a dead link would (so backoff and
         the breaker are exercised), a random drop loses the message silently, a delay holds it back."""
         decision = self.faults.decide(node_id, time.time())
@@ -147,7 +237,7 @@ class Pusher:
             return False
         if decision.drop:
             rec = self.core.peers.get(node_id)
-            if rec is not None:
+            if rec is not None and seq is not None:
                 rec.last_sent_seq = max(rec.last_sent_seq, seq)
             return False
         if decision.delay_s > 0:

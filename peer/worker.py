@@ -18,10 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload
+from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload, Send
 from peer.config import TrainConfig
 from peer.metrics import Counters
+from peer.oracle import TrainerOracle
 from peer.training import LocalTrainer, scheduled_lr
+
+# How long a step-mode worker blocked on its neighbours sleeps at most between looks at its retransmission
+# timers; new messages and acknowledgements wake it at once.
+STEP_MODE_POLL_S = 0.02
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -39,6 +44,7 @@ class TrainingWorker:
         counters: Counters,
         log: logging.LoggerAdapter[logging.Logger],
         publish: Callable[[Payload], None],
+        send: Callable[[list[Send]], None],
         on_checkpoint: Callable[[dict[str, Any]], None],
         on_trained: Callable[[], None] = lambda: None,
         snapshot_dir: Path | None = None,
@@ -52,12 +58,15 @@ class TrainingWorker:
         self.counters = counters
         self.log = log
         self.publish = publish
+        self.send = send
         self.on_checkpoint = on_checkpoint
         self.on_trained = on_trained
         self.snapshot_dir = snapshot_dir
         self.snapshot_interval_s = snapshot_interval_s
         self.slowdown = slowdown  # injected straggler factor: every step and every round take this much longer
         self.inbox: deque[InMessage] = deque()
+        self.acks: deque[tuple[str, tuple[int, ...]]] = deque()  # reliable sends delivered (step mode)
+        self.wake = threading.Event()  # set by the shell when a message or an acknowledgement arrives
         self.forget: deque[str] = deque()  # neighbours that restarted or left: drop their cached state
         self.view = NeighbourView(algorithm.node_id, {})
         self.stop = threading.Event()
@@ -88,6 +97,9 @@ class TrainingWorker:
         # Catch-up is bounded by catchup.wait_s on the shell's side; here we only wait for its verdict.
         while not self.catchup_done.is_set() and not self.stop.is_set():
             self.catchup_done.wait(0.1)
+        if self.algorithm.owns_local_update:
+            self._run_step_mode()
+            return
         while not self.stop.is_set():
             started = time.monotonic()
             self.round()
@@ -154,6 +166,95 @@ class TrainingWorker:
         if self.checkpoint_requested.is_set():
             self.checkpoint_requested.clear()
             self.on_checkpoint(self.state())
+
+    # ------------------------------------------------------------------------------------------- step mode
+    @property
+    def step_mode_finished(self) -> bool:
+        return self.algorithm.finished() if self.algorithm.trains_own_model else self.done
+
+    def _run_step_mode(self) -> None:
+        """The algorithm owns the iteration: advance whenever it is ready (P1: its round is complete), send
+        what it says is due (retransmissions included), and otherwise sleep until a message or an
+        acknowledgement arrives. After the local epochs, P1 rounds go on at the consensus pace (mixing only),
+        so neighbours still training are never left waiting for us."""
+        algo = self.algorithm
+        trainer = self.trainer
+        oracle = TrainerOracle(trainer, self.cfg, self.total_steps)
+        x = trainer.get_flat()
+        while self.adopt:  # catch-up before the first iteration; later adoptions would break the algorithm's state
+            x = self.adopt.popleft()[0].to(x.dtype)
+            trainer.set_flat(x)
+        algo.start(x, time.monotonic(), self.view)
+        self._flush_sends()
+        self._first_step_at = time.monotonic()
+        last_advance = -math.inf
+        while not self.stop.is_set():
+            self.wake.clear()
+            now = time.monotonic()
+            self._drain_step_mode(now)
+            finished = self.step_mode_finished
+            interval = self.consensus_interval_s if finished else self.cfg.round_interval_s * self.slowdown
+            may_advance = not (finished and algo.trains_own_model) and now - last_advance >= interval
+            advanced = False
+            if may_advance and algo.ready(now, self.view):
+                started = time.monotonic()
+                x = algo.advance(x, oracle, now, self.view)
+                if self.slowdown > 1.0:
+                    self.stop.wait((self.slowdown - 1.0) * (time.monotonic() - started))
+                trainer.set_flat(x)
+                self.latest_params = x
+                last_advance = now
+                advanced = True
+                self._after_iteration(oracle.last_loss, x)
+            self._flush_sends()
+            if self.checkpoint_requested.is_set():
+                self.checkpoint_requested.clear()
+                self.on_checkpoint(self.state())
+            if not advanced:
+                wait = STEP_MODE_POLL_S
+                if may_advance is False and not (finished and algo.trains_own_model):
+                    wait = min(wait, max(0.0, interval - (time.monotonic() - last_advance)))
+                self.wake.wait(wait)
+
+    def _drain_step_mode(self, now: float) -> None:
+        algo = self.algorithm
+        dropped = 0
+        while self.forget:
+            algo.forget(self.forget.popleft())
+        while self.acks:
+            to, key = self.acks.popleft()
+            algo.on_ack(to, key, now)
+        while self.inbox:
+            if not algo.on_message(self.inbox.popleft(), now):
+                dropped += 1
+        if dropped:
+            self.counters.add(dropped_stale=dropped)
+
+    def _flush_sends(self) -> None:
+        sends = self.algorithm.sends(time.monotonic())
+        if sends:
+            self.send(sends)
+
+    def _after_iteration(self, loss: float, x: torch.Tensor) -> None:
+        trainer = self.trainer
+        if self.step_mode_finished and not self.counters.training_done:
+            self.counters.training_done = True
+            if self._first_step_at is not None:
+                self.counters.training_s = time.monotonic() - self._first_step_at
+            self.on_trained()
+            self.log.info(
+                "training done after %d steps, %d iterations of %s", trainer.step_count, self.algorithm.iteration,
+                self.algorithm.name,
+            )
+        with self.counters.lock:
+            self.counters.step = trainer.step_count
+            self.counters.epoch = trainer.step_count / trainer.steps_per_epoch
+            if math.isfinite(loss):
+                self.counters.loss = loss
+            self.counters.rounds = self.algorithm.iteration
+            self.counters.mixes += 1 if self.algorithm.last_report.used else 0
+        if self.snapshot_dir is not None and self.snapshot_interval_s > 0:
+            self._maybe_snapshot(x)
 
     def _maybe_snapshot(self, x: torch.Tensor) -> None:
         now = time.time()

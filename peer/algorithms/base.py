@@ -164,8 +164,9 @@ class Algorithm(abc.ABC):
     def on_ack(self, to: str, key: tuple[int, ...], now: float) -> None:  # noqa: B027 - optional hook
         """A reliable message (`Send.key`) reached `to`."""
 
-    def expected_by_kind(self, num_params: int) -> dict[str, Manifest] | None:
-        """Per payload kind, the tensors a message of that kind carries (overrides `expected_tensors`)."""
+    def expected_by_kind(self, num_params: int) -> Mapping[str, Manifest | list[Manifest]] | None:
+        """Per payload kind, the tensors a message of that kind carries (overrides `expected_tensors`); a list
+        accepts any of several manifests."""
         return None
 
     def finished(self) -> bool:

@@ -1,0 +1,45 @@
+"""The daemon's `Oracle`: what a step-mode algorithm may ask of the local trainer (gradients, lr, data)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from peer.config import TrainConfig
+from peer.training import LocalTrainer, scheduled_lr
+
+
+class TrainerOracle:
+    """Minibatch gradients of the local loss at any point, and the configured learning-rate schedule.
+
+    Once the local epochs are done the oracle goes quiet (zero gradient, lr 0) instead of stopping: P1
+    algorithms must keep taking part in rounds so their neighbours are not left waiting, and those rounds
+    then only mix.
+    """
+
+    def __init__(self, trainer: LocalTrainer, cfg: TrainConfig, total_steps: int) -> None:
+        self.trainer = trainer
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.last_loss = math.nan
+
+    @property
+    def done(self) -> bool:
+        return self.trainer.step_count >= self.total_steps
+
+    def gradient(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        if self.done:
+            return math.nan, torch.zeros_like(x)
+        self.trainer.set_flat(x)
+        loss, g = self.trainer.gradient()
+        self.last_loss = loss
+        return loss, g.to(x.dtype)
+
+    def lr(self) -> float:
+        if self.done:
+            return 0.0
+        return scheduled_lr(self.cfg.lr, self.cfg.lr_schedule, self.trainer.step_count, self.total_steps)
+
+    def local_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.trainer.x.detach().to("cpu").reshape(self.trainer.n, -1), self.trainer.y.detach().to("cpu")
