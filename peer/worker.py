@@ -78,6 +78,7 @@ class TrainingWorker:
         self.latest_params = trainer.get_flat()  # what a catching-up neighbour fetches
         self.total_steps = max(1, math.ceil(train_cfg.epochs * trainer.steps_per_epoch))
         self._last_snapshot = -math.inf
+        self.params_at_done: torch.Tensor | None = None  # step mode: the model when local training finished
         self._first_step_at: float | None = None
 
     @property
@@ -238,6 +239,7 @@ class TrainingWorker:
     def _after_iteration(self, loss: float, x: torch.Tensor) -> None:
         trainer = self.trainer
         if self.step_mode_finished and not self.counters.training_done:
+            self.params_at_done = x.clone()
             self.counters.training_done = True
             if self._first_step_at is not None:
                 self.counters.training_s = time.monotonic() - self._first_step_at
