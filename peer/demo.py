@@ -64,6 +64,12 @@ GOSSIP_DEFAULTS: dict[str, Any] = {"interval_s": 0.005}
 METRICS_DEFAULTS: dict[str, Any] = {"interval_s": 0.5, "snapshot_interval_s": 0.5}
 CHECKPOINT_DEFAULTS: dict[str, Any] = {"interval_s": 5.0}
 
+# Per-algorithm demo settings (dotted keys, applied before `--set`). P1 algorithms are paced by their round
+# barrier, so the demo's round pacing (meant to let asynchronous gossip keep up) only slows them down.
+ALGORITHM_DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dpsgd": {"train.round_interval_s": 0.0},
+}
+
 SETTLE_S = 2.0  # consensus-only rounds after every peer finished training
 STOP_TIMEOUT_S = 20.0  # SIGTERM -> exit (the node waits up to 5 s for in-flight pushes)
 # Keys the demo owns for each peer; `--set` may not change them.
@@ -79,7 +85,9 @@ class _TerminatedError(Exception):
 # ------------------------------------------------------------------------------------------------ arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=DEFAULT_PEERS, help="number of daemons (default 4)")
-    parser.add_argument("--algorithm", default="cdl", help="consensus algorithm: cdl | none (default cdl)")
+    parser.add_argument(
+        "--algorithm", default="cdl", help="consensus algorithm, see `algorithm.name` in the README (default cdl)"
+    )
     parser.add_argument("--topology", default="ring", help="ring | full (default ring)")
     parser.add_argument("--dataset", default="digits", help="digits | mnist1d (default digits)")
     parser.add_argument("--partition", default="shards:2", help="iid | shards:K | dirichlet:ALPHA (default shards:2)")
@@ -198,6 +206,8 @@ def peer_config(args: argparse.Namespace, index: int, work_dir: Path, cluster: s
     faults = faults_for_peer(getattr(args, "faults", "") or "", f"peer-{index}", n)
     if faults:
         raw["faults"] = {"seed": args.seed, **faults}
+    for key, value in ALGORITHM_DEMO_DEFAULTS.get(args.algorithm, {}).items():
+        _set_dotted(raw, key, value)
     for key, value in parse_overrides(list(args.set or [])):
         if key in PROTECTED_KEYS or any(key.startswith(p + ".") for p in PROTECTED_KEYS):
             raise ConfigError(f"the demo sets {key} for each peer itself", source="--set", field=key)

@@ -474,6 +474,10 @@ class Node:
         c = self.counters.snapshot()
         if self.faults.enabled:
             c.update({f"faults_{k}": v for k, v in self.faults.counters.items()})
+        try:
+            c.update({f"algo_{k}": v for k, v in self.algorithm.metrics().items()})
+        except RuntimeError:  # a dict resized by the training thread mid-read: next time
+            pass
         record = {
             "event": event,
             "node_id": self.cfg.node_id,

@@ -245,7 +245,9 @@ class TrainingWorker:
                 self.counters.training_s = time.monotonic() - self._first_step_at
             self.on_trained()
             self.log.info(
-                "training done after %d steps, %d iterations of %s", trainer.step_count, self.algorithm.iteration,
+                "training done after %d steps, %d iterations of %s",
+                trainer.step_count,
+                self.algorithm.iteration,
                 self.algorithm.name,
             )
         with self.counters.lock:

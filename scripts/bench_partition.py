@@ -26,8 +26,15 @@ N = 4
 CONFIG = {
     "model": {"name": "mlp"},
     "data": {"dataset": "digits", "partition": "shards:2", "num_partitions": N},
-    "train": {"epochs": 400, "lr": 0.05, "torch_threads": 1, "round_interval_s": 0.03, "device": "cpu",
-              "lr_schedule": "constant", "wait_for_neighbors_s": 20},
+    "train": {
+        "epochs": 400,
+        "lr": 0.05,
+        "torch_threads": 1,
+        "round_interval_s": 0.03,
+        "device": "cpu",
+        "lr_schedule": "constant",
+        "wait_for_neighbors_s": 20,
+    },
     "gossip": {"interval_s": 0.005, "rpc_timeout_s": 1.0, "backoff_cap_s": 1.0},
     "membership": {"heartbeat_interval_s": 0.5, "probe_evicted_max_s": 2.0},
     "metrics": {"interval_s": 0.5, "snapshot_interval_s": 0.25},
@@ -77,6 +84,7 @@ def main() -> int:
 
     def window(a: float, b: float) -> list[float]:
         return [d for t, d in curve if a <= t < b]
+
     before = float(np.median(window(t_split - 8.0, t_split)))
     during = float(np.max(window(t_split, t_heal + 0.5)))
     recovered_at = next((t for t, d in curve if t > t_heal and d <= 1.1 * before), None)
@@ -92,8 +100,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "partition.json").write_text(json.dumps(result, indent=1))
     rec = "never" if result["recovery_s"] is None else f"{result['recovery_s']:.1f} s"
-    print(f"consensus distance before the split {before:.2e}, peak while split {during:.2e}; back to within 10% of "
-          f"the pre-split level {rec} after healing a {args.partition_s:g} s 2/2 partition")
+    print(
+        f"consensus distance before the split {before:.2e}, peak while split {during:.2e}; back to within 10% of "
+        f"the pre-split level {rec} after healing a {args.partition_s:g} s 2/2 partition"
+    )
     return 0
 
 

@@ -59,3 +59,39 @@ async def test_dpsgd_daemons_are_exact_under_message_loss(tmp_path: Path) -> Non
         assert a.counters.snapshot()["rejected_messages"] == 0
     lost = sum(x.faults.counters.get("dropped", 0) for x in lossy)
     assert lost > 0, "the lossy run lost no message; the test proves nothing"
+
+
+@pytest.mark.timeout(120)
+async def test_p1_round_survives_a_neighbour_that_leaves(tmp_path: Path) -> None:
+    """A P1 neighbour that stops mid-training is dropped from the next rounds; the others finish training."""
+    cluster = unique("p1x")
+    n = 3
+    nodes = [
+        Node(
+            fast_config(
+                tmp_path,
+                f"{cluster}-{i}",
+                data={"partition": "iid", "num_partitions": n, "partition_index": i},
+                algorithm={"name": "dpsgd", "retransmit_s": 0.05, "give_up_s": 2.0},
+                # Enough iterations that the leaver is gone long before the others finish.
+                train={"epochs": 30, "wait_for_neighbors_s": 20, "round_interval_s": 0.01},
+                discovery={"mdns": True, "cluster": cluster},
+            ),
+            stdout=io.StringIO(),
+        )
+        for i in range(n)
+    ]
+    tasks = await start_nodes(nodes)
+    try:
+        await wait_until(lambda: all(x.algorithm.iteration >= 20 for x in nodes), 40, "20 P1 rounds")
+        leaver = nodes[2]
+        leaver.request_stop()
+        await asyncio.wait_for(tasks[2], timeout=30)
+        stayed = nodes[:2]
+        at_leave = [x.algorithm.iteration for x in stayed]
+        await asyncio.wait_for(asyncio.gather(*(x.trained.wait() for x in stayed)), timeout=60)
+        for x, before in zip(stayed, at_leave, strict=True):
+            assert x.algorithm.iteration > before + 50
+            assert leaver.cfg.node_id not in x.core.neighbours()
+    finally:
+        await stop_nodes(nodes, tasks, return_exceptions=True)

@@ -169,6 +169,10 @@ class Algorithm(abc.ABC):
         accepts any of several manifests."""
         return None
 
+    def metrics(self) -> dict[str, float]:
+        """Algorithm-specific counters for `metrics.jsonl` (prefixed `algo_`): rounds, retransmissions, ..."""
+        return {}
+
     def finished(self) -> bool:
         """For `trains_own_model` algorithms: training is complete (the shell then stops calling `advance`)."""
         return False

@@ -241,6 +241,17 @@ class SynchronousAlgorithm(Algorithm):
     def forget(self, node_id: str) -> None:
         self.sync.forget(node_id)
 
+    def metrics(self) -> dict[str, float]:
+        s = self.sync
+        return {
+            "round": s.round,
+            "gave_up": s.gave_up,
+            "duplicates": s.duplicates,
+            "stale": s.stale,
+            "jumps": self.jumps,
+            "unacked": s.unacked(),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration}
 

@@ -1,0 +1,111 @@
+"""Stochastic Gradient Push (Assran, Loizou, Ballas, Rabbat, ICML 2019; spec §7), on P3 running-sum push-sum.
+
+Node i holds push-sum mass (x_i, w_i), with x_i = w_i = ... = the initial model and weight 1. One iteration:
+
+1. x_i ← x_i − γ ∇F_i(z_i; ξ), with z_i = x_i / w_i the de-biased model and γ = `oracle.lr()`;
+2. one push-sum mixing of (x_i, w_i): keep a 1/(d+1) share, push a share to each out-peer (`peer.algorithms.
+   pushsum.RunningSums`); what the neighbours pushed is applied as it arrives (`on_message`);
+3. z_i = x_i / w_i, the model `advance` returns (the one the daemon evaluates and checkpoints).
+
+Asynchronous (pattern P3): no barrier, `ready` is always true, and messages are unkeyed latest-wins sends, because
+a lost one is recovered by the next (running sums). Out-peers are every current neighbour, or with `one_peer` one
+neighbour per iteration, cycling through them in sorted order (the paper's one-peer exponential-graph schedule
+on whatever graph the daemon has). Each message carries P + 1 values (the model's running sum and the weight's),
+float64 by default (see `pushsum` for why). A departed neighbour's in-flight mass is lost, which only perturbs
+the average SGP optimizes around.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from peer.algorithms.base import (
+    AlgoParams,
+    Algorithm,
+    InMessage,
+    Manifest,
+    MixReport,
+    NeighbourView,
+    Oracle,
+    Send,
+)
+from peer.algorithms.pushsum import WEIGHT, RunningSums
+
+WIRE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class SgpParams(AlgoParams):
+    name: Literal["sgp"] = "sgp"
+    one_peer: bool = Field(False, description="push to one neighbour per iteration (cycling) instead of all")
+    wire_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="dtype of the running sums on the wire; float32 halves the bytes but loses precision"
+    )
+
+
+class Sgp(Algorithm):
+    name: ClassVar[str] = "sgp"
+    params_type: ClassVar[type[AlgoParams]] = SgpParams
+    provenance: ClassVar[str] = "standard"
+    owns_local_update: ClassVar[bool] = True
+
+    def __init__(self, params: AlgoParams, node_id: str) -> None:
+        super().__init__(params, node_id)
+        assert isinstance(params, SgpParams)
+        self.p: SgpParams = params
+        self.sums: RunningSums | None = None
+        self.outbox: list[Send] = []
+
+    def start(self, x: torch.Tensor, now: float, view: NeighbourView) -> None:
+        if self.sums is None:  # a checkpoint restore already set the mass
+            self.sums = RunningSums({"params": x}, kind="push_sum", wire_dtype=WIRE_DTYPES[self.p.wire_dtype])
+
+    def out_peers(self, view: NeighbourView) -> list[str]:
+        nbrs = sorted(view.degrees)
+        if self.p.one_peer and nbrs:
+            return [nbrs[self.iteration % len(nbrs)]]
+        return nbrs
+
+    def advance(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
+        sums = self.sums
+        assert sums is not None, "start() was not called"
+        _, g = oracle.gradient(sums.estimate("params").to(x.dtype))
+        sums.add_mass("params", g.to(torch.float64) * -oracle.lr())
+        out = self.out_peers(view)
+        payloads = sums.emit(out, step=self.iteration)
+        # Latest wins: a payload not yet sent is superseded by the newer running sum.
+        self.outbox = [Send(j, payloads[j]) for j in out]
+        self.iteration += 1
+        self.last_report = MixReport(tuple(out), (), 1.0 / (len(out) + 1))
+        return sums.estimate("params").to(x.dtype)
+
+    def sends(self, now: float) -> list[Send]:
+        out, self.outbox = self.outbox, []
+        for s in out:
+            assert sum(t.numel() for t in s.payload.tensors.values()) == s.payload.tensors["params"].numel() + 1
+        return out
+
+    def on_message(self, msg: InMessage, now: float) -> bool:
+        if msg.payload.kind != "push_sum" or self.sums is None:
+            return False
+        return self.sums.receive(msg.sender, msg.payload, incarnation=msg.incarnation)
+
+    def forget(self, node_id: str) -> None:
+        if self.sums is not None:
+            self.sums.forget(node_id)
+        self.outbox = [s for s in self.outbox if s.to != node_id]
+
+    def expected_by_kind(self, num_params: int) -> dict[str, Manifest]:
+        dt = self.p.wire_dtype
+        return {"push_sum": {"params": ((num_params,), dt), WEIGHT: ((1,), dt)}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "sums": self.sums.state_dict() if self.sums is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state.get("iteration", 0))
+        if state.get("sums"):
+            self.sums = RunningSums({}, kind="push_sum", wire_dtype=WIRE_DTYPES[self.p.wire_dtype])
+            self.sums.load_state_dict(state["sums"])
