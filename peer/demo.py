@@ -263,6 +263,8 @@ def format_table(summary: dict[str, Any]) -> str:
         ("training wall time", f"{summary['training_wall_s']:.1f} s"),
         ("demo wall time", f"{summary['wall_s']:.1f} s"),
     ]
+    if summary.get("provenance", "standard") != "standard":
+        rows.append(("update rule", str(summary["provenance"])))
     head = (
         f"{summary['algorithm']} on {summary['dataset']} ({summary['partition']}), {summary['peers']} peers, "
         f"{summary['topology']}, {summary['model']}, {summary['epochs']:g} epochs, seed {summary['seed']}"
