@@ -68,6 +68,8 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {"interval_s": 5.0}
 # barrier, so the demo's round pacing (meant to let asynchronous gossip keep up) only slows them down.
 ALGORITHM_DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpsgd": {"train.round_interval_s": 0.0},
+    "dmsgd": {"train.round_interval_s": 0.0},
+    "local_sgd": {"train.round_interval_s": 0.0},
 }
 
 SETTLE_S = 2.0  # consensus-only rounds after every peer finished training

@@ -79,6 +79,9 @@ class DmsgdParams(SyncParams):
 
 
 class Dmsgd(SynchronousAlgorithm):
+    """DMSGD on the P1 synchronizer. After a jump (the node fell behind) it continues from its current x and
+    momentum; only a give-up makes a round differ from the synchronous algorithm (`sync.gave_up` counts them)."""
+
     name: ClassVar[str] = "dmsgd"
     params_type: ClassVar[type[AlgoParams]] = DmsgdParams
     provenance: ClassVar[str] = "reconstructed (spec v1)"
@@ -253,6 +256,14 @@ class DmsgdAsync(Algorithm):
 
     def expected_by_kind(self, num_params: int) -> dict[str, Manifest]:
         return _manifest(num_params)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "iteration": self.iteration,
+            "fresh": len(self.last_report.used),
+            "stale": len(self.last_report.skipped_stale),
+            "dropped_out_of_order": self.dropped_out_of_order,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         v = self.v if self.v is not None else torch.zeros(0)

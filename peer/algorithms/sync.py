@@ -12,8 +12,10 @@ a lossy, reordering, duplicating network:
 * the neighbour set is frozen when a round opens; membership changes take effect at the next round, where the
   algorithm recomputes its mixing weights;
 * liveness over exactness: a member silent for `give_up_s` after the round opened is excluded from that round
-  (counted in `gave_up`), so a dead or partitioned neighbour cannot stall training forever. The round then
-  mixes over fewer neighbours, which is not the synchronous algorithm any more, and the counter says so;
+  (counted in `gave_up`), so a dead or partitioned neighbour cannot stall training forever. It stays excluded
+  from later rounds without a new wait until a message from it arrives again (otherwise every round would cost
+  `give_up_s` until membership evicts it). Such rounds mix over fewer neighbours, which is not the synchronous
+  algorithm any more, and the counter says so;
 * a message from a round beyond k + 1 means this node fell behind (it restarted, or was cut off): `jump_to`
   tells the algorithm to continue from that round with its current state instead of replaying the gap.
 
@@ -62,6 +64,7 @@ class RoundSync:
     stale: int = 0
     jump_to: int | None = None
     _excluded: set[str] = field(default_factory=set)
+    _silent: set[str] = field(default_factory=set)  # given up on, and not heard from since
     _received: dict[int, dict[str, Payload]] = field(default_factory=dict)
     _pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
 
@@ -73,7 +76,7 @@ class RoundSync:
         self.round = round_
         self.members = frozenset(messages)
         self.opened_at = now
-        self._excluded = set()
+        self._excluded = self._silent & self.members
         if self.jump_to is not None and self.jump_to <= round_:
             self.jump_to = None
         for r in [r for r in self._received if r < round_]:
@@ -90,6 +93,7 @@ class RoundSync:
         missing = self.missing()
         if missing and now - self.opened_at >= self.give_up_s:
             self._excluded |= missing
+            self._silent |= missing
             self.gave_up += len(missing)
             missing = set()
         return not missing
@@ -107,6 +111,7 @@ class RoundSync:
     def receive(self, sender: str, payload: Payload) -> bool:
         """Store a round-tagged message. False for duplicates and for rounds already finished."""
         r = payload.round
+        self._silent.discard(sender)
         # Implicit acknowledgement: a round-r message means the sender finished every round before r.
         for key in [k for k in self._pending if k[0] == sender and k[1] < r]:
             del self._pending[key]
@@ -142,6 +147,7 @@ class RoundSync:
     def forget(self, node_id: str) -> None:
         """`node_id` left or restarted: stop waiting for it and stop sending to it."""
         self._excluded.add(node_id)
+        self._silent.discard(node_id)
         for key in [k for k in self._pending if k[0] == node_id]:
             del self._pending[key]
         for slot in self._received.values():
