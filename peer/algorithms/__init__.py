@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from peer.algorithms.base import AlgoParams, Algorithm, InMessage, MixReport, NeighbourView, Oracle, Payload, Send
 from peer.algorithms.cdl import Cdl, CdlParams
+from peer.algorithms.digest import Digest, DigestParams
 from peer.algorithms.dmsgd import Dmsgd, DmsgdAsync, DmsgdAsyncParams, DmsgdParams
 from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
 from peer.algorithms.isolated import Isolated, NoneParams
 from peer.algorithms.local_sgd import LocalSgd, LocalSgdParams
 from peer.errors import UnknownNameError
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Dmsgd, DmsgdAsync, Dpsgd, LocalSgd, Isolated)}
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Digest, Dmsgd, DmsgdAsync, Dpsgd, LocalSgd, Isolated)}
 PARAMS_TYPES = tuple(cls.params_type for cls in REGISTRY.values())
 
 
@@ -30,6 +31,8 @@ __all__ = [
     "Algorithm",
     "Cdl",
     "CdlParams",
+    "Digest",
+    "DigestParams",
     "Dmsgd",
     "DmsgdAsync",
     "DmsgdAsyncParams",

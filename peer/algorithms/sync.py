@@ -161,7 +161,9 @@ class RoundSync:
 class SyncParams(AlgoParams):
     """Parameters every P1 algorithm shares (`algorithm.retransmit_s` and so on)."""
 
-    weights: Literal["metropolis", "uniform"] = "metropolis"
+    weights: Literal["metropolis", "uniform"] = Field(
+        "metropolis", description="mixing weights: Metropolis–Hastings, or uniform 1/(d + 1) (regular graphs)"
+    )
     retransmit_s: float = Field(0.5, gt=0, description="resend an unacknowledged round message this often")
     give_up_s: float = Field(10.0, gt=0, description="a neighbour silent this long is left out of the round")
 

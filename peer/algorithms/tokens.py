@@ -1,4 +1,4 @@
-"""P4, the token protocol (spec §1.4): random-walk tokens that are never lost to a dropped packet, nor duplicated.
+"""P4, the token protocol (spec §1.4): random-walk tokens that lost or duplicated packets can neither lose nor fork.
 
 Theory of operation. A token is (stream id, hop counter, payload tensors, scalars: N_current and a
 `regenerated` count). Each node runs one `TokenWalk`, which holds, per stream, at most one copy in one of two
@@ -21,22 +21,25 @@ held here and the algorithm merges into it again at its next opportunity; statio
 fixed Hamiltonian order (the next node after this one in sorted(members) that is a neighbour; a test and
 operations schedule, not a random walk). A node with no neighbour keeps the token.
 
-Why streams never multiply or vanish. At any time each stream has exactly one *live* copy: the held copy, or
-the in-flight copy whose destination has not accepted its hop yet. A sent copy whose destination already
-accepted that hop is dead: its destination rejects it, acknowledges it, and the sender drops it. The only node
-that may ever put a stream back into circulation (the *regeneration authority*) is the one with the in-flight
-copy, i.e. the last holder. It does so under one rule only:
+Why a stream neither multiplies nor vanishes on a lossy network. At any time each stream has exactly one *live*
+copy: the held copy, or the in-flight copy whose destination has not accepted its hop yet. A sent copy whose
+destination already accepted that hop is dead: its destination rejects it, acknowledges it, and the sender drops it.
+The only node that may ever put a stream back into circulation (the *regeneration authority*) is the one with the
+in-flight copy, i.e. the last holder. It does so under one rule only:
 
     the destination of the in-flight copy was `forget`-ed AND is no longer in `view.members` (when the view
     lists members), AND this has been so for `regen_s`, with neither an ACK nor an implicit ACK meanwhile.
 
-The copy is then taken back as held (same hop, `regenerated` + 1) and the algorithm forwards it to a neighbour
-drawn among the remaining ones; with none it keeps it. While the destination is still a member the holder never
-re-draws, however long the ACK takes: the destination may well hold the token already (only its ACK was lost),
-and a second copy would fork the stream. What this cannot exclude is a destination that left after accepting
-and forwarding the token (or a member evicted while alive): the two copies then carry equal or different hops,
-and the lower one is rejected at the first node the other has passed, so they re-converge to one copy at the
-cost of the progress merged into the loser. Restoring a checkpoint has the same property.
+The copy is then taken back as held (same hop, `regenerated` + 1) and the algorithm forwards it to a neighbour drawn
+among the remaining ones; with none it keeps it. While the destination is still a member the holder never re-draws,
+however long the ACK takes: the destination may well hold the token already (only its ACK was lost), and a second
+copy would fork the stream. What this cannot exclude is a destination that left after accepting and forwarding the
+token (or a member evicted while alive). The two copies are pruned back to one as their walks cross: a copy is
+rejected by every node that has seen an equal or higher hop of its stream, and a held copy is replaced by a
+higher-hop arrival, at the cost of the progress merged into the losing copy. Restoring a checkpoint has the same
+property. Conversely, a node that leaves for good while *holding* a stream takes it along: no other node may stand
+in for it (that would be "anyone who has not seen it"), so the stream ends unless that node comes back from its
+checkpoint; with S > 1 the other streams go on.
 
 Streams are created once, at `start` (or at the first view that lists members): stream s ∈ [0, S) starts at
 sorted(members)[s mod |members|], or at `origins[s mod len(origins)]` when the parameter is set. Peers must agree
@@ -167,6 +170,7 @@ class TokenWalk:
             self.duplicates += 1
             return None
         self.seen[token.stream] = token.hop
+        # A held copy of the same stream (only after a regeneration race) is superseded: the streams re-converge.
         if token.stream in self.inflight:
             del self.inflight[token.stream]  # the stream came back past our copy: it was delivered
             self.implicit_acks += 1
