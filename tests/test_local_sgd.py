@@ -18,16 +18,18 @@ from tests.test_dmsgd import F64, Schedule, grad, initial, lsq, max_err, simulat
 GRAPH = random_graph(6, 0.4, seed=3)
 
 
-def local_sgd(h: int) -> Callable[[str], Algorithm]:
-    return lambda i: LocalSgd(LocalSgdParams(local_steps=h, retransmit_s=0.01), i)
+def local_sgd(h: int, momentum: float = 0.0) -> Callable[[str], Algorithm]:
+    return lambda i: LocalSgd(LocalSgdParams(local_steps=h, retransmit_s=0.01, momentum=momentum), i)
 
 
-@pytest.mark.parametrize("lossy", [False, True])
-def test_one_local_step_is_dpsgd_bit_for_bit(lossy: bool) -> None:
+@pytest.mark.parametrize("lossy,momentum", [(False, 0.0), (True, 0.0), (True, 0.9)])
+def test_one_local_step_is_dpsgd_bit_for_bit(lossy: bool, momentum: float) -> None:
     prob = lsq(sorted(GRAPH))
     links = Links(drop=0.2, duplicate=0.2) if lossy else Links()
-    ref, _ = simulate(lambda i: Dpsgd(DpsgdParams(retransmit_s=0.01), i), GRAPH, prob, 60, lr=Schedule(0.05))
-    sim, _ = simulate(local_sgd(1), GRAPH, prob, 60, lr=Schedule(0.05), links=links)
+    ref, _ = simulate(
+        lambda i: Dpsgd(DpsgdParams(retransmit_s=0.01, momentum=momentum), i), GRAPH, prob, 60, lr=Schedule(0.05)
+    )
+    sim, _ = simulate(local_sgd(1, momentum), GRAPH, prob, 60, lr=Schedule(0.05), links=links)
     assert all(torch.equal(sim.x[i], ref.x[i]) for i in GRAPH)
 
 

@@ -16,7 +16,7 @@ post-local iterates, x_i^{k+1} = Σ_j w_ij y_j^H:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -29,6 +29,9 @@ from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
 class LocalSgdParams(SyncParams):
     name: Literal["local_sgd"] = "local_sgd"
     local_steps: int = Field(4, ge=1, description="local SGD steps H per gossip round (H = 1 is D-PSGD)")
+    momentum: float = Field(
+        0.0, ge=0.0, lt=1.0, description="local heavy-ball momentum on the gradient steps (as dpsgd's `momentum`)"
+    )
 
 
 class LocalSgd(SynchronousAlgorithm):
@@ -39,6 +42,7 @@ class LocalSgd(SynchronousAlgorithm):
         super().__init__(params, node_id)
         assert isinstance(params, LocalSgdParams)
         self.p: LocalSgdParams = params
+        self.buf: torch.Tensor | None = None
 
     def round_messages(self, x: torch.Tensor, round_: int, to: Sequence[str]) -> dict[str, Payload]:
         payload = Payload("state", {"params": x.clone()}, seq=round_ + 1, round=round_)
@@ -52,6 +56,9 @@ class LocalSgd(SynchronousAlgorithm):
         for t in range(self.p.local_steps):
             _, g = oracle.gradient(y)
             lr = oracle.lr()
+            if self.p.momentum > 0:  # the same buffer rule as Dpsgd, so H = 1 stays D-PSGD with momentum
+                self.buf = g.clone() if self.buf is None else self.buf.mul_(self.p.momentum).add_(g)
+                g = self.buf
             out.add_(g, alpha=-lr)  # Δ accumulates onto the mix step by step (bit-exact D-PSGD at H = 1)
             if t + 1 < self.p.local_steps:
                 y = y.add(g, alpha=-lr)
@@ -64,3 +71,11 @@ class LocalSgd(SynchronousAlgorithm):
 
     def expected_by_kind(self, num_params: int) -> dict[str, Manifest]:
         return {"state": {"params": ((num_params,), "float32")}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "buf": self.buf if self.buf is not None else torch.zeros(0)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        buf = state.get("buf")
+        self.buf = buf if isinstance(buf, torch.Tensor) and buf.numel() else None
