@@ -123,7 +123,7 @@ class Identity(Compressor):
 
     def decompress(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
         self._check(tensors, numel, {"values": ((numel,), "float")})
-        return tensors["values"].to(dtype)
+        return tensors["values"].to(dtype, copy=True)  # never an alias of the wire tensor
 
     def manifest(self, numel: int, dtype: str = "float32") -> Manifest:
         return {"values": ((numel,), dtype)}

@@ -69,6 +69,8 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {"interval_s": 5.0}
 ALGORITHM_DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpsgd": {"train.round_interval_s": 0.0},
     "dmsgd": {"train.round_interval_s": 0.0},
+    "choco": {"train.round_interval_s": 0.0},
+    "dssfn": {"train.round_interval_s": 0.0},
     # Plain local SGD falls ~3.4 points short of the momentum-SGD centralized reference here; with the same
     # local heavy ball as the reference (train.momentum) it matches it.
     "local_sgd": {"train.round_interval_s": 0.0, "algorithm.momentum": 0.9},

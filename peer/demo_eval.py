@@ -121,6 +121,11 @@ def evaluate_peers(cfgs: Sequence[Any], device: Any) -> tuple[list[float], float
         state = checkpoint.load(cfg.state_dir)
         if state is None:
             raise DemoError(f"{cfg.node_id} wrote no checkpoint in {cfg.state_dir}")
+        if _trains_own_model(cfg):
+            acc, flat = _own_model_accuracy(cfg, state, ds)
+            accs.append(acc)
+            flats.append(flat)
+            continue
         model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed=cfg.model.seed)
         model.load_state_dict(state["model"])
         accs.append(evaluate(model.to(device), ds.x_test, ds.y_test)[0])
@@ -128,8 +133,39 @@ def evaluate_peers(cfgs: Sequence[Any], device: Any) -> tuple[list[float], float
     return accs, consensus_distance(flats)
 
 
+def _trains_own_model(cfg: Any) -> bool:
+    from peer.algorithms import REGISTRY
+
+    return REGISTRY[cfg.algorithm.name].trains_own_model
+
+
+def _ssfn_accuracy(model: Any, x: Any, y: Any) -> float:
+    import numpy as np
+    import torch
+
+    from peer import ssfn
+
+    scores = ssfn.predict(model, torch.as_tensor(np.asarray(x), dtype=torch.float64))
+    return float((scores.argmax(1).numpy() == np.asarray(y)).mean())
+
+
+def _own_model_accuracy(cfg: Any, state: dict[str, Any], ds: Any) -> tuple[float, Any]:
+    """Test accuracy and flat parameters of an algorithm that trains its own model (dSSFN: an SSFN)."""
+    import numpy as np
+
+    from peer import ssfn
+
+    result = state.get("result")
+    if not result:
+        raise DemoError(f"{cfg.node_id}'s checkpoint holds no trained {cfg.algorithm.name} model")
+    model = ssfn.model_from_state(result, cfg.algorithm.ssfn_config())
+    flat = np.concatenate([o.reshape(-1).numpy() for o in model.outputs])
+    return _ssfn_accuracy(model, ds.x_test, ds.y_test), flat
+
+
 def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[float]]:
-    """(centralized accuracy, local-only accuracy of each partition)."""
+    """(centralized accuracy, local-only accuracy of each partition). For dSSFN the references are SSFN trained
+    with the exact layer solver: centralized equivalence is that algorithm's claim."""
     import numpy as np
 
     from peer.data import load_dataset, local_partition
@@ -142,6 +178,19 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[
     ]
     x_all = np.concatenate([p[0] for p in parts])
     y_all = np.concatenate([p[1] for p in parts])
+    if _trains_own_model(c0):
+        import torch
+
+        from peer import ssfn
+
+        scfg = c0.algorithm.ssfn_config()
+        q = c0.algorithm.num_classes
+
+        def fit(x: Any, y: Any) -> Any:
+            return ssfn.train_centralized(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y), q, scfg)
+
+        central_ssfn = _ssfn_accuracy(fit(x_all, y_all), ds.x_test, ds.y_test)
+        return central_ssfn, [_ssfn_accuracy(fit(x, y), ds.x_test, ds.y_test) for x, y in parts]
     central = train_reference(x_all, y_all, c0, ds.input_shape, ds.num_classes, seed=c0.train.seed, device=device)
     central_acc = evaluate(central, ds.x_test, ds.y_test)[0]
     local = []

@@ -33,16 +33,18 @@ Layer0 = Literal["ridge", "ball"]
 class SsfnConfig:
     """Hyperparameters shared by every worker (dSSFN derives the same object from its params on each peer).
 
-    The defaults give about 97% test accuracy on sklearn digits (80/20 split) in well under a second.
+    The defaults reach about 96% test accuracy on sklearn digits (80/20 split) in under a second. They differ
+    from the public SSFN code (α = 2, λ = 1) on purpose: α = 1 and λ = 100 make every layer's problem better
+    conditioned, which is what lets dSSFN's consensus ADMM match the exact solution in about 100 iterations.
     """
 
     num_layers: int = 3  # L: layers with random nodes, after layer 0 (L + 1 output matrices in all)
     nodes: int = 220  # n: nodes per layer l ≥ 1 (2Q of them carry V_Q T̂_{l−1}); must be ≥ 2Q
-    alpha: float = 2.0  # ε = α·sqrt(2Q); α ≥ 1 keeps the progression property
-    lam: float = 1.0  # layer-0 ridge λ
+    alpha: float = 1.0  # ε = α·sqrt(2Q); α ≥ 1 keeps the progression property
+    lam: float = 100.0  # layer-0 ridge λ
     layer0: Layer0 = "ridge"
-    mu: float = 1e-3  # ADMM penalty is 1/μ; used by the ADMM solvers only
-    admm_iters: int = 100  # K
+    mu: float = 1.0  # ADMM μ (penalty 1/μ): the centralized LS-ADMM's, and dSSFN's starting value
+    admm_iters: int = 120  # K
     gossip_rounds: int = 10  # B (dSSFN only)
     seed: int = 0  # drives R_l
 

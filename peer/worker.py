@@ -276,7 +276,9 @@ class TrainingWorker:
     def state(self) -> dict[str, Any]:
         """Checkpoint content. Call from the thread itself, or after it stopped."""
         model = self.trainer.model
+        extra = {"result": self.algorithm.result_state()} if self.algorithm.trains_own_model else {}
         return {
+            **extra,
             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "trainer": self.trainer.state_dict(),
             "algorithm": self.algorithm.state_dict(),

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from peer.algorithms.base import AlgoParams, Algorithm, InMessage, MixReport, NeighbourView, Oracle, Payload, Send
 from peer.algorithms.cdl import Cdl, CdlParams
+from peer.algorithms.choco import Choco, ChocoParams
 from peer.algorithms.digest import Digest, DigestParams
 from peer.algorithms.dmsgd import Dmsgd, DmsgdAsync, DmsgdAsyncParams, DmsgdParams
 from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
+from peer.algorithms.dssfn import Dssfn, DssfnParams
 from peer.algorithms.isolated import Isolated, NoneParams
 from peer.algorithms.local_sgd import LocalSgd, LocalSgdParams
 from peer.errors import UnknownNameError
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Digest, Dmsgd, DmsgdAsync, Dpsgd, LocalSgd, Isolated)}
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Choco, Digest, Dmsgd, DmsgdAsync, Dpsgd, Dssfn, LocalSgd, Isolated)}
 PARAMS_TYPES = tuple(cls.params_type for cls in REGISTRY.values())
 
 
@@ -31,6 +33,8 @@ __all__ = [
     "Algorithm",
     "Cdl",
     "CdlParams",
+    "Choco",
+    "ChocoParams",
     "Digest",
     "DigestParams",
     "Dmsgd",
@@ -39,6 +43,8 @@ __all__ = [
     "DmsgdParams",
     "Dpsgd",
     "DpsgdParams",
+    "Dssfn",
+    "DssfnParams",
     "InMessage",
     "Isolated",
     "LocalSgd",

@@ -6,10 +6,28 @@ bound). By default each received copy is mixed once: re-mixing an old copy in la
 back towards the neighbour's past and measurably slows training when rounds outpace gossip. With every
 neighbour fresh and Metropolis–Hastings a_ij the update is symmetric and doubly stochastic,
 so it preserves the network mean; with some copies missing it stays row stochastic (a convex combination).
+
+The knobs of §6(a)/(c):
+
+* ε (`epsilon`) and a_ij (`weights`): "metropolis" (default) and "uniform" are row-stochastic weight rules that
+  ε then scales; "unit" is the DAC form a_ij = 1, stable only for ε < 1/Δ_max. Each node checks that bound
+  per edge against the live degrees of the current view: an edge with ε·max(d_i, d_j) ≥ 1 is clipped to its
+  Metropolis–Hastings weight 1/(1 + max(d_i, d_j)), and the node logs a warning once. Both ends compute the
+  same clipped value from the advertised degrees, so the mixing matrix stays symmetric, and the self weight
+  1 − Σ_j ε_ij stays positive (each term is below 1/d_i).
+* T_c, the local steps between consensus updates, is the daemon's `train.steps_per_round`: mix mode runs that
+  many optimizer steps, then `mix`, then `outgoing`, every round.
+* The staleness bound is `staleness_s` (age) and `staleness_rounds` (rounds since receipt).
+* The optimizer state (momentum, Adam moments) is not mixed (spec §6(a) default). The algorithm only sees the
+  flat parameters (the optimizer lives in the trainer), mixing moments would double or triple every message,
+  and the moments describe each node's own gradient history, which on biased data is exactly what should stay
+  local.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -19,14 +37,39 @@ from pydantic import Field
 from peer.algorithms.base import AlgoParams, Algorithm, InMessage, MixReport, NeighbourView, Payload
 from peer.algorithms.mixing import WEIGHT_RULES
 
+log = logging.getLogger(__name__)
+
 
 class CdlParams(AlgoParams):
     name: Literal["cdl"] = "cdl"
     epsilon: float = Field(1.0, gt=0.0, le=1.0, description="consensus rate ε in (0, 1]")
-    weights: Literal["metropolis", "uniform"] = "metropolis"
+    weights: Literal["metropolis", "uniform", "unit"] = Field(
+        "metropolis",
+        description="a_ij: Metropolis–Hastings, uniform 1/(d_i + 1), or unit (DAC; an edge with ε·max(d_i, d_j) ≥ 1 "
+        "falls back to its Metropolis–Hastings weight)",
+    )
     staleness_s: float = Field(10.0, gt=0.0, description="cached copies older than this are not mixed")
     staleness_rounds: int = Field(50, ge=1, description="… nor copies received more than this many rounds ago")
     reuse: bool = Field(False, description="mix a cached copy again in later rounds (until it goes stale)")
+
+
+def unit_weights(
+    epsilon: float, self_degree: int, neighbour_degrees: Mapping[str, int]
+) -> tuple[dict[str, float], int]:
+    """ε·a_ij with a_ij = 1, per edge clipped to 1/(1 + max(d_i, d_j)) where ε·max(d_i, d_j) ≥ 1.
+
+    Returns (ε_ij per neighbour, number of clipped edges).
+    """
+    out: dict[str, float] = {}
+    clipped = 0
+    for j, d_j in neighbour_degrees.items():
+        d = max(self_degree, d_j, 1)
+        if epsilon * d < 1.0:
+            out[j] = epsilon
+        else:
+            out[j] = 1.0 / (1.0 + d)
+            clipped += 1
+    return out, clipped
 
 
 @dataclass
@@ -52,6 +95,7 @@ class Cdl(Algorithm):
         self.seq = 0
         self.round = 0
         self.dropped_out_of_order = 0
+        self.clipped_edges = 0  # unit weights: edges mixed with their clipped weight (summed over rounds)
 
     def on_message(self, msg: InMessage, now: float) -> bool:
         params = msg.payload.tensors.get("params")
@@ -87,16 +131,34 @@ class Cdl(Algorithm):
         if not used:
             self.last_report = MixReport((), tuple(stale), 1.0)
             return x
-        weights = WEIGHT_RULES[self.p.weights](view.self_degree, view.degrees)
+        alpha = self.edge_weights(view)
         out = x.clone()
         total = 0.0
         for j in used:
-            a = self.p.epsilon * weights[j]
+            a = alpha[j]
             out.add_(self.cache[j].params - x, alpha=a)
             self.cache[j].used = True
             total += a
         self.last_report = MixReport(tuple(used), tuple(stale), 1.0 - total)
         return out
+
+    def edge_weights(self, view: NeighbourView) -> dict[str, float]:
+        """ε·a_ij for every neighbour of the view (the live degrees)."""
+        if self.p.weights != "unit":
+            weights = WEIGHT_RULES[self.p.weights](view.self_degree, view.degrees)
+            return {j: self.p.epsilon * w for j, w in weights.items()}
+        alpha, clipped = unit_weights(self.p.epsilon, view.self_degree, view.degrees)
+        if clipped and not self.clipped_edges:
+            log.warning(
+                "%s: cdl epsilon %.4g with unit weights needs epsilon < 1/max degree (%d here); %d edge(s) use "
+                "their Metropolis-Hastings weight instead",
+                self.node_id,
+                self.p.epsilon,
+                max([view.self_degree, *view.degrees.values()]),
+                clipped,
+            )
+        self.clipped_edges += clipped
+        return alpha
 
     def outgoing(self, x: torch.Tensor, step: int) -> Payload | None:
         self.seq += 1

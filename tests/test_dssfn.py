@@ -1,0 +1,341 @@
+"""dSSFN (spec §2(f) 2–7): layer-solver equivalence, ring gossip, end-to-end centralized equivalence on digits
+through the P1 synchronizer on `peer.sim`, split invariance, loss robustness, wire size, checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from peer import ssfn
+from peer.algorithms.base import NeighbourView, payload_floats
+from peer.algorithms.dssfn import Dssfn, DssfnParams, Worker, quantize_mu, run_lockstep
+from peer.algorithms.mixing import mixing_matrix
+from peer.data import load_dataset, partition_indices
+from peer.sim import FunctionOracle, Links, Simulation, complete, ring
+
+Data = tuple[torch.Tensor, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    # The layer matrices are tiny; intra-op threads only add contention (7x slower on a loaded 2-core machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _oracle(data: Data) -> FunctionOracle:
+    return FunctionOracle(lambda x: (0.0, torch.zeros_like(x)), data=data)
+
+
+def _simulate(
+    p: DssfnParams, adj: Mapping[str, Sequence[str]], shards: Sequence[Data], drop: float = 0.0
+) -> tuple[dict[str, Dssfn], Simulation]:
+    ids = sorted(adj)
+    algos = {i: Dssfn(p, i) for i in ids}
+    oracles = {i: _oracle(shards[a]) for a, i in enumerate(ids)}
+    sim = Simulation(algos, {i: torch.zeros(1) for i in ids}, oracles, adj, links=Links(drop=drop), seed=7)
+    sim.run(until=lambda s: all(a.finished() for a in s.algorithms.values()))
+    return algos, sim
+
+
+def _lockstep(p: DssfnParams, weights: Mapping[str, Mapping[str, float]], shards: Sequence[Data]) -> dict[str, Worker]:
+    ids = sorted(weights)
+    workers = {i: Worker(p, *shards[a], len(ids)) for a, i in enumerate(ids)}
+    run_lockstep(workers, weights)
+    return workers
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
+
+
+def _layer_errors(outputs: Sequence[Sequence[torch.Tensor]], ref: ssfn.SsfnModel) -> list[float]:
+    return [max(_rel(out[layer], o) for out in outputs) for layer, o in enumerate(ref.outputs)]
+
+
+def _uniform_complete(m: int) -> dict[str, dict[str, float]]:
+    adj = complete(m)
+    return {i: {j: 1.0 / m for j in adj} for i in adj}
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def layer_problem() -> dict[str, Any]:
+    """§2(f)2: ReLU features, one-hot targets, ε active; Q = 3, n = 60, J = 900, M = 6 random column splits."""
+    gen = torch.Generator().manual_seed(0)
+    j, n, q, m = 900, 60, 3, 6
+    y = torch.relu(torch.randn(j, n, generator=gen, dtype=torch.float64))
+    labels = torch.randint(0, q, (j,), generator=gen)
+    t = ssfn.one_hot(labels, q)
+    eps = (2 * q) ** 0.5  # α = 1
+    unconstrained = ssfn.exact_ball_ls(y.T @ y, t.T @ y, 1e12).o
+    y = y * float(torch.linalg.matrix_norm(unconstrained)) / (2 * eps)  # the unconstrained O has norm 2ε
+    sol = ssfn.exact_ball_ls(y.T @ y, t.T @ y, eps)
+    assert sol.lam > 0
+    parts = torch.randperm(j, generator=gen).chunk(m)
+    return {"shards": [(y[idx], labels[idx]) for idx in parts], "ref": sol.o, "q": q, "m": m}
+
+
+def _layer_params(q: int, **kw: Any) -> DssfnParams:
+    return DssfnParams(num_classes=q, num_layers=0, layer0="ball", admm_iters=300, retransmit_s=0.02, **kw)
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, Any]:
+    ds = load_dataset("digits", seed=0)  # the daemon's 80/20 stratified split
+    flat = lambda a: torch.from_numpy(a).reshape(len(a), -1)  # noqa: E731
+    return {
+        "x": flat(ds.x_train),
+        "y": torch.from_numpy(ds.y_train),
+        "xt": flat(ds.x_test),
+        "yt": torch.from_numpy(ds.y_test),
+    }
+
+
+def _shards(digits: dict[str, Any], parts: Sequence[np.ndarray]) -> list[Data]:
+    return [(digits["x"][torch.from_numpy(p)], digits["y"][torch.from_numpy(p)]) for p in parts]
+
+
+def _iid(digits: dict[str, Any], m: int) -> list[Data]:
+    return _shards(digits, partition_indices(digits["y"].numpy(), "iid", m, 0))
+
+
+@pytest.fixture(scope="module")
+def centralized(digits: dict[str, Any]) -> ssfn.SsfnModel:
+    return ssfn.train_centralized(digits["x"], digits["y"], 10, DssfnParams().ssfn_config())
+
+
+@pytest.fixture(scope="module")
+def ring4(digits: dict[str, Any]) -> tuple[dict[str, Dssfn], Simulation]:
+    """The headline run: 4 workers on a ring, default parameters, P1 on a lossless simulated network."""
+    return _simulate(DssfnParams(retransmit_s=0.02), ring(4), _iid(digits, 4))
+
+
+# ------------------------------------------------------------------------------------------- layer solver
+def test_layer_solver_with_exact_averaging(layer_problem: dict[str, Any]) -> None:
+    """§2(f)2: complete graph, uniform weights 1/M (one gossip round is the exact average), K = 300: < 1e-6."""
+    lp = layer_problem
+    p = _layer_params(lp["q"], gossip_rounds=1, weights="uniform")
+    algos, _ = _simulate(p, complete(lp["m"]), lp["shards"])
+    err = max(_rel(a.worker.outputs[0], lp["ref"]) for a in algos.values() if a.worker is not None)
+    assert err < 1e-6
+
+
+def test_layer_solver_on_a_ring_improves_with_more_gossip(layer_problem: dict[str, Any]) -> None:
+    """§2(f)3: 6-ring, h = 1/3: B = 50 gives < 1e-4, and the error decreases monotonically over B ∈ {5,10,20,50}."""
+    lp = layer_problem
+    weights = mixing_matrix(ring(lp["m"]))
+    assert all(w == pytest.approx(1 / 3) for row in weights.values() for w in row.values())
+    errs = []
+    for b in (5, 10, 20, 50):
+        workers = _lockstep(_layer_params(lp["q"], gossip_rounds=b), weights, lp["shards"])
+        errs.append(max(_rel(w.outputs[0], lp["ref"]) for w in workers.values()))
+    assert errs[-1] < 1e-4
+    assert all(b < a for a, b in itertools.pairwise(errs)), errs
+
+
+def test_tracking_removes_the_gossip_error_floor(layer_problem: dict[str, Any]) -> None:
+    """`averaging="tracking"` keeps Σ_m s_m exact across iterations: B = 5 on the ring reaches exact averaging."""
+    lp = layer_problem
+    workers = _lockstep(
+        _layer_params(lp["q"], gossip_rounds=5, averaging="tracking"), mixing_matrix(ring(6)), lp["shards"]
+    )
+    assert max(_rel(w.outputs[0], lp["ref"]) for w in workers.values()) < 1e-9
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def test_headline_four_workers_on_a_ring(
+    digits: dict[str, Any], centralized: ssfn.SsfnModel, ring4: tuple[dict[str, Dssfn], Simulation]
+) -> None:
+    """The issue's figure: digits 80/20 (seed 0), 4 workers on a ring, defaults: accuracy within 0.5 points of
+    centralized SSFN (exact solver) and every layer within 1e-3 relative Frobenius error."""
+    algos, _ = ring4
+    errs = _layer_errors([a.worker.outputs for a in algos.values() if a.worker is not None], centralized)
+    acc_cen = float((ssfn.predict(centralized, digits["xt"]).argmax(1) == digits["yt"]).double().mean())
+    accs = []
+    for a in algos.values():
+        model = ssfn.model_from_state(a.result_state(), a.p.ssfn_config())
+        accs.append(float((ssfn.predict(model, digits["xt"]).argmax(1) == digits["yt"]).double().mean()))
+    rounds = next(iter(algos.values())).iteration
+    print(
+        f"\ndSSFN 4-ring digits: centralized acc {acc_cen:.4f}, dSSFN acc {accs}, layer errors {errs}, {rounds} rounds"
+    )
+    assert max(errs) < 1e-3
+    assert all(abs(acc - acc_cen) <= 0.005 for acc in accs)
+    assert acc_cen > 0.95
+    assert rounds == 4 * 120 * 10
+
+
+@pytest.mark.parametrize(
+    "m,topology,rounds",
+    [(2, "ring", 1), (5, "ring", 20), (10, "complete", 1)],
+    ids=["M2-edge", "M5-ring", "M10-complete"],
+)
+def test_end_to_end_equivalence_on_digits(digits: dict[str, Any], m: int, topology: str, rounds: int) -> None:
+    """§2(f)4 on `peer.sim` (P1): per-layer error < 1e-3, held-out outputs within 1e-3, accuracy within 1 sample.
+
+    CI size: 2 layers of 100 nodes. A single edge and the complete graph with uniform weights average exactly in
+    one round; the 5-ring needs B = 20 (its second eigenvalue is 0.54)."""
+    p = DssfnParams(num_layers=2, nodes=100, gossip_rounds=rounds, retransmit_s=0.02, weights="uniform")
+    ref = ssfn.train_centralized(digits["x"], digits["y"], 10, p.ssfn_config())
+    adj = ring(m) if topology == "ring" else complete(m)
+    algos, _ = _simulate(p, adj, _iid(digits, m))
+    workers = [a.worker for a in algos.values() if a.worker is not None]
+    assert max(_layer_errors([w.outputs for w in workers], ref)) < 1e-3
+    xt, yt = digits["xt"], digits["yt"]
+    ref_scores = ssfn.predict(ref, xt)
+    for w in workers:
+        scores = ssfn.predict(w.model(), xt)
+        assert _rel(scores, ref_scores) < 1e-3
+        assert abs(int((scores.argmax(1) == yt).sum()) - int((ref_scores.argmax(1) == yt).sum())) <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "m,averaging,rounds", [(5, "gossip", 20), (10, "tracking", 10)], ids=["M5-gossip", "M10-tracking"]
+)
+def test_full_size_rings(
+    digits: dict[str, Any], centralized: ssfn.SsfnModel, m: int, averaging: str, rounds: int
+) -> None:
+    """§2(f)4 at full size (defaults: 3 layers of 220 nodes) on rings through P1. A 10-ring mixes slowly
+    (second eigenvalue 0.87): plain gossip would need B ≈ 100, tracking gets by with B = 10."""
+    p = DssfnParams(gossip_rounds=rounds, averaging=averaging, retransmit_s=0.02)  # type: ignore[arg-type]
+    algos, _ = _simulate(p, ring(m), _iid(digits, m))
+    assert max(_layer_errors([a.worker.outputs for a in algos.values() if a.worker], centralized)) < 1e-3
+
+
+@pytest.mark.parametrize("split", ["90%-one-worker", "label-sorted"])
+def test_result_does_not_depend_on_the_split(digits: dict[str, Any], centralized: ssfn.SsfnModel, split: str) -> None:
+    """§2(f)6: very uneven and non-IID splits, 4-ring, defaults: same tolerance as the end-to-end test."""
+    j = len(digits["y"])
+    if split == "label-sorted":
+        parts = np.array_split(np.argsort(digits["y"].numpy(), kind="stable"), 4)
+    else:
+        perm = np.random.default_rng(0).permutation(j)
+        parts = [perm[: int(0.9 * j)], *np.array_split(perm[int(0.9 * j) :], 3)]
+    workers = _lockstep(DssfnParams(), mixing_matrix(ring(4)), _shards(digits, parts))
+    assert max(_layer_errors([w.outputs for w in workers.values()], centralized)) < 1e-3
+    ref_correct = int((ssfn.predict(centralized, digits["xt"]).argmax(1) == digits["yt"]).sum())
+    for w in workers.values():
+        correct = int((ssfn.predict(w.model(), digits["xt"]).argmax(1) == digits["yt"]).sum())
+        assert abs(correct - ref_correct) <= 1
+
+
+# -------------------------------------------------------------------------------------------- the network
+def test_lossy_network_gives_the_bit_identical_result(
+    digits: dict[str, Any], ring4: tuple[dict[str, Dssfn], Simulation]
+) -> None:
+    """§2(f)7: 20% packet drop (ACKs too) through P1 equals the lossless run; only the wall time changes.
+    Also: the P1 run equals the synchronous algorithm (`run_lockstep`) bit for bit."""
+    lossless, sim0 = ring4
+    lossy, sim1 = _simulate(DssfnParams(retransmit_s=0.02), ring(4), _iid(digits, 4), drop=0.2)
+    workers = _lockstep(DssfnParams(), mixing_matrix(ring(4)), _iid(digits, 4))
+    assert sum(s.retransmissions for s in sim1.stats.values()) > 0
+    assert sim1.now > sim0.now
+    for i, a in lossless.items():
+        assert a.worker is not None and lossy[i].worker is not None
+        for o0, o1, o2 in zip(a.worker.outputs, lossy[i].worker.outputs, workers[i].outputs, strict=True):
+            assert torch.equal(o0, o1)
+            assert torch.equal(o0, o2)
+        assert lossy[i].sync.gave_up == 0 and lossy[i].worker.mismatched == 0
+
+
+def test_wire_size_is_q_times_layer_width(digits: dict[str, Any]) -> None:
+    """Spec §2(b)/§8: each gossip round sends Q·n_l values to each neighbour (n_0 = P = 64, then n = 220)."""
+    p = DssfnParams(num_layers=1, admm_iters=2, gossip_rounds=2, num_workers=3)
+    a = Dssfn(p, "n0")
+    view = NeighbourView("n0", {"n1": 2, "n2": 2})
+    a.start(torch.zeros(1), 0.0, view)
+    a.advance(torch.zeros(1), _oracle(_iid(digits, 3)[0]), 0.0, view)
+    sends = a.sends(0.0)
+    assert sorted(s.to for s in sends) == ["n1", "n2"]
+    assert all(payload_floats(s.payload) == 10 * 64 and s.reliable for s in sends)
+    assert sends[0].payload.tensors["s"].dtype == torch.float64
+    assert a.expected_by_kind(0) == {"admm": [{"s": ((10, 64), "float64")}, {"s": ((10, 220), "float64")}]}
+    assert Dssfn(DssfnParams(wire_dtype="float32"), "x").expected_by_kind(0) is None  # P not known yet
+
+
+def test_four_workers_send_q_n_per_neighbour_per_round(ring4: tuple[dict[str, Dssfn], Simulation]) -> None:
+    algos, sim = ring4
+    rounds = 4 * 120 * 10
+    # Every round sends to 2 neighbours; layer 0 has width 64, layers 1-3 width 220; plus the closing round.
+    expected = 2 * (120 * 10 * 10 * 64 + 3 * 120 * 10 * 10 * 220 + 10 * 220)
+    assert all(a.iteration == rounds for a in algos.values())
+    assert all(s.floats == expected and s.retransmissions == 0 for s in sim.stats.values())
+
+
+def test_alone_trains_the_centralized_network(digits: dict[str, Any]) -> None:
+    """No neighbours: every round completes at once, nothing is sent, and M = 1 ADMM matches the exact solver."""
+    p = DssfnParams(num_layers=1, nodes=60)
+    algos, sim = _simulate(p, {"solo": []}, [(digits["x"], digits["y"])])
+    ref = ssfn.train_centralized(digits["x"], digits["y"], 10, p.ssfn_config())
+    w = algos["solo"].worker
+    assert w is not None and w.num_workers == 1 and algos["solo"].finished()
+    assert sim.stats["solo"].messages == 0
+    assert max(_layer_errors([w.outputs], ref)) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------- options
+def test_stopping_rule_keeps_workers_in_lockstep(digits: dict[str, Any], centralized: ssfn.SsfnModel) -> None:
+    """tol > 0: the max-gossiped change is identical on every worker (B ≥ diameter), so all stop every layer at
+    the same iteration, earlier than K, and the result is still centralized-equivalent."""
+    p = DssfnParams(tol=1e-5, admm_iters=300)
+    algos, _ = _simulate(p.model_copy(update={"retransmit_s": 0.02}), ring(4), _iid(digits, 4))
+    iterations = {a.iteration for a in algos.values()}
+    assert len(iterations) == 1 and iterations.pop() < 4 * 300 * 10
+    assert all(a.worker is not None and a.worker.mismatched == 0 for a in algos.values())
+    assert max(_layer_errors([a.worker.outputs for a in algos.values() if a.worker], centralized)) < 1e-3
+
+
+def test_checkpoint_restores_the_iterate(digits: dict[str, Any]) -> None:
+    """state_dict mid-layer, load into a fresh algorithm: the rebuilt worker continues bit for bit."""
+    p = DssfnParams(num_layers=2, nodes=60, admm_iters=20, gossip_rounds=2)
+    shards = _iid(digits, 2)
+    weights = mixing_matrix(ring(2))
+    full = _lockstep(p, weights, shards)
+    workers = {i: Worker(p, *shards[a], 2) for a, i in enumerate(sorted(weights))}
+    run_lockstep(workers, weights, max_rounds=50)  # stops in layer 1
+    resumed = {}
+    for a, (i, w) in enumerate(sorted(workers.items())):
+        algo = Dssfn(p, i)
+        algo.worker = w
+        state = algo.state_dict()
+        fresh = Dssfn(p, i)
+        fresh.load_state_dict(state)
+        fresh._init(_oracle(shards[a]), NeighbourView(i, {}, frozenset(weights)))
+        assert fresh.worker is not None and fresh.worker.position() == w.position() == (1, 5, 0)
+        assert torch.equal(fresh.worker.message()[0], w.message()[0])
+        resumed[i] = fresh.worker
+    run_lockstep(resumed, weights)
+    for i in full:
+        for o_full, o_res in zip(full[i].outputs, resumed[i].outputs, strict=True):
+            assert torch.equal(o_full, o_res)
+
+
+def test_jump_across_layers_fills_skipped_layers_with_the_identity_map(digits: dict[str, Any]) -> None:
+    p = DssfnParams(num_layers=3, nodes=40, admm_iters=5, gossip_rounds=1)
+    w = Worker(p, *_iid(digits, 2)[0], 2)
+    w.jump(3, 2, 0)
+    assert w.position() == (3, 2, 0) and w.skipped_layers == 2 and len(w.outputs) == 3
+    assert torch.equal(w.outputs[1][:, :20], ssfn.u_q(10)) and not w.outputs[1][:, 20:].any()
+
+
+def test_params_and_helpers() -> None:
+    assert quantize_mu(0.1) == pytest.approx(2 ** (-13 / 4))
+    assert quantize_mu(quantize_mu(0.37)) == quantize_mu(0.37)
+    assert Dssfn.provenance == "reconstructed (spec v1)" and Dssfn.trains_own_model and Dssfn.owns_local_update
+    with pytest.raises(ValueError, match="2Q"):
+        Worker(DssfnParams(nodes=12), torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), 1)
+    with pytest.raises(ValueError):
+        DssfnParams(alpha=0.5)
+    lone = Dssfn(DssfnParams(), "a")
+    with pytest.raises(ValueError, match="num_workers"):
+        lone._num_workers(NeighbourView("a", {"b": 1}))
