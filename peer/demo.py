@@ -70,6 +70,7 @@ ALGORITHM_DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpsgd": {"train.round_interval_s": 0.0},
     "dmsgd": {"train.round_interval_s": 0.0},
     "choco": {"train.round_interval_s": 0.0},
+    "next": {"train.round_interval_s": 0.0},
     "dssfn": {"train.round_interval_s": 0.0},
     # Plain local SGD falls ~3.4 points short of the momentum-SGD centralized reference here; with the same
     # local heavy ball as the reference (train.momentum) it matches it.

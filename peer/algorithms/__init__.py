@@ -11,9 +11,11 @@ from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
 from peer.algorithms.dssfn import Dssfn, DssfnParams
 from peer.algorithms.isolated import Isolated, NoneParams
 from peer.algorithms.local_sgd import LocalSgd, LocalSgdParams
+from peer.algorithms.next import Next, NextParams, NextPushsum, NextPushsumParams
+from peer.algorithms.sgp import Sgp, SgpParams
 from peer.errors import UnknownNameError
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Choco, Digest, Dmsgd, DmsgdAsync, Dpsgd, Dssfn, LocalSgd, Isolated)}
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Choco, Digest, Dmsgd, DmsgdAsync, Dpsgd, Dssfn, LocalSgd, Next, NextPushsum, Sgp, Isolated)}
 PARAMS_TYPES = tuple(cls.params_type for cls in REGISTRY.values())
 
 
@@ -51,9 +53,15 @@ __all__ = [
     "LocalSgdParams",
     "MixReport",
     "NeighbourView",
+    "Next",
+    "NextParams",
+    "NextPushsum",
+    "NextPushsumParams",
     "NoneParams",
     "Oracle",
     "Payload",
     "Send",
+    "Sgp",
+    "SgpParams",
     "create",
 ]

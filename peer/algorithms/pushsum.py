@@ -20,7 +20,10 @@ Where mass is lost, and why that is the policy:
   the mass j sent i that i had not applied, and whatever j holds are lost. If j comes back, the link restarts
   from zero: i's next payload to j carries a higher link generation (`scalars["gen"]`), which tells j to count
   from zero, and the first payload from j after the forget only re-synchronizes ρ (its delta is dropped, because
-  i no longer knows what it had applied). Nothing is ever counted twice on a link both ends know about;
+  i no longer knows what it had applied) unless j restarted the link too. Nothing is ever counted twice on a
+  link both ends know about;
+* `restart(values)` starts a fresh push-sum instance at this node (new held mass, every out-link at zero); a
+  caller that restarts a whole network (NEXT-pushsum's tracker epochs) drops older instances' payloads itself;
 * a sender that restarts (higher `incarnation`) counts from zero again, so ρ is reset for it;
 * after `load_state_dict` (a restart from a checkpoint) the held mass is restored but not the running sums
   (they would be stale); the first payload from each sender re-synchronizes. A node that restarts *without*
@@ -36,7 +39,7 @@ Pure: no clocks, no I/O, no randomness.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,11 +131,9 @@ class RunningSums:
         return payloads
 
     # -------------------------------------------------------------------------------------- receiving
-    def receive(self, sender: str, payload: Payload, *, incarnation: int = 0, ignore: Collection[str] = ()) -> bool:
-        """Apply σ − ρ from `sender`. False for an older or duplicate payload (by (incarnation, seq)).
-
-        Vectors named in `ignore` are not applied (their mass is discarded) but ρ still advances.
-        """
+    def receive(self, sender: str, payload: Payload, *, incarnation: int = 0) -> bool:
+        """Apply σ − ρ from `sender`. False for an older or duplicate payload (by (incarnation, seq)), or one that
+        lacks a vector or the weight."""
         gen = int(payload.scalars.get("gen", 0))
         seen = self.seen.get(sender)
         if seen is not None and (incarnation, payload.seq) <= (seen.incarnation, seen.seq):
@@ -140,7 +141,8 @@ class RunningSums:
             return False
         names = [*self.values, WEIGHT]
         if any(k not in payload.tensors for k in names):
-            raise ValueError(f"push-sum payload from {sender} lacks one of {names}")
+            self.ignored += 1  # another algorithm's payload (the codec checks names per kind; be safe anyway)
+            return False
         sigma = {k: payload.tensors[k].to(torch.float64) for k in names}
         if seen is None:
             rho = None if self.resync_unknown else {k: torch.zeros_like(v) for k, v in sigma.items()}
@@ -152,8 +154,7 @@ class RunningSums:
             self.resynced += 1
         else:
             for k in self.values:
-                if k not in ignore:
-                    self.values[k].add_(sigma[k] - rho[k])
+                self.values[k].add_(sigma[k] - rho[k])
             self.weight += float(sigma[WEIGHT][0] - rho[WEIGHT][0])
         self.seen[sender] = _Seen(incarnation, payload.seq, gen, sigma)
         return True
@@ -167,21 +168,19 @@ class RunningSums:
         if seen is not None:
             seen.rho = None
 
-    def restart(self, name: str, value: torch.Tensor) -> None:
-        """Set the mass of `name` to `value` and restart its running sums at zero on every out-link.
+    def restart(self, values: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        """Start a fresh push-sum instance: new held mass, and every out-link restarts at zero.
 
-        The receivers must call `restart_seen(self_id, name)` before applying this node's next payload; the caller
-        signals that in the payload (NEXT-pushsum: a tracker epoch). The weight and other vectors are untouched.
+        Each out-link's generation is bumped, so a receiver counts this node's next payload from zero. What was in
+        flight on the out-links is dropped. Payloads still arriving from senders of the previous instance are
+        applied as usual: a caller that restarts a whole network (NEXT-pushsum's tracker epochs) tags its payloads
+        and drops older instances' payloads before calling `receive`.
         """
-        self.values[name] = value.detach().to(torch.float64).clone()
-        for sigma in self.sent.values():
-            sigma[name] = torch.zeros_like(sigma[name])
-
-    def restart_seen(self, sender: str, name: str) -> None:
-        """The counterpart of `restart` on the receiving side: count `name` from `sender` from zero again."""
-        seen = self.seen.get(sender)
-        if seen is not None and seen.rho is not None:
-            seen.rho[name] = torch.zeros_like(seen.rho[name])
+        self.values = {k: v.detach().to(torch.float64).clone() for k, v in values.items()}
+        self.weight = float(weight)
+        for j in self.sent:
+            self.gen[j] = self.gen.get(j, 0) + 1
+        self.sent = {}
 
     # ------------------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -200,7 +199,8 @@ def network_mass(nodes: Mapping[str, RunningSums]) -> tuple[dict[str, torch.Tens
     """Σ held + Σ in flight (σ_ij − ρ_ji, over links whose receiver still tracks the sender), for tests.
 
     Equal to the initial total (up to float64 rounding) whatever the network did, as long as no `forget`,
-    `restart`, `add_mass` or `set` was called; after a lossless final exchange the in-flight part is zero.
+    `restart`, `add_mass` or `set` was called; after a lossless final exchange the in-flight part is zero. Links
+    whose sender restarted them (a higher generation) count once the receiver has seen the new generation.
     """
     first = next(iter(nodes.values()))
     values = {k: torch.zeros_like(v) for k, v in first.values.items()}

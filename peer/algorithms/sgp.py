@@ -97,6 +97,10 @@ class Sgp(Algorithm):
             self.sums.forget(node_id)
         self.outbox = [s for s in self.outbox if s.to != node_id]
 
+    def metrics(self) -> dict[str, float]:
+        s = self.sums
+        return {"weight": s.weight, "ignored": s.ignored, "resynced": s.resynced} if s is not None else {}
+
     def expected_by_kind(self, num_params: int) -> dict[str, Manifest]:
         dt = self.p.wire_dtype
         return {"push_sum": {"params": ((num_params,), dt), WEIGHT: ((1,), dt)}}
