@@ -29,6 +29,7 @@ from peer.demo_eval import (  # noqa: F401 - re-exported for tests and users
     bin_snapshots,
     consensus_distance,
     evaluate_peers,
+    ssfn_layer_errors,
     list_snapshots,
     parse_snapshot_name,
     reference_accuracies,
@@ -69,7 +70,8 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {"interval_s": 5.0}
 ALGORITHM_DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpsgd": {"train.round_interval_s": 0.0},
     "dmsgd": {"train.round_interval_s": 0.0},
-    "choco": {"train.round_interval_s": 0.0},
+    # Like local_sgd: the momentum-SGD reference is only matched with the same local heavy ball.
+    "choco": {"train.round_interval_s": 0.0, "algorithm.momentum": 0.9},
     "next": {"train.round_interval_s": 0.0},
     "dssfn": {"train.round_interval_s": 0.0},
     # Plain local SGD falls ~3.4 points short of the momentum-SGD centralized reference here; with the same
@@ -270,6 +272,9 @@ def format_table(summary: dict[str, Any]) -> str:
         ("training wall time", f"{summary['training_wall_s']:.1f} s"),
         ("demo wall time", f"{summary['wall_s']:.1f} s"),
     ]
+    if "layer_errors_vs_centralized" in summary:
+        worst = max(summary["layer_errors_vs_centralized"])
+        rows.append(("max layer error vs centralized", f"{worst:.2e} (relative Frobenius, worst peer and layer)"))
     if summary.get("provenance", "standard") != "standard":
         rows.append(("update rule", str(summary["provenance"])))
     head = (
@@ -421,6 +426,7 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
         per_peer, dist = evaluate_peers(cfgs, device)
         print("training the references (centralized, local-only) ...", flush=True)
         central, local = reference_accuracies(cfgs, device)
+        layer_errors = ssfn_layer_errors(cfgs) if REGISTRY[args.algorithm].trains_own_model else None
     phases["references_s"] = time.monotonic() - t_mark
     from peer.metrics import read
 
@@ -441,6 +447,7 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
         "min_accuracy": float(np.min(per_peer)),
         "per_peer_accuracy": per_peer,
         "consensus_distance": dist,
+        **({"layer_errors_vs_centralized": layer_errors} if layer_errors is not None else {}),
         "bytes_sent": sum(int((r or {}).get("bytes_sent") or 0) for r in last),
         "bytes_received": sum(int((r or {}).get("bytes_received") or 0) for r in last),
         "send_failures": sum(int((r or {}).get("send_failures") or 0) for r in last),

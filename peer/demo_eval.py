@@ -163,6 +163,36 @@ def _own_model_accuracy(cfg: Any, state: dict[str, Any], ds: Any) -> tuple[float
     return _ssfn_accuracy(model, ds.x_test, ds.y_test), flat
 
 
+def ssfn_layer_errors(cfgs: Sequence[Any]) -> list[float]:
+    """Per layer l, max over peers of ‖O_l(peer) − O_l(centralized)‖_F / ‖O_l(centralized)‖_F, where the
+    centralized SSFN is trained on the union of the peers' partitions with the exact layer solver."""
+    import numpy as np
+    import torch
+
+    from peer import checkpoint, ssfn
+    from peer.data import load_dataset, local_partition
+
+    c0 = cfgs[0]
+    ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
+    parts = [
+        local_partition(ds, c.data.partition, c.data.num_partitions, c.data.partition_index, c.data.seed) for c in cfgs
+    ]
+    x_all = torch.as_tensor(np.concatenate([p[0] for p in parts]), dtype=torch.float64)
+    y_all = torch.as_tensor(np.concatenate([p[1] for p in parts]))
+    scfg = c0.algorithm.ssfn_config()
+    central = ssfn.train_centralized(x_all, y_all, c0.algorithm.num_classes, scfg)
+    worst = [0.0] * len(central.outputs)
+    for cfg in cfgs:
+        state = checkpoint.load(cfg.state_dir)
+        if state is None or not state.get("result"):
+            raise DemoError(f"{cfg.node_id} wrote no trained model")
+        model = ssfn.model_from_state(state["result"], scfg)
+        for layer, (o, oc) in enumerate(zip(model.outputs, central.outputs, strict=True)):
+            err = float(torch.linalg.matrix_norm(o - oc) / torch.linalg.matrix_norm(oc))
+            worst[layer] = max(worst[layer], err)
+    return worst
+
+
 def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[float]]:
     """(centralized accuracy, local-only accuracy of each partition). For dSSFN the references are SSFN trained
     with the exact layer solver: centralized equivalence is that algorithm's claim."""

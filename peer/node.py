@@ -124,6 +124,7 @@ class Node:
             seed=t.seed + 1000 * cfg.data.partition_index,
         )
         self.algorithm = create(cfg.algorithm, cfg.node_id)
+        self.algorithm.bind_data(int(np.prod(ds.input_shape)), ds.num_classes)
         if self.reset and (aside := checkpoint.discard(self.state_dir)) is not None:
             self.log.warning("--reset: previous checkpoint moved to %s", aside)
         state = checkpoint.load(self.state_dir)

@@ -15,7 +15,10 @@ from peer.algorithms.next import Next, NextParams, NextPushsum, NextPushsumParam
 from peer.algorithms.sgp import Sgp, SgpParams
 from peer.errors import UnknownNameError
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Cdl, Choco, Digest, Dmsgd, DmsgdAsync, Dpsgd, Dssfn, LocalSgd, Next, NextPushsum, Sgp, Isolated)}
+REGISTRY: dict[str, type[Algorithm]] = {
+    cls.name: cls
+    for cls in (Cdl, Choco, Digest, Dmsgd, DmsgdAsync, Dpsgd, Dssfn, LocalSgd, Next, NextPushsum, Sgp, Isolated)
+}
 PARAMS_TYPES = tuple(cls.params_type for cls in REGISTRY.values())
 
 

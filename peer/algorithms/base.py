@@ -169,6 +169,10 @@ class Algorithm(abc.ABC):
         accepts any of several manifests."""
         return None
 
+    def bind_data(self, input_dim: int, num_classes: int) -> None:  # noqa: B027 - optional hook
+        """The shell tells the algorithm the local data's shape before `start`, so that algorithms whose
+        messages depend on it (dSSFN) can check their config and declare their message shapes at once."""
+
     def metrics(self) -> dict[str, float]:
         """Algorithm-specific counters for `metrics.jsonl` (prefixed `algo_`): rounds, retransmissions, ..."""
         return {}

@@ -62,6 +62,9 @@ class ChocoParams(SyncParams):
     )
     gamma: float = Field(0.2, gt=0.0, le=1.0, description="consensus step size γ; lower it for sparser compressors")
     seed: int = Field(0, ge=0, description="seed of the random compressors (randk, qsgd), mixed with the node id")
+    momentum: float = Field(
+        0.0, ge=0.0, lt=1.0, description="local heavy-ball momentum on the half-step (as dpsgd's `momentum`)"
+    )
 
     @field_validator("compressor")
     @classmethod
@@ -85,6 +88,7 @@ class Choco(SynchronousAlgorithm):
         self._numel: int | None = None
         self._dtype = torch.float32
         self._half: torch.Tensor | None = None  # x^{t+½} of the open round
+        self._buf: torch.Tensor | None = None  # local momentum buffer
         self._q: torch.Tensor | None = None  # the decoded (and scaled) q_i of the open round
         self._wire: dict[str, torch.Tensor] = {}
         self._opened = False
@@ -136,6 +140,9 @@ class Choco(SynchronousAlgorithm):
                 self.hat_self = x.clone()
                 self._reset_all = True
         _, g = oracle.gradient(x)
+        if self.p.momentum > 0:  # deep-learning CHOCO runs add local momentum (Koloskova et al., ICLR 2020)
+            self._buf = g.clone() if self._buf is None else self._buf.mul_(self.p.momentum).add_(g)
+            g = self._buf
         self._half = x.add(g, alpha=-oracle.lr())
         self._wire, q = self.compressor.round_trip(self._half - self.hat_self)
         self._q = self._scale(q, x.numel())

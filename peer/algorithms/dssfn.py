@@ -48,6 +48,7 @@ import torch
 from pydantic import Field
 
 from peer import ssfn
+from peer.errors import ConfigError
 from peer.algorithms.base import AlgoParams, InMessage, Manifest, NeighbourView, Oracle, Payload
 from peer.algorithms.dpsgd import mix
 from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
@@ -305,6 +306,13 @@ class Dssfn(SynchronousAlgorithm):
     def start(self, x: torch.Tensor, now: float, view: NeighbourView) -> None:
         # Round 0 needs S_m, hence the local data, which only `advance` can ask the oracle for.
         self.frozen_view = view
+
+    def bind_data(self, input_dim: int, num_classes: int) -> None:
+        if num_classes != self.p.num_classes:
+            raise ConfigError(
+                f"is {self.p.num_classes} but the dataset has {num_classes} classes", field="algorithm.num_classes"
+            )
+        self.input_dim = input_dim
 
     def _num_workers(self, view: NeighbourView) -> int:
         if self.p.num_workers:
