@@ -29,11 +29,11 @@ from peer.demo_eval import (  # noqa: F401 - re-exported for tests and users
     bin_snapshots,
     consensus_distance,
     evaluate_peers,
-    ssfn_layer_errors,
     list_snapshots,
     parse_snapshot_name,
     reference_accuracies,
     snapshot_curves,
+    ssfn_layer_errors,
     train_reference,
     training_done_offset,
 )

@@ -48,10 +48,10 @@ import torch
 from pydantic import Field
 
 from peer import ssfn
-from peer.errors import ConfigError
 from peer.algorithms.base import AlgoParams, InMessage, Manifest, NeighbourView, Oracle, Payload
 from peer.algorithms.dpsgd import mix
 from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
+from peer.errors import ConfigError
 from peer.ssfn import DTYPE, SsfnConfig
 
 
