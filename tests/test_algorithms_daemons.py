@@ -59,3 +59,14 @@ async def test_two_daemons_run_the_algorithm(tmp_path: Path, name: str) -> None:
         assert state is not None and state["algorithm_name"] == name
         if REGISTRY[name].trains_own_model:
             assert state["result"], "the trained model is missing from the checkpoint"
+
+
+@pytest.mark.parametrize("name", ["next", "next_pushsum"])
+def test_the_daemon_refuses_the_gauss_newton_surrogate_naming_the_field(tmp_path: Path, name: str) -> None:
+    from peer.errors import ConfigError
+
+    cfg = fast_config(tmp_path, unique("gn"), algorithm={"name": name, "surrogate": "gauss_newton"})
+    node = Node(cfg, stdout=io.StringIO())
+    with pytest.raises(ConfigError) as err:
+        node._build()
+    assert err.value.field == "algorithm.surrogate"

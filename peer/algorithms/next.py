@@ -222,6 +222,17 @@ def block_bounds(n: int, blocks: int) -> list[tuple[int, int]]:
     return [(edges[k], edges[k + 1]) for k in range(b)]
 
 
+def refuse_gauss_newton_in_daemon(surrogate: str) -> None:
+    """The daemon's models are classifiers trained with cross-entropy: S2 needs a squared loss and Jacobians."""
+    if surrogate == "gauss_newton":
+        raise ConfigError(
+            "'gauss_newton' needs a squared loss with residuals and Jacobians; the daemon's classifiers use "
+            "cross-entropy, so use 'linear' (the S2 surrogate is available to library users through "
+            "GaussNewtonOracle)",
+            field="algorithm.surrogate",
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 class Next(SynchronousAlgorithm):
     """NEXT on the P1 synchronizer: round n sends (z_i[n], y_i[n]); its update gives w[n+1], y[n+1], z[n+1]."""
@@ -243,6 +254,9 @@ class Next(SynchronousAlgorithm):
         self.z: torch.Tensor | None = None
         self.epoch = 0  # tracker epoch (see module)
         self.sent_epoch = 0  # the epoch this round's message carries
+
+    def bind_data(self, input_dim: int, num_classes: int) -> None:
+        refuse_gauss_newton_in_daemon(self.p.surrogate)
         self.restarts = 0
         self._members: frozenset[str] = frozenset()
         self._missing: set[str] = set()  # frozen members whose message the last round went without
@@ -355,6 +369,9 @@ class NextPushsum(Algorithm):
         self.restarts = 0
         self.outbox: list[Send] = []
         self._members: frozenset[str] = frozenset()
+
+    def bind_data(self, input_dim: int, num_classes: int) -> None:
+        refuse_gauss_newton_in_daemon(self.p.surrogate)
 
     def start(self, x: torch.Tensor, now: float, view: NeighbourView) -> None:
         if self.sums is None:
