@@ -294,3 +294,27 @@ def test_messages_pass_the_daemon_codec_against_the_manifest(compressor: str) ->
         got = asm.finish().payload
         assert receiver.on_message(InMessage(algo.node_id, 1, 1, got, 0.0), 0.0)
     assert receiver.corrupt == 0
+
+
+def test_local_momentum_is_the_heavy_ball_on_the_half_step() -> None:
+    """`momentum` > 0: the half-step uses m ← μ m + ∇f (as dpsgd's), so Q = id, γ = 1 is D-PSGD of momentum
+    half-steps."""
+    adj = random_graph(6, 0.4, seed=2)
+    mu = 0.9
+    lr = lambda k: 0.05 / (1 + k / 50)  # noqa: E731 - the schedule of the reference too
+    params = ChocoParams(compressor="none", gamma=1.0, retransmit_s=0.01, momentum=mu)
+    sim = _sim(adj, params, interpolating=False, lr=lr)
+    sim.run(iterations=60)
+    a, b, _ = _problem(adj, interpolating=False)
+    w = mixing_matrix(adj)
+    x = {i: torch.zeros(D, dtype=torch.float64) for i in adj}
+    m: dict[str, torch.Tensor] = {}
+    for k in range(60):
+        half = {}
+        for i in adj:
+            g = a[i].T @ (a[i] @ x[i] - b[i]) / 10
+            m[i] = g if i not in m else mu * m[i] + g
+            half[i] = x[i] - lr(k + 1) * m[i]
+        x = {i: sum(w[i][j] * half[j] for j in sorted(w[i])) for i in adj}
+    assert max(float((sim.x[i] - x[i]).abs().max()) for i in adj) < 1e-12
+    assert float(torch.stack(list(x.values())).abs().max()) > 0.1

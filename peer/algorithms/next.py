@@ -254,12 +254,12 @@ class Next(SynchronousAlgorithm):
         self.z: torch.Tensor | None = None
         self.epoch = 0  # tracker epoch (see module)
         self.sent_epoch = 0  # the epoch this round's message carries
-
-    def bind_data(self, input_dim: int, num_classes: int) -> None:
-        refuse_gauss_newton_in_daemon(self.p.surrogate)
         self.restarts = 0
         self._members: frozenset[str] = frozenset()
         self._missing: set[str] = set()  # frozen members whose message the last round went without
+
+    def bind_data(self, input_dim: int, num_classes: int) -> None:
+        refuse_gauss_newton_in_daemon(self.p.surrogate)
 
     def _init(self, x: torch.Tensor, oracle: Oracle, view: NeighbourView) -> None:
         """y = ∇g_i(w), z from a local step: the paper's initialization, and a restart after a jump."""
