@@ -37,7 +37,12 @@ class Links:
 
 @dataclass
 class FunctionOracle:
-    """An `Oracle` from a gradient function and a step-size schedule, for convex test problems."""
+    """An `Oracle` from a gradient function and a step-size schedule, for convex test problems.
+
+    `lr()` is `lr_fn(calls)`, with `calls` the number of gradients taken so far: called after `gradient`, as the
+    algorithms do, iteration k (0-based) gets `lr_fn(k + 1)`. Reference implementations in tests must use the
+    same indexing. The simulator hands the sender's tensors to receivers without copying: algorithms must not
+    modify a tensor in place after sending it."""
 
     grad_fn: Callable[[torch.Tensor], tuple[float, torch.Tensor]]
     lr_fn: Callable[[int], float] = lambda k: 0.01
