@@ -22,18 +22,23 @@ FAST: dict[str, dict[str, Any]] = {
     "dssfn": {"num_layers": 1, "nodes": 40, "admm_iters": 20, "gossip_rounds": 2},
     "local_sgd": {"local_steps": 2},
 }
+# Non-default variants that change the messages or the synchronization: case id -> (algorithm, settings).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dssfn-pushsum": ("dssfn", {**FAST["dssfn"], "averaging": "pushsum", "gossip_rounds": 3}),
+}
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n != "none"))
-async def test_two_daemons_run_the_algorithm(tmp_path: Path, name: str) -> None:
-    cluster = unique(name.replace("_", "-"))
+@pytest.mark.parametrize("case", sorted(n for n in REGISTRY if n != "none") + sorted(VARIANTS))
+async def test_two_daemons_run_the_algorithm(tmp_path: Path, case: str) -> None:
+    name, settings = VARIANTS.get(case, (case, FAST.get(case, {})))
+    cluster = unique(case.replace("_", "-"))
 
     def node(i: int, static: list[str]) -> Node:
         cfg = fast_config(
             tmp_path,
             f"{cluster}-{i}",
-            algorithm={"name": name, **FAST.get(name, {})},
+            algorithm={"name": name, **settings},
             data={"partition": "shards:2", "num_partitions": 2, "partition_index": i},
             train={"epochs": 2, "wait_for_neighbors_s": 20, "steps_per_round": 1, "round_interval_s": 0.005},
             discovery={"static_peers": static},

@@ -5,7 +5,7 @@ random matrices R_l come from a shared seed, and each layer's convex problem
 min_O Σ_m ‖T_m − Y_{l,m} Oᵀ‖² s.t. ‖O‖_F ≤ ε (layer 0: ridge) is solved by consensus ADMM whose only
 communication is the average of S_m = O_m − Λ_m, computed by B gossip rounds with Metropolis–Hastings weights.
 
-Pattern P1 (spec §1.4, §2(c)): each gossip round is one synchronizer round. The round number is a global
+Pattern P1 (spec §1.4, §2(c)) by default: each gossip round is one synchronizer round. The round number is a global
 counter over (layer l, ADMM iteration k, gossip round b), which also travel in `Payload.scalars`, so a lossy,
 reordering network reproduces the synchronous algorithm bit for bit. A message is S_m, Q × n_l values (n_0 = P).
 
@@ -28,6 +28,26 @@ reordering network reproduces the synchronous algorithm bit for bit. A message i
   during iteration k + 1 and the layer stops when the maximum is below `tol`. A maximum is exact, so with
   B ≥ the graph's diameter every worker takes the same decision and the rounds stay in lockstep. With the
   default `tol` = 0 every layer runs exactly K iterations;
+* **averaging `"pushsum"`** (P3, spec §2(c); an option): no barrier. Each `advance` is one push-sum step of the
+  current ADMM iteration (l, k): emit running sums of (S_m, weight 1) to every neighbour with the uniform split
+  1/(d + 1) (`pushsum.RunningSums`, a fresh instance per iteration, tagged `round = l·K + k` and `scalars` layer,
+  iter, mu), and apply what arrives for the same tag as it arrives. The (B+1)-th step takes S ← s/w, finishes the
+  iteration (Z-step, dual step) and makes the next iteration's first push. Payloads of a later tag wait (the
+  latest per sender); payloads of a finished tag are dropped. `ready` holds once a neighbour's payload arrived
+  since the last push, a neighbour moved on to a later tag, or `pushsum_wait_s` passed: one neighbour suffices,
+  so a straggler does not slow the others. A worker that sees a later tag ends its own iteration at once
+  (`hurried`: fewer push-sum steps for it). Messages are unkeyed latest-wins sends, Q·n_l + 1 values: a lost
+  one is made good by the next of the same tag; one still in flight when the receiver closes the iteration is
+  lost mass, so s/w is a convex combination of the S_m rather than their average. **The result is therefore
+  approximate** unless B is large next to the delays (measured on digits, 4-ring: 3e-5 per layer without loss
+  and 6e-4 with 20% drop at B = 10, P1 gossip 3e-5; two daemons at B = 3 disagree by 3%, at B = 10 by 1e-6);
+  P1 (`"gossip"`, the default) stays the exact option. μ must be the same on every worker (a per-worker μ moves
+  the ADMM fixed point), and agreement is eventual, not per iteration: the adaptation runs as above from each
+  worker's own estimate of S̄ (quantized), every payload carries the sender's μ of that iteration, and a worker
+  that saw a larger one adopts it at the iteration's end (`mu_merged`); payloads of one tag all carry that
+  iteration's μ, so the max never mixes μ from before and after an adaptation. The stopping rule is refused
+  (`tol` > 0): workers could stop a layer at different k with nothing to bring them back in step. A restart
+  from a checkpoint starts the current iteration's push-sum afresh (the running sums are not saved);
 * **M**, the number of workers, enters the ridge Z-step and μ_0: `num_workers`, else `len(view.members)`.
   It must be the same on every worker (the daemon's membership must be complete when training starts);
 * a node that jumps rounds (it restarted, or was cut off and given up on) continues from its current iterate at
@@ -45,11 +65,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from peer import ssfn
-from peer.algorithms.base import AlgoParams, InMessage, Manifest, NeighbourView, Oracle, Payload
+from peer.algorithms.base import AlgoParams, InMessage, Manifest, MixReport, NeighbourView, Oracle, Payload, Send
 from peer.algorithms.dpsgd import mix
+from peer.algorithms.pushsum import WEIGHT, RunningSums
 from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
 from peer.errors import ConfigError
 from peer.ssfn import DTYPE, SsfnConfig
@@ -75,9 +96,21 @@ class DssfnParams(SyncParams):
     num_workers: int = Field(0, ge=0, description="M; 0 takes the number of cluster members from the view")
     input_dim: int = Field(0, ge=0, description="P, for message shape checks before the data is loaded (0: unset)")
     wire_dtype: Literal["float64", "float32"] = Field("float64", description="dtype of S on the wire")
-    averaging: Literal["gossip", "tracking"] = Field(
-        "gossip", description="average S afresh every iteration (spec) or track it across iterations"
+    averaging: Literal["gossip", "tracking", "pushsum"] = Field(
+        "gossip",
+        description="average S afresh every iteration (spec, P1), track it across iterations (P1), or run B "
+        "push-sum steps per iteration without a barrier (P3, approximate)",
     )
+    pushsum_wait_s: float = Field(
+        0.2, gt=0, description="pushsum: take the next push-sum step after this long even if nothing new arrived"
+    )
+
+    @model_validator(mode="after")
+    def _pushsum_has_no_stopping_rule(self) -> DssfnParams:
+        if self.averaging == "pushsum" and self.tol > 0:
+            # Workers could stop a layer at different iterations, and nothing would bring them back in step.
+            raise ValueError("tol > 0 (the stopping rule) needs a P1 averaging; averaging=pushsum runs K iterations")
+        return self
 
     def ssfn_config(self) -> SsfnConfig:
         return SsfnConfig(
@@ -121,6 +154,7 @@ class Worker:
         self.mus: list[float] = []  # the final μ of every finished layer
         self.mismatched = 0  # received messages of another shape or (l, k, b): lockstep was broken
         self.skipped_layers = 0
+        self.mu_merged = 0  # pushsum: iterations that ended by adopting a neighbour's larger μ
         self.metric = math.inf  # this worker's relative change in the previous ADMM iteration
         self.metric_max = math.inf  # its max over the neighbourhood, gossiped during the current iteration
         self.y = self.x  # the current layer's features [J_m, n_l]
@@ -198,7 +232,15 @@ class Worker:
             self.b = 0
             self._end_iteration()
 
-    def _end_iteration(self) -> None:
+    def finish_iteration(self, s_avg: torch.Tensor, mu_seen: float) -> None:
+        """P3: `s_avg`, the push-sum estimate of the average of S, ends the current ADMM iteration. `mu_seen` is
+        the largest μ the neighbours used in this iteration; a worker behind it adopts it (see the module)."""
+        if self.done:
+            return
+        self.s = s_avg.to(DTYPE)
+        self._end_iteration(mu_seen)
+
+    def _end_iteration(self, mu_seen: float = 0.0) -> None:
         z_prev = self.z
         if self.ridge:
             m = self.num_workers
@@ -207,6 +249,10 @@ class Worker:
             self.z = ssfn.project_ball(self.s, self.eps)
         self.lam = self.lam + self.z - self.o
         self.k += 1
+        if not self.ridge and mu_seen > self.mu:
+            # Before the adaptation: both sides of the max are the μ of the iteration just finished.
+            self._change_mu(mu_seen)
+            self.mu_merged += 1
         if not self.ridge and self.k in self.p.mu_adapt_iters:
             self._adapt_mu()
         decided_stop = self._stop_rule()
@@ -228,7 +274,9 @@ class Worker:
         c = float(torch.linalg.matrix_norm(self.s)) / self.eps - 1.0
         if c <= 0:
             return  # the constraint is not active (yet): nothing to calibrate against
-        new = quantize_mu(min(max(self.p.shrink * self.mu / c, self.mu / 1e3), self.mu * 1e3))
+        self._change_mu(quantize_mu(min(max(self.p.shrink * self.mu / c, self.mu / 1e3), self.mu * 1e3)))
+
+    def _change_mu(self, new: float) -> None:
         if new != self.mu:
             self.lam = self.lam * (new / self.mu)  # Λ is μ times the dual variable
             self._set_mu(new)
@@ -280,8 +328,93 @@ def run_lockstep(
     return rounds
 
 
+class PushSumWindow:
+    """P3 averaging of S for one worker (`averaging="pushsum"`): one `RunningSums` instance per ADMM iteration.
+
+    The instance of iteration (l, k) is tagged `round = l·K + k`. Payloads of the current tag are applied as they
+    arrive, payloads of an earlier tag are dropped (that iteration is over here), payloads of a later tag are
+    buffered, the latest per sender only (a running sum supersedes its predecessors), and applied when this worker
+    opens that tag. `steps` counts this worker's emits in the current tag; `fresh` the payloads applied since
+    its last emit (what `Dssfn.ready` waits for).
+    """
+
+    def __init__(self, wire_dtype: torch.dtype) -> None:
+        self.wire_dtype = wire_dtype
+        self.tag = -1  # nothing opened yet: every payload is buffered
+        self.sums: RunningSums | None = None
+        self.steps = 0
+        self.fresh = 0
+        self.mu_seen = 0.0  # the largest μ carried by a payload applied in this tag
+        self.future: dict[int, dict[str, tuple[int, Payload]]] = {}  # tag -> sender -> (incarnation, payload)
+        self.dropped_past = 0
+        self.mismatched = 0
+
+    def open(self, tag: int, s: torch.Tensor) -> None:
+        """Start tag `tag` with mass (S_m, 1) and apply what was buffered for it."""
+        self.tag = tag
+        self.sums = RunningSums({"s": s}, 1.0, kind="push_sum", wire_dtype=self.wire_dtype)
+        self.steps = self.fresh = 0
+        self.mu_seen = 0.0
+        waiting = self.future.pop(tag, {})
+        self.dropped_past += sum(len(box) for t, box in self.future.items() if t < tag)
+        self.future = {t: box for t, box in self.future.items() if t > tag}
+        for sender in sorted(waiting):
+            incarnation, payload = waiting[sender]
+            self._apply(sender, payload, incarnation)
+
+    def behind(self) -> bool:
+        """A neighbour already pushes a later iteration: this one will get no more mass from it."""
+        return any(t > self.tag for t in self.future)
+
+    def receive(self, msg: InMessage) -> bool:
+        tag = msg.payload.round
+        if tag < self.tag:
+            self.dropped_past += 1
+            return False
+        if tag > self.tag or self.sums is None:
+            box = self.future.setdefault(tag, {})
+            old = box.get(msg.sender)
+            if old is not None and (old[0], old[1].seq) >= (msg.incarnation, msg.payload.seq):
+                return False
+            box[msg.sender] = (msg.incarnation, msg.payload)
+            return True
+        return self._apply(msg.sender, msg.payload, msg.incarnation)
+
+    def _apply(self, sender: str, payload: Payload, incarnation: int) -> bool:
+        sums = self.sums
+        assert sums is not None
+        s = payload.tensors.get("s")
+        if s is None or s.shape != sums.values["s"].shape:
+            self.mismatched += 1  # another layer's shape under this tag: a peer with another configuration
+            return False
+        if not sums.receive(sender, payload, incarnation=incarnation):
+            return False
+        self.fresh += 1
+        self.mu_seen = max(self.mu_seen, payload.scalars.get("mu", 0.0))
+        return True
+
+    def emit(self, out: Sequence[str], scalars: Mapping[str, float]) -> dict[str, Payload]:
+        assert self.sums is not None
+        payloads = self.sums.emit(out, round_=self.tag, scalars=scalars)
+        self.steps += 1
+        self.fresh = 0
+        return payloads
+
+    def estimate(self) -> torch.Tensor:
+        """s / w: a convex combination of the workers' S_m (their average when no mass was lost)."""
+        assert self.sums is not None
+        return self.sums.estimate("s")
+
+    def forget(self, node_id: str) -> None:
+        if self.sums is not None:
+            self.sums.forget(node_id)
+        for box in self.future.values():
+            box.pop(node_id, None)
+
+
 class Dssfn(SynchronousAlgorithm):
-    """dSSFN through the P1 synchronizer; `advance` ignores the gradient oracle and reads `oracle.local_data()`."""
+    """dSSFN through the P1 synchronizer, or P3 push-sum with `averaging="pushsum"`; `advance` ignores the gradient
+    oracle and reads `oracle.local_data()`."""
 
     name: ClassVar[str] = "dssfn"
     params_type: ClassVar[type[AlgoParams]] = DssfnParams
@@ -297,12 +430,21 @@ class Dssfn(SynchronousAlgorithm):
         self.input_dim = params.input_dim
         self._restored: dict[str, Any] | None = None
         self._ahead: dict[int, tuple[int, int, int]] = {}  # round -> (l, k, b) of messages from later rounds
+        # averaging="pushsum" (P3) only:
+        self.ps = PushSumWindow(self.wire_dtype)
+        self.outbox: list[Send] = []
+        self.last_step_at = -math.inf
+        self.hurried = 0  # iterations this worker ended early because a neighbour had moved on
 
     @property
     def wire_dtype(self) -> torch.dtype:
         return torch.float64 if self.p.wire_dtype == "float64" else torch.float32
 
     # ------------------------------------------------------------------------------------------- set-up
+    @property
+    def pushsum(self) -> bool:
+        return self.p.averaging == "pushsum"
+
     def start(self, x: torch.Tensor, now: float, view: NeighbourView) -> None:
         # Round 0 needs S_m, hence the local data, which only `advance` can ask the oracle for.
         self.frozen_view = view
@@ -336,12 +478,57 @@ class Dssfn(SynchronousAlgorithm):
             self._restored = None
         self.worker = w
 
+    def ready(self, now: float, view: NeighbourView) -> bool:
+        if not self.pushsum:
+            return super().ready(now, view)
+        w, ps = self.worker, self.ps
+        if w is None:
+            return True
+        if w.done:
+            return False
+        # Progress means new mass to mix (or to finish with): some neighbour's payload, or a later iteration's. No
+        # barrier: one neighbour suffices, and after `pushsum_wait_s` of silence the step is taken anyway.
+        return not view.degrees or ps.fresh > 0 or ps.behind() or now - self.last_step_at >= self.p.pushsum_wait_s
+
     def advance(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
+        if self.pushsum:
+            return self._push_sum_step(x, oracle, now, view)
         if self.worker is None:
             self._init(oracle, view)
             self._open(self.iteration, x, now, view)
             return x
         return super().advance(x, oracle, now, view)
+
+    def _push_sum_step(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
+        """One push-sum step of the current ADMM iteration; the (B+1)-th step first ends the iteration with s / w."""
+        ps = self.ps
+        self.last_step_at = now
+        if self.worker is None:
+            self._init(oracle, view)
+        elif ps.steps >= self.p.gossip_rounds or ps.behind():
+            if ps.steps < self.p.gossip_rounds:
+                self.hurried += 1
+            self.worker.finish_iteration(ps.estimate(), ps.mu_seen)
+        w = self.worker
+        assert w is not None
+        if w.done:
+            self.outbox = []
+            return x
+        tag = w.layer * self.p.admm_iters + w.k
+        if tag != ps.tag:
+            ps.open(tag, w.s)
+        out = sorted(view.degrees)
+        payloads = ps.emit(out, {"layer": float(w.layer), "iter": float(w.k), "mu": w.mu})
+        self.outbox = [Send(j, payloads[j]) for j in out]  # unkeyed, latest wins: running sums need no ACKs
+        self.iteration += 1
+        self.last_report = MixReport(tuple(out), (), 1.0 / (len(out) + 1))
+        return x
+
+    def sends(self, now: float) -> list[Send]:
+        if not self.pushsum:
+            return super().sends(now)
+        out, self.outbox = self.outbox, []
+        return out
 
     # ------------------------------------------------------------------------------------------- rounds
     def round_messages(self, x: torch.Tensor, round_: int, to: Sequence[str]) -> dict[str, Payload]:
@@ -372,10 +559,21 @@ class Dssfn(SynchronousAlgorithm):
         return x
 
     def on_message(self, msg: InMessage, now: float) -> bool:
+        if self.pushsum:
+            if msg.payload.kind != "push_sum" or (self.worker is not None and self.worker.done):
+                return False
+            return self.ps.receive(msg)
         r = msg.payload.round
         if msg.payload.kind == "admm" and r > self.sync.round + 1:
             self._ahead[r] = _position(msg.payload)
         return super().on_message(msg, now)
+
+    def forget(self, node_id: str) -> None:
+        if not self.pushsum:
+            super().forget(node_id)
+            return
+        self.ps.forget(node_id)
+        self.outbox = [s for s in self.outbox if s.to != node_id]
 
     def on_jump(self, x: torch.Tensor, from_round: int, to_round: int) -> None:
         target = self._ahead.get(to_round)
@@ -396,13 +594,25 @@ class Dssfn(SynchronousAlgorithm):
         if not self.input_dim:
             return None  # P unknown until the data is loaded: accept any shape (the fingerprint still binds)
         q, dtype = self.p.num_classes, self.p.wire_dtype
-        manifests: list[Manifest] = [{"s": ((q, self.input_dim), dtype)}]
-        if self.p.num_layers > 0 and self.p.nodes != self.input_dim:
-            manifests.append({"s": ((q, self.p.nodes), dtype)})
-        return {"admm": manifests}
+        widths = [self.input_dim] + ([self.p.nodes] if self.p.num_layers > 0 and self.p.nodes != self.input_dim else [])
+        if self.pushsum:
+            return {"push_sum": [{"s": ((q, n), dtype), WEIGHT: ((1,), dtype)} for n in widths]}
+        return {"admm": [{"s": ((q, n), dtype)} for n in widths]}
 
     def metrics(self) -> dict[str, float]:
         w = self.worker
+        if self.pushsum:
+            ps = self.ps
+            out = {
+                "round": float(self.iteration),
+                "hurried": float(self.hurried),
+                "dropped_past": float(ps.dropped_past),
+                "mismatched": float(ps.mismatched),
+                "weight": ps.sums.weight if ps.sums is not None else 1.0,
+            }
+            if w is not None:
+                out.update(layer=float(w.layer), admm_iter=float(w.k), mu=w.mu, mu_merged=float(w.mu_merged))
+            return out
         out = {"round": float(self.iteration), "gave_up": float(self.sync.gave_up), "jumps": float(self.jumps)}
         if w is not None:
             out.update(layer=float(w.layer), admm_iter=float(w.k), mu=w.mu, mismatched=float(w.mismatched))
@@ -430,6 +640,9 @@ class Dssfn(SynchronousAlgorithm):
         super().load_state_dict(state)
         self._restored = state.get("worker")
         self.worker = None  # rebuilt (features recomputed from the data) at the next `advance`
+        # pushsum: the running sums are not saved (they would be stale); the current iteration's window restarts.
+        self.ps = PushSumWindow(self.wire_dtype)
+        self.outbox = []
 
 
 def _position(payload: Payload) -> tuple[int, int, int]:
