@@ -84,7 +84,7 @@ class DssfnParams(SyncParams):
     alpha: float = Field(1.0, ge=1.0, description="ε = alpha·sqrt(2Q), the bound on ‖O_l‖_F")
     lam: float = Field(100.0, gt=0, description="λ, the ridge weight of layer 0")
     layer0: Literal["ridge", "ball"] = Field("ridge", description="layer 0 as ridge (public SSFN) or ε-ball")
-    admm_iters: int = Field(120, ge=1, description="K, ADMM iterations per layer (the maximum when tol > 0)")
+    admm_iters: int = Field(200, ge=1, description="K, ADMM iterations per layer (the maximum when tol > 0)")
     gossip_rounds: int = Field(10, ge=1, description="B, gossip averaging rounds per ADMM iteration")
     mu: float = Field(1.0, gt=0, description="initial ADMM μ (penalty 1/μ) of the ε-ball layers")
     shrink: float = Field(0.07, gt=0, description="κ: μ is set so that the Z-step shrinks S̄ by 1/(1 + κ)")
