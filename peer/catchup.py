@@ -51,6 +51,8 @@ class CatchUp:
         towards its own classes. Progress comes with every heartbeat answer."""
         if not self.node.cfg.catchup.enabled or self.node.worker.done or self.running or self.node._tg is None:
             return
+        if self.node.algorithm.owns_local_update:
+            return  # step-mode algorithms keep their own state once started (see TrainingWorker)
         mine = self.node.trainer.step_count / self.node.trainer.steps_per_epoch
         lead = max(
             (e for j, (_, e) in self.node.membership.peer_progress.items() if j in self.node.core.neighbours()),

@@ -183,8 +183,11 @@ class TrainingWorker:
         oracle = TrainerOracle(trainer, self.cfg, self.total_steps)
         x = trainer.get_flat()
         while self.adopt:  # catch-up before the first iteration; later adoptions would break the algorithm's state
-            x = self.adopt.popleft()[0].to(x.dtype)
+            params, epoch = self.adopt.popleft()
+            x = params.to(x.dtype)
             trainer.set_flat(x)
+            trainer.step_count = max(trainer.step_count, min(self.total_steps, round(epoch * trainer.steps_per_epoch)))
+            trainer.epoch = trainer.step_count // trainer.steps_per_epoch
         algo.start(x, time.monotonic(), self.view)
         self._flush_sends()
         self._first_step_at = time.monotonic()
@@ -220,6 +223,11 @@ class TrainingWorker:
     def _drain_step_mode(self, now: float) -> None:
         algo = self.algorithm
         dropped = 0
+        if self.adopt:
+            # A model fetched mid-run cannot be adopted: it would not match the algorithm's own state (momentum,
+            # trackers, replicas, push-sum weights). Step-mode algorithms catch up through their protocol instead.
+            self.adopt.clear()
+            self.log.info("catch-up ignored: %s keeps its own state once started", algo.name)
         while self.forget:
             algo.forget(self.forget.popleft())
         while self.acks:
