@@ -106,6 +106,7 @@ def run_one(args: argparse.Namespace, algorithm: str, seed: int, runs_dir: Path)
             "demo_wall_s": wall,
             "epochs": summary.get("epochs"),
             "hyperparameters": summary.get("hyperparameters"),
+            "layer_errors_vs_centralized": summary.get("layer_errors_vs_centralized"),
         }
     )
     print(
@@ -152,6 +153,15 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 acc = statistics.mean(r["mean_accuracy"] for r in ok)
                 cen = statistics.mean(r["centralized_accuracy"] for r in ok)
                 lines.append(f"| {name} | {acc:.2%} | {(acc - cen) * 100:+.2f} pts |")
+    for r in rows:
+        errs = r.get("layer_errors_vs_centralized")
+        if errs:
+            shown = ", ".join(f"{e:.2e}" for e in errs)
+            lines += [
+                "",
+                f"{r['algorithm']} (seed {r['seed']}): per-layer relative Frobenius error of the peers' output "
+                f"matrices against centralized SSFN with the exact solver (worst peer): {shown}.",
+            ]
     lines += ["", "Reproduce one row: the command column of `algorithms.json`, run from the repository root.", ""]
     return "\n".join(lines)
 
