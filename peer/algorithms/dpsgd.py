@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from peer.algorithms.base import AlgoParams, Manifest, Oracle, Payload
+from peer.algorithms.base import AlgoParams, InMessage, Manifest, Oracle, Payload
 from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
 
 
@@ -44,16 +44,26 @@ class Dpsgd(SynchronousAlgorithm):
         payload = Payload("state", {"params": x.clone()}, seq=round_ + 1, round=round_)
         return {j: payload for j in to}
 
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        """The local step's direction: the gradient, or the heavy-ball buffer m ← μ m + g when `momentum` > 0."""
+        if self.p.momentum > 0:
+            self.buf = g.clone() if self.buf is None else self.buf.mul_(self.p.momentum).add_(g)
+            return self.buf
+        return g
+
     def update(
         self, x: torch.Tensor, received: dict[str, Payload], weights: dict[str, float], oracle: Oracle
     ) -> torch.Tensor:
         _, g = oracle.gradient(x)
         lr = oracle.lr()
-        if self.p.momentum > 0:
-            self.buf = g.clone() if self.buf is None else self.buf.mul_(self.p.momentum).add_(g)
-            g = self.buf
+        g = self.direction(g)
         out = mix(x, {j: p.tensors["params"] for j, p in received.items()}, weights)
         return out.add_(g, alpha=-lr)
+
+    def on_message(self, msg: InMessage, now: float) -> bool:
+        if "params" not in msg.payload.tensors:
+            return False
+        return super().on_message(msg, now)
 
     def expected_by_kind(self, num_params: int) -> dict[str, Manifest]:
         return {"state": {"params": ((num_params,), "float32")}}

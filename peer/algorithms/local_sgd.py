@@ -15,67 +15,41 @@ post-local iterates, x_i^{k+1} = Σ_j w_ij y_j^H:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from peer.algorithms.base import AlgoParams, InMessage, Manifest, Oracle, Payload
-from peer.algorithms.dpsgd import mix
-from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
+from peer.algorithms.base import AlgoParams, Oracle, Payload
+from peer.algorithms.dpsgd import Dpsgd, DpsgdParams, mix
 
 
-class LocalSgdParams(SyncParams):
-    name: Literal["local_sgd"] = "local_sgd"
+class LocalSgdParams(DpsgdParams):
+    name: Literal["local_sgd"] = "local_sgd"  # type: ignore[assignment]
     local_steps: int = Field(4, ge=1, description="local SGD steps H per gossip round (H = 1 is D-PSGD)")
-    momentum: float = Field(
-        0.0, ge=0.0, lt=1.0, description="local heavy-ball momentum on the gradient steps (as dpsgd's `momentum`)"
-    )
 
 
-class LocalSgd(SynchronousAlgorithm):
+class LocalSgd(Dpsgd):
+    """D-PSGD's messages, momentum rule and checkpoint, with H local steps per round."""
+
     name: ClassVar[str] = "local_sgd"
     params_type: ClassVar[type[AlgoParams]] = LocalSgdParams
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         super().__init__(params, node_id)
         assert isinstance(params, LocalSgdParams)
-        self.p: LocalSgdParams = params
-        self.buf: torch.Tensor | None = None
-
-    def round_messages(self, x: torch.Tensor, round_: int, to: Sequence[str]) -> dict[str, Payload]:
-        payload = Payload("state", {"params": x.clone()}, seq=round_ + 1, round=round_)
-        return {j: payload for j in to}
+        self.h = params.local_steps
 
     def update(
         self, x: torch.Tensor, received: dict[str, Payload], weights: dict[str, float], oracle: Oracle
     ) -> torch.Tensor:
         out = mix(x, {j: p.tensors["params"] for j, p in received.items()}, weights)
         y = x
-        for t in range(self.p.local_steps):
+        for t in range(self.h):
             _, g = oracle.gradient(y)
             lr = oracle.lr()
-            if self.p.momentum > 0:  # the same buffer rule as Dpsgd, so H = 1 stays D-PSGD with momentum
-                self.buf = g.clone() if self.buf is None else self.buf.mul_(self.p.momentum).add_(g)
-                g = self.buf
+            g = self.direction(g)  # the same rule as Dpsgd, so H = 1 stays D-PSGD, with momentum too
             out.add_(g, alpha=-lr)  # Δ accumulates onto the mix step by step (bit-exact D-PSGD at H = 1)
-            if t + 1 < self.p.local_steps:
+            if t + 1 < self.h:
                 y = y.add(g, alpha=-lr)
         return out
-
-    def on_message(self, msg: InMessage, now: float) -> bool:
-        if "params" not in msg.payload.tensors:
-            return False
-        return super().on_message(msg, now)
-
-    def expected_by_kind(self, num_params: int) -> dict[str, Manifest]:
-        return {"state": {"params": ((num_params,), "float32")}}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "buf": self.buf if self.buf is not None else torch.zeros(0)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        buf = state.get("buf")
-        self.buf = buf if isinstance(buf, torch.Tensor) and buf.numel() else None
