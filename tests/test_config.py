@@ -115,3 +115,22 @@ def test_model_names_match_the_model_zoo() -> None:
     from peer.models import MODEL_NAMES
 
     assert config.MODEL_NAMES == MODEL_NAMES
+
+
+def test_readme_documents_every_algorithm_and_parameter() -> None:
+    from peer.algorithms import REGISTRY
+
+    readme = (Path(config.__file__).parents[1] / "README.md").read_text()
+    for name, cls in REGISTRY.items():
+        assert f"<code>{name}</code> parameters" in readme, f"README has no parameter table for {name}"
+        section = readme.split(f"<code>{name}</code> parameters", 1)[1].split("</details>", 1)[0]
+        for field in cls.params_type.model_fields:
+            if field != "name":
+                assert f"`algorithm.{field}`" in section, f"README does not document {name}'s {field}"
+        # A config naming the algorithm validates with its defaults.
+        assert (
+            config.validate(
+                {"node_id": "a", "state_dir": "/tmp/x", "algorithm": {"name": name}}, source="test"
+            ).algorithm.name
+            == name
+        )
