@@ -181,8 +181,11 @@ def test_a_node_that_fell_behind_jumps_and_resets_its_neighbours() -> None:
     n0 = sim.algorithms["n0"]
     assert isinstance(n0, Choco) and n0.jumps >= 1 and n0.resets_sent >= 2
     assert check.verify() > 0
-    for i, j in (("n0", "n1"), ("n0", "n5"), ("n1", "n0"), ("n5", "n0")):
-        assert j in sim.algorithms[i].hat  # type: ignore[attr-defined]
+    # n0 stays slow, so a round now and then gives up on it and drops the replica until the next reset: at any
+    # one moment a replica may be missing, but all four come back together.
+    pairs = (("n0", "n1"), ("n0", "n5"), ("n1", "n0"), ("n5", "n0"))
+    sim.run(until=lambda s: all(j in s.algorithms[i].hat for i, j in pairs), max_time_s=sim.now + 5.0)  # type: ignore[attr-defined]
+    assert all(j in sim.algorithms[i].hat for i, j in pairs)  # type: ignore[attr-defined]
     _, _, x_true = _problem(adj, interpolating=True)
     assert max(float(torch.linalg.vector_norm(x - x_true)) for x in sim.x.values()) < 0.05 * float(x_true.norm())
 

@@ -4,9 +4,12 @@ A node in round k has sent its round-k message to every member of the round's fr
 advance once it holds the round-k message of every member. That reproduces a synchronous algorithm exactly on
 a lossy, reordering, duplicating network:
 
-* every round-k message is retransmitted every `retransmit_s` until acknowledged. An acknowledgement is either
-  explicit (`ack`, the daemon's RPC success or a simulated ACK packet) or implicit: a neighbour's round-r
-  message proves it finished every round before r, so it holds all our messages for those rounds;
+* every round-k message is retransmitted until acknowledged. An acknowledgement is either explicit (`ack`, the
+  daemon's RPC success or a simulated ACK packet) or implicit: a neighbour's round-r message proves it finished
+  every round before r, so it holds all our messages for those rounds. The retransmission timeout adapts to
+  the measured round trip as TCP's does (RFC 6298: smoothed RTT + 4 × its variation, samples only from
+  messages sent once), between `min_retransmit_s` and `retransmit_s`, which is also the timeout before the
+  first sample: a lost message on a LAN costs milliseconds, not the worst-case timeout;
 * the receiver de-duplicates by (sender, round) and buffers messages of later rounds (a neighbour can be at
   most one round ahead of a member that waits for it, but a jump can put it further);
 * the neighbour set is frozen when a round opens; membership changes take effect at the next round, where the
@@ -49,13 +52,18 @@ from peer.algorithms.mixing import WEIGHT_RULES
 class _Pending:
     payload: Payload
     last_sent: float | None = None  # None: never sent yet
+    sends: int = 0
 
 
 @dataclass
 class RoundSync:
     node_id: str
-    retransmit_s: float = 0.5
+    retransmit_s: float = 0.5  # the largest retransmission timeout, and the one used before any RTT sample
     give_up_s: float = 30.0
+    min_retransmit_s: float = 0.005
+    srtt: float | None = None  # smoothed round-trip time of acknowledged messages
+    rttvar: float = 0.0
+    retransmissions: int = 0
     round: int = -1  # -1 until the first round opens
     members: frozenset[str] = frozenset()
     opened_at: float = 0.0
@@ -127,17 +135,38 @@ class RoundSync:
             self.jump_to = max(self.jump_to or 0, r)
         return True
 
-    def ack(self, to: str, key: tuple[int, ...]) -> None:
-        if key:
-            self._pending.pop((to, key[0]), None)
+    def ack(self, to: str, key: tuple[int, ...], now: float | None = None) -> None:
+        if not key:
+            return
+        p = self._pending.pop((to, key[0]), None)
+        if p is not None and now is not None and p.sends == 1 and p.last_sent is not None:
+            self._rtt_sample(max(0.0, now - p.last_sent))  # Karn: a retransmitted message gives no sample
+
+    def _rtt_sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    @property
+    def timeout_s(self) -> float:
+        """The current retransmission timeout."""
+        if self.srtt is None:
+            return self.retransmit_s
+        return min(self.retransmit_s, max(self.min_retransmit_s, self.srtt + 4 * self.rttvar))
 
     # ------------------------------------------------------------------------------------------ sending
     def due(self, now: float) -> list[Send]:
         """Messages never sent, or unacknowledged for `retransmit_s`; marks them sent at `now`."""
         out: list[Send] = []
+        timeout = self.timeout_s
         for (to, r), p in sorted(self._pending.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            if p.last_sent is None or now - p.last_sent >= self.retransmit_s:
+            if p.last_sent is None or now - p.last_sent >= timeout:
+                if p.last_sent is not None:
+                    self.retransmissions += 1
                 p.last_sent = now
+                p.sends += 1
                 out.append(Send(to, p.payload, (r,)))
         return out
 
@@ -164,7 +193,9 @@ class SyncParams(AlgoParams):
     weights: Literal["metropolis", "uniform"] = Field(
         "metropolis", description="mixing weights: Metropolis–Hastings, or uniform 1/(d + 1) (regular graphs)"
     )
-    retransmit_s: float = Field(0.5, gt=0, description="resend an unacknowledged round message this often")
+    retransmit_s: float = Field(
+        0.5, gt=0, description="largest retransmission timeout (the timeout adapts to the measured round trip)"
+    )
     give_up_s: float = Field(10.0, gt=0, description="a neighbour silent this long is left out of the round")
 
 
@@ -239,7 +270,7 @@ class SynchronousAlgorithm(Algorithm):
         return self.sync.due(now)
 
     def on_ack(self, to: str, key: tuple[int, ...], now: float) -> None:
-        self.sync.ack(to, key)
+        self.sync.ack(to, key, now)
 
     def on_message(self, msg: InMessage, now: float) -> bool:
         if msg.payload.kind not in self.kinds:
@@ -258,6 +289,8 @@ class SynchronousAlgorithm(Algorithm):
             "stale": s.stale,
             "jumps": self.jumps,
             "unacked": s.unacked(),
+            "retransmissions": s.retransmissions,
+            "rto_s": s.timeout_s,
         }
 
     def state_dict(self) -> dict[str, Any]:
