@@ -198,7 +198,9 @@ class TrainingWorker:
             self._drain_step_mode(now)
             finished = self.step_mode_finished
             interval = self.consensus_interval_s if finished else self.cfg.round_interval_s * self.slowdown
-            may_advance = not (finished and algo.trains_own_model) and now - last_advance >= interval
+            # Pacing never holds up a neighbour that already waits for our next round (P1).
+            paced = now - last_advance < interval and not algo.neighbours_waiting()
+            may_advance = not (finished and algo.trains_own_model) and not paced
             advanced = False
             if may_advance and algo.ready(now, self.view):
                 started = time.monotonic()

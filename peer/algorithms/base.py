@@ -161,6 +161,10 @@ class Algorithm(abc.ABC):
         """Per-destination messages due now, retransmissions included. Step mode only."""
         return []
 
+    def neighbours_waiting(self) -> bool:
+        """Is a neighbour blocked on this node's next message? The shell then skips its pacing (P1)."""
+        return False
+
     def on_ack(self, to: str, key: tuple[int, ...], now: float) -> None:  # noqa: B027 - optional hook
         """A reliable message (`Send.key`) reached `to`."""
 

@@ -170,6 +170,10 @@ class RoundSync:
                 out.append(Send(to, p.payload, (r,)))
         return out
 
+    def ahead(self) -> bool:
+        """Has a message of a later round arrived? Its sender finished our round and now waits for us."""
+        return any(r > self.round and got for r, got in self._received.items())
+
     def unacked(self) -> int:
         return len(self._pending)
 
@@ -268,6 +272,9 @@ class SynchronousAlgorithm(Algorithm):
 
     def sends(self, now: float) -> list[Send]:
         return self.sync.due(now)
+
+    def neighbours_waiting(self) -> bool:
+        return self.sync.ahead()
 
     def on_ack(self, to: str, key: tuple[int, ...], now: float) -> None:
         self.sync.ack(to, key, now)
