@@ -36,11 +36,11 @@ def test_unacknowledged_messages_are_resent_and_the_timeout_follows_the_round_tr
     s.due(0.0)
     assert s.due(0.49) == [] and len(s.due(0.5)) == 1 and s.retransmissions == 1  # no RTT sample yet: 0.5 s
     s.ack("b", (0,), now=0.6)  # retransmitted: Karn's rule, no sample
-    assert s.srtt is None
+    assert s.timer.srtt is None
     _open(s, 1, ("b",), 1.0)
     s.due(1.0)
     s.ack("b", (1,), now=1.01)  # a 10 ms round trip
-    assert s.srtt == pytest.approx(0.01) and s.timeout_s == pytest.approx(0.03)
+    assert s.timer.srtt == pytest.approx(0.01) and s.timeout_s == pytest.approx(0.03)
     _open(s, 2, ("b",), 2.0)
     s.due(2.0)
     assert s.due(2.029) == [] and len(s.due(2.031)) == 1  # a lost message now costs 30 ms, not 500 ms

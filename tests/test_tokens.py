@@ -183,3 +183,20 @@ def test_state_dict_round_trip() -> None:
     assert torch.equal(restored.held[0].tensors["params"], torch.full((P,), 2.0))
     assert restored.inflight[1].to == "b" and restored.inflight[1].token.hop == 1
     assert [s.key for s in restored.due(0.0)] == [(1, 1)]  # re-sent at once after a restart
+
+
+def test_the_token_retransmission_timeout_follows_the_round_trip() -> None:
+    """A lost token on a fast link is re-sent after a few round trips, not after the configured maximum."""
+    from peer.algorithms.tokens import TokenWalk
+
+    a = TokenWalk("a", retransmit_s=0.5)
+    view = NeighbourView("a", {"b": 1}, frozenset({"a", "b"}))
+    a.create(0, {"params": torch.zeros(3)}, 2)
+    a.forward(0, view)
+    (first,) = a.due(0.0)
+    a.ack("b", first.key, now=0.004)  # a 4 ms round trip
+    assert abs(a.timer.timeout_s - 0.012) < 1e-9
+    a.create(1, {"params": torch.zeros(3)}, 2)
+    a.forward(1, view)
+    a.due(1.0)
+    assert a.due(1.011) == [] and len(a.due(1.013)) == 1 and a.retransmissions == 1

@@ -141,7 +141,7 @@ class Digest(Algorithm):
         return self.walk.due(now)
 
     def on_ack(self, to: str, key: tuple[int, ...], now: float) -> None:
-        self.walk.ack(to, key)
+        self.walk.ack(to, key, now)
 
     def on_message(self, msg: InMessage, now: float) -> bool:
         payload = msg.payload

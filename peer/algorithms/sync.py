@@ -7,9 +7,8 @@ a lossy, reordering, duplicating network:
 * every round-k message is retransmitted until acknowledged. An acknowledgement is either explicit (`ack`, the
   daemon's RPC success or a simulated ACK packet) or implicit: a neighbour's round-r message proves it finished
   every round before r, so it holds all our messages for those rounds. The retransmission timeout adapts to
-  the measured round trip as TCP's does (RFC 6298: smoothed RTT + 4 × its variation, samples only from
-  messages sent once), between `min_retransmit_s` and `retransmit_s`, which is also the timeout before the
-  first sample: a lost message on a LAN costs milliseconds, not the worst-case timeout;
+  the measured round trip (`rto.RetransmitTimer`, as TCP's), at most `retransmit_s`, which is also the timeout
+  before the first sample: a lost message on a LAN costs milliseconds, not the worst-case timeout;
 * the receiver de-duplicates by (sender, round) and buffers messages of later rounds (a neighbour can be at
   most one round ahead of a member that waits for it, but a jump can put it further);
 * the neighbour set is frozen when a round opens; membership changes take effect at the next round, where the
@@ -46,6 +45,7 @@ from peer.algorithms.base import (
     Send,
 )
 from peer.algorithms.mixing import WEIGHT_RULES
+from peer.algorithms.rto import RetransmitTimer
 
 
 @dataclass
@@ -60,9 +60,6 @@ class RoundSync:
     node_id: str
     retransmit_s: float = 0.5  # the largest retransmission timeout, and the one used before any RTT sample
     give_up_s: float = 30.0
-    min_retransmit_s: float = 0.005
-    srtt: float | None = None  # smoothed round-trip time of acknowledged messages
-    rttvar: float = 0.0
     retransmissions: int = 0
     round: int = -1  # -1 until the first round opens
     members: frozenset[str] = frozenset()
@@ -75,6 +72,10 @@ class RoundSync:
     _silent: set[str] = field(default_factory=set)  # given up on, and not heard from since
     _received: dict[int, dict[str, Payload]] = field(default_factory=dict)
     _pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
+    timer: RetransmitTimer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timer = RetransmitTimer(max_s=self.retransmit_s)
 
     # ------------------------------------------------------------------------------------------ rounds
     def open(self, round_: int, messages: Mapping[str, Payload], now: float) -> None:
@@ -139,22 +140,13 @@ class RoundSync:
         if not key:
             return
         p = self._pending.pop((to, key[0]), None)
-        if p is not None and now is not None and p.sends == 1 and p.last_sent is not None:
-            self._rtt_sample(max(0.0, now - p.last_sent))  # Karn: a retransmitted message gives no sample
-
-    def _rtt_sample(self, rtt: float) -> None:
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        if p is not None:
+            self.timer.acknowledged(p.last_sent, p.sends, now)
 
     @property
     def timeout_s(self) -> float:
         """The current retransmission timeout."""
-        if self.srtt is None:
-            return self.retransmit_s
-        return min(self.retransmit_s, max(self.min_retransmit_s, self.srtt + 4 * self.rttvar))
+        return self.timer.timeout_s
 
     # ------------------------------------------------------------------------------------------ sending
     def due(self, now: float) -> list[Send]:

@@ -60,6 +60,7 @@ import torch
 from pydantic import Field
 
 from peer.algorithms.base import AlgoParams, NeighbourView, Payload, Send
+from peer.algorithms.rto import RetransmitTimer
 
 TOKEN_KIND = "token"
 Walk = Literal["uniform", "lazy_mh", "cycle"]
@@ -73,7 +74,9 @@ class TokenParams(AlgoParams):
         description="next-hop kernel: uniform random walk, lazy Metropolis–Hastings (uniform visits), or cycle "
         "(sorted-member order; a test and operations schedule)",
     )
-    retransmit_s: float = Field(0.5, gt=0, description="resend an unacknowledged token this often")
+    retransmit_s: float = Field(
+        0.5, gt=0, description="largest retransmission timeout of a token (adapts to the measured round trip)"
+    )
     regen_s: float = Field(
         2.0, ge=0, description="re-issue a token whose destination left the membership after this long without ACK"
     )
@@ -121,6 +124,7 @@ class InFlight:
     token: Token  # carries the hop it was sent with
     to: str
     last_sent: float | None = None  # None: not sent yet
+    sends: int = 0
     forgotten: bool = False  # `forget(to)` was called since it was sent
     orphaned_at: float | None = None  # when the regeneration rule first held
 
@@ -152,6 +156,8 @@ class TokenWalk:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed * 1_000_003 + zlib.crc32(self.node_id.encode()))
+        # Adapted to the measured round trip, at most retransmit_s: a lost token on a LAN costs milliseconds.
+        self.timer = RetransmitTimer(max_s=self.retransmit_s)
 
     # ------------------------------------------------------------------------------------------ streams
     def create(self, stream: int, tensors: dict[str, torch.Tensor], n: int) -> Token:
@@ -213,23 +219,26 @@ class TokenWalk:
 
     # ------------------------------------------------------------------------------------------ sending
     def due(self, now: float) -> list[Send]:
-        """In-flight copies never sent or unacknowledged for `retransmit_s`; marks them sent at `now`."""
+        """In-flight copies never sent or unacknowledged for the retransmission timeout; marks them sent at `now`."""
         out: list[Send] = []
+        timeout = self.timer.timeout_s
         for s in sorted(self.inflight):
             f = self.inflight[s]
-            if f.last_sent is None or now - f.last_sent >= self.retransmit_s:
+            if f.last_sent is None or now - f.last_sent >= timeout:
                 if f.last_sent is not None:
                     self.retransmissions += 1
                 f.last_sent = now
+                f.sends += 1
                 out.append(Send(f.to, f.token.payload(), (s, f.token.hop)))
         return out
 
-    def ack(self, to: str, key: tuple[int, ...]) -> None:
+    def ack(self, to: str, key: tuple[int, ...], now: float | None = None) -> None:
         if len(key) != 2:
             return
         f = self.inflight.get(key[0])
         if f is not None and f.to == to and f.token.hop == key[1]:
             del self.inflight[key[0]]
+            self.timer.acknowledged(f.last_sent, f.sends, now)
 
     # -------------------------------------------------------------------------------------------- churn
     def forget(self, node_id: str) -> None:
