@@ -117,3 +117,23 @@ def test_checkpoint_round_trip_keeps_the_model() -> None:
     other.start(torch.zeros(D), 0.0, view)  # start does not overwrite the restored mass
     assert other.iteration == 1
     assert torch.allclose(other.sums.estimate("params").float(), x)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("scale,factor", [("weight", 1.0), ("none", 4.0)])
+def test_the_step_on_the_debiased_model_with_a_collapsed_weight(scale: str, factor: float) -> None:
+    """A node holding weight 1/4 (it pushed mass and heard nothing back): with `step_scale: weight` the de-biased
+    model still moves by γ∇F; the published rule moves it by γ∇F / w, four times as far."""
+    from peer.algorithms.base import NeighbourView as View
+    from peer.algorithms.sgp import Sgp as SgpAlgo
+    from peer.algorithms.sgp import SgpParams as Params
+    from peer.sim import FunctionOracle
+
+    algo = SgpAlgo(Params(step_scale=scale), "a")  # type: ignore[arg-type]
+    z = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    algo.start(z, 0.0, View("a", {}))
+    assert algo.sums is not None
+    algo.sums.weight = 0.25
+    algo.sums.values["params"] = z * 0.25  # same de-biased model, a quarter of the mass
+    g = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    out = algo.advance(z, FunctionOracle(lambda x: (0.0, g), lr_fn=lambda k: 0.1), 0.0, View("a", {}))
+    assert torch.allclose(out, z - 0.1 * factor * g, atol=1e-12)

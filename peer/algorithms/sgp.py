@@ -2,7 +2,10 @@
 
 Node i holds push-sum mass (x_i, w_i), with x_i = w_i = ... = the initial model and weight 1. One iteration:
 
-1. x_i ← x_i − γ ∇F_i(z_i; ξ), with z_i = x_i / w_i the de-biased model and γ = `oracle.lr()`;
+1. x_i ← x_i − γ w_i ∇F_i(z_i; ξ), with z_i = x_i / w_i the de-biased model and γ = `oracle.lr()`. The factor
+   w_i (`step_scale: weight`, the default) is this project's choice: it makes the step on z exactly γ∇F whatever
+   the weight, where the published rule (`step_scale: none`) takes γ∇F / w_i, which explodes when a node's weight
+   collapses (it pushed mass and heard nothing back: a late start or lost messages). Both agree when w_i = 1;
 2. one push-sum mixing of (x_i, w_i): keep a 1/(d+1) share, push a share to each out-peer (`peer.algorithms.
    pushsum.RunningSums`); what the neighbours pushed is applied as it arrives (`on_message`);
 3. z_i = x_i / w_i, the model `advance` returns (the one the daemon evaluates and checkpoints).
@@ -43,6 +46,10 @@ class SgpParams(AlgoParams):
     wire_dtype: Literal["float64", "float32"] = Field(
         "float64", description="dtype of the running sums on the wire; float32 halves the bytes but loses precision"
     )
+    step_scale: Literal["weight", "none"] = Field(
+        "weight",
+        description="weight: x ← x − γ·w·∇F(z), so z moves by γ∇F(z) whatever w is; none: the published x ← x − γ∇F(z)",
+    )
 
 
 class Sgp(Algorithm):
@@ -72,7 +79,11 @@ class Sgp(Algorithm):
         sums = self.sums
         assert sums is not None, "start() was not called"
         _, g = oracle.gradient(sums.estimate("params").to(x.dtype))
-        sums.add_mass("params", g.to(torch.float64) * -oracle.lr())
+        # The published step moves z = x/w by γ∇F/w. A node that pushed mass but heard nothing back for a few
+        # iterations (a late start, lost messages) has w ≪ 1, and that step blew the daemon's MLP up under 20%
+        # message loss. Scaling by w keeps the de-biased step at γ∇F; with w ≈ 1 (steady state) they agree.
+        scale = sums.weight if self.p.step_scale == "weight" else 1.0
+        sums.add_mass("params", g.to(torch.float64) * (-oracle.lr() * scale))
         out = self.out_peers(view)
         payloads = sums.emit(out, step=self.iteration)
         # Latest wins: a payload not yet sent is superseded by the newer running sum.
