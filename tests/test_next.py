@@ -536,3 +536,27 @@ def test_number_of_agents() -> None:
     assert num_agents(NeighbourView("a", {"b": 1}, frozenset({"a", "b", "c"})), 7) == 3
     assert num_agents(NeighbourView("a", {"b": 1}), 7) == 7
     assert num_agents(NeighbourView("a", {"b": 1}), 0) == 2
+
+
+def test_next_pushsum_waits_for_mass_when_its_weight_collapsed_and_repeats_its_sums() -> None:
+    """After pushing its mass away, a node iterates again only once mass came back (or after max_wait_s), and
+    while it waits it repeats its latest running sums, so a lost message is recovered without new mass."""
+    from peer.algorithms.base import NeighbourView as View
+    from peer.algorithms.next import NextPushsum, NextPushsumParams
+    from peer.sim import FunctionOracle
+
+    algo = NextPushsum(NextPushsumParams(max_wait_s=1.0, resend_s=0.05), "a")
+    view = View("a", {"b": 2, "c": 2}, frozenset({"a", "b", "c"}))
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    oracle = FunctionOracle(lambda w: (0.0, w - 1.0), lr_fn=lambda k: 0.1)
+    algo.start(x, 0.0, view)
+    assert algo.ready(0.0, view)
+    algo.advance(x, oracle, 0.0, view)
+    first = algo.sends(0.0)
+    assert {s.to for s in first} == {"b", "c"}
+    assert algo.sums is not None and algo.sums.weight == pytest.approx(1 / 3)
+    assert not algo.ready(0.5, view) and algo.waits == 1  # nothing came back yet
+    again = algo.sends(0.06)  # the latest sums, repeated
+    assert [s.payload for s in again] == [s.payload for s in sorted(first, key=lambda s: s.to)]
+    assert algo.sends(0.07) == []  # not more often than resend_s
+    assert algo.ready(1.0, view)  # max_wait_s: never stuck

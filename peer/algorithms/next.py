@@ -116,6 +116,11 @@ class NextPushsumParams(NextCommon):
     wire_dtype: Literal["float64", "float32"] = Field(
         "float64", description="dtype of the running sums on the wire; float32 halves the bytes but loses precision"
     )
+    min_weight: float = Field(
+        0.5, ge=0.0, description="iterate only while the push-sum weight is at least this (or after max_wait_s)"
+    )
+    max_wait_s: float = Field(1.0, gt=0, description="longest wait for incoming mass before iterating anyway")
+    resend_s: float = Field(0.05, gt=0, description="while waiting, re-send the latest running sums this often")
 
 
 def soft(u: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -369,9 +374,26 @@ class NextPushsum(Algorithm):
         self.restarts = 0
         self.outbox: list[Send] = []
         self._members: frozenset[str] = frozenset()
+        self._last_payloads: dict[str, Payload] = {}
+        self._last_advance = -math.inf
+        self._last_send = -math.inf
+        self.waits = 0  # times `ready` held an iteration back for incoming mass
+        self.resends = 0
 
     def bind_data(self, input_dim: int, num_classes: int) -> None:
         refuse_gauss_newton_in_daemon(self.p.surrogate)
+
+    def ready(self, now: float, view: NeighbourView) -> bool:
+        """Iterate while the weight is healthy. The tracker estimate is Y/φ: a node that pushed its mass away and
+        heard nothing back (a late start, lost messages) has φ ≪ 1, which multiplies every tracked gradient
+        change by 1/φ — under 20% message loss that blew the daemon's MLP up. Waiting for incoming mass keeps the
+        invariants exact; `max_wait_s` keeps a node whose neighbours are gone from waiting forever."""
+        if self.sums is None or not view.degrees or self.sums.weight >= self.p.min_weight:
+            return True
+        if now - self._last_advance >= self.p.max_wait_s:
+            return True
+        self.waits += 1
+        return False
 
     def start(self, x: torch.Tensor, now: float, view: NeighbourView) -> None:
         if self.sums is None:
@@ -383,6 +405,7 @@ class NextPushsum(Algorithm):
 
     def _new_epoch(self, epoch: int) -> None:
         """Enter `epoch`: a fresh push-sum instance with Z = z (φ = 1) and Y = the latest gradient (see module)."""
+        self._last_payloads = {}  # sums of the old instance must not be repeated
         assert self.sums is not None
         self.epoch = epoch
         z = self.sums.estimate("params")
@@ -415,12 +438,26 @@ class NextPushsum(Algorithm):
         for pl in payloads.values():
             assert payload_floats(pl) == 2 * z.numel() + 1
         self.outbox = [Send(j, payloads[j]) for j in out]  # latest wins
+        self._last_payloads = dict(payloads)
+        self._last_advance = now
         self.iteration += 1
         self.last_report = MixReport(tuple(out), (), 1.0 / (len(out) + 1))
         return z.to(x.dtype)
 
     def sends(self, now: float) -> list[Send]:
         out, self.outbox = self.outbox, []
+        if out:
+            self._last_send = now
+        elif (
+            self._last_payloads
+            and now - self._last_send >= self.p.resend_s
+            and now - self._last_advance >= self.p.resend_s
+        ):
+            # Not iterating (waiting for mass): repeat the latest running sums. Receivers ignore a copy they
+            # already applied (same sequence number), so this only recovers messages that were lost.
+            out = [Send(j, pl) for j, pl in sorted(self._last_payloads.items())]
+            self._last_send = now
+            self.resends += 1
         return out
 
     def on_message(self, msg: InMessage, now: float) -> bool:
@@ -442,7 +479,7 @@ class NextPushsum(Algorithm):
     def metrics(self) -> dict[str, float]:
         s = self.sums
         extra = {"weight": s.weight, "ignored": s.ignored, "resynced": s.resynced} if s is not None else {}
-        return {"epoch": self.epoch, "restarts": self.restarts, **extra}
+        return {"epoch": self.epoch, "restarts": self.restarts, "waits": self.waits, "resends": self.resends, **extra}
 
     def expected_by_kind(self, num_params: int) -> dict[str, Manifest]:
         dt = self.p.wire_dtype
