@@ -91,7 +91,6 @@ class Choco(SynchronousAlgorithm):
         self._buf: torch.Tensor | None = None  # local momentum buffer
         self._q: torch.Tensor | None = None  # the decoded (and scaled) q_i of the open round
         self._wire: dict[str, torch.Tensor] = {}
-        self._opened = False
         self._reset_all = False
         self._force_reset: set[str] = set()
         self._asked: set[str] = set()  # members that flagged resync in the round just finished
@@ -129,7 +128,7 @@ class Choco(SynchronousAlgorithm):
         self._numel, self._dtype = x.numel(), x.dtype
         self.frozen_view = view  # the round opens at the first advance, which has the oracle
 
-    def _begin(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> None:
+    def open_round(self, x: torch.Tensor, oracle: Oracle | None, now: float, view: NeighbourView) -> None:
         """Take the half-step at x, compress its difference to x̂_i, and open round `self.iteration`."""
         self._numel, self._dtype = x.numel(), x.dtype
         if self.hat_self is None:
@@ -139,6 +138,7 @@ class Choco(SynchronousAlgorithm):
             else:  # restored from a checkpoint: the public copies are rebuilt from resets
                 self.hat_self = x.clone()
                 self._reset_all = True
+        assert oracle is not None, "choco opens its rounds in advance (start leaves round 0 to it)"
         _, g = oracle.gradient(x)
         if self.p.momentum > 0:  # deep-learning CHOCO runs add local momentum (Koloskova et al., ICLR 2020)
             self._buf = g.clone() if self._buf is None else self._buf.mul_(self.p.momentum).add_(g)
@@ -147,28 +147,6 @@ class Choco(SynchronousAlgorithm):
         self._wire, q = self.compressor.round_trip(self._half - self.hat_self)
         self._q = self._scale(q, x.numel())
         self._open(self.iteration, x, now, view)
-        self._opened = True
-
-    def advance(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
-        target = self.sync.jump_to
-        if target is not None:
-            self.jumps += 1
-            self.on_jump(x, self.iteration, target)
-            self.iteration = target
-            self._begin(x, oracle, now, view)
-            return x
-        if not self._opened:
-            self._begin(x, oracle, now, view)
-            return x
-        received = self.sync.take()
-        weights = self.mixing_weights(list(received))
-        x_new = self.update(x, received, weights, oracle)
-        used = {j: weights[j] for j in self.hat}
-        stale = tuple(sorted(set(self.sync.members) - set(used)))
-        self.last_report = MixReport(tuple(sorted(used)), stale, 1.0 - sum(used.values()))
-        self.iteration += 1
-        self._begin(x_new, oracle, now, view)
-        return x_new
 
     def on_jump(self, x: torch.Tensor, from_round: int, to_round: int) -> None:
         # Rounds were skipped: our replicas missed q's, and our neighbours' replicas of us are behind.
@@ -238,6 +216,9 @@ class Choco(SynchronousAlgorithm):
         out = self._half.clone()
         for j in sorted(fresh):
             out.add_(fresh[j] - hat_self, alpha=self.p.gamma * weights[j])
+        used = {j: weights[j] for j in fresh}
+        stale = tuple(sorted(set(self.sync.members) - set(used)))
+        self.last_report = MixReport(tuple(sorted(used)), stale, 1.0 - sum(used.values()))
         return out
 
     # ------------------------------------------------------------------------------------------ receiving

@@ -493,11 +493,14 @@ class Dssfn(SynchronousAlgorithm):
     def advance(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
         if self.pushsum:
             return self._push_sum_step(x, oracle, now, view)
-        if self.worker is None:
-            self._init(oracle, view)
-            self._open(self.iteration, x, now, view)
-            return x
         return super().advance(x, oracle, now, view)
+
+    def open_round(self, x: torch.Tensor, oracle: Oracle | None, now: float, view: NeighbourView) -> None:
+        # Round 0 needs S_m, hence the local data: `start` leaves it to the first advance, which has the oracle.
+        if self.worker is None:
+            assert oracle is not None
+            self._init(oracle, view)
+        self._open(self.iteration, x, now, view)
 
     def _push_sum_step(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
         """One push-sum step of the current ADMM iteration; the (B+1)-th step first ends the iteration with s / w."""

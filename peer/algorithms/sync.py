@@ -235,7 +235,7 @@ class SynchronousAlgorithm(Algorithm):
         self.sync.open(round_, self.round_messages(x, round_, sorted(view.degrees)), now)
 
     def start(self, x: torch.Tensor, now: float, view: NeighbourView) -> None:
-        self._open(self.iteration, x, now, view)
+        self.open_round(x, None, now, view)
 
     def ready(self, now: float, view: NeighbourView) -> bool:
         return self.sync.complete(now)
@@ -246,20 +246,29 @@ class SynchronousAlgorithm(Algorithm):
         all_w = WEIGHT_RULES[self.sp.weights](v.self_degree, v.degrees)
         return {j: all_w[j] for j in senders}
 
+    def open_round(self, x: torch.Tensor, oracle: Oracle | None, now: float, view: NeighbourView) -> None:
+        """Open round `self.iteration` with state `x`. Algorithms whose round message needs the oracle (a
+        gradient: CHOCO's compressed half-step) override this and `start`; the round then opens in `advance`,
+        which has the oracle (`oracle` is None only when called from `start`)."""
+        self._open(self.iteration, x, now, view)
+
     def advance(self, x: torch.Tensor, oracle: Oracle, now: float, view: NeighbourView) -> torch.Tensor:
         target = self.sync.jump_to
         if target is not None:
             self.jumps += 1
             self.on_jump(x, self.iteration, target)
             self.iteration = target
-            self._open(target, x, now, view)
+            self.open_round(x, oracle, now, view)
+            return x
+        if self.sync.round < 0:  # round 0 was left to the first advance (see `open_round`)
+            self.open_round(x, oracle, now, view)
             return x
         received = self.sync.take()
         weights = self.mixing_weights(list(received))
         self.last_report = MixReport(tuple(received), (), 1.0 - sum(weights.values()))
         x_new = self.update(x, received, weights, oracle)
         self.iteration += 1
-        self._open(self.iteration, x_new, now, view)
+        self.open_round(x_new, oracle, now, view)
         return x_new
 
     def sends(self, now: float) -> list[Send]:
