@@ -15,7 +15,8 @@ import torch
 
 from peer import ssfn
 from peer.algorithms.base import Algorithm, InMessage, NeighbourView, Payload, payload_floats
-from peer.algorithms.dssfn import Dssfn, DssfnParams, Worker, quantize_mu, run_lockstep
+from peer.algorithms.dssfn import Dssfn
+from peer.algorithms.dssfn_admm import DssfnParams, Worker, quantize_mu, run_lockstep
 from peer.algorithms.mixing import mixing_matrix
 from peer.algorithms.pushsum import network_mass
 from peer.data import load_dataset, partition_indices

@@ -8,7 +8,8 @@ from peer.algorithms.choco import Choco, ChocoParams
 from peer.algorithms.digest import Digest, DigestParams
 from peer.algorithms.dmsgd import Dmsgd, DmsgdAsync, DmsgdAsyncParams, DmsgdParams
 from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
-from peer.algorithms.dssfn import Dssfn, DssfnParams
+from peer.algorithms.dssfn import Dssfn
+from peer.algorithms.dssfn_admm import DssfnParams
 from peer.algorithms.isolated import Isolated, NoneParams
 from peer.algorithms.local_sgd import LocalSgd, LocalSgdParams
 from peer.algorithms.next import Next, NextParams, NextPushsum, NextPushsumParams
