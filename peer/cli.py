@@ -36,7 +36,7 @@ def _first_peer_error(exc: BaseException) -> PeerError | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from peer import config, logs
-    from peer.node import Node
+    from peer.daemon.node import Node
 
     cfg = config.load(args.config, args.set)
     logs.setup(cfg.log.level, cfg.log.json_lines)
@@ -58,7 +58,7 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from peer.evaluate import evaluate_state_dir
+    from peer.learn.evaluate import evaluate_state_dir
 
     result = evaluate_state_dir(args.state_dir)
     if args.json:
@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from peer.status import fetch_status, format_status
+    from peer.tools.status import fetch_status, format_status
 
     status = asyncio.run(fetch_status(args.address, timeout_s=args.timeout))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -81,7 +81,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from peer.status import check_health
+    from peer.tools.status import check_health
 
     ok, text = asyncio.run(check_health(args.addr, timeout_s=args.timeout))
     print(text)
@@ -89,7 +89,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from peer.demo import run_demo
+    from peer.tools.demo import run_demo
 
     return run_demo(args)
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("demo", help="run N daemons on this machine and compare with centralized training")
-    from peer.demo import add_arguments
+    from peer.tools.demo import add_arguments
 
     add_arguments(d)
     d.set_defaults(fn=cmd_demo)

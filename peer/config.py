@@ -13,9 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peer.algorithms import PARAMS_TYPES, REGISTRY
+from peer.core.faults import FaultsConfig
+from peer.core.topology import parse_topology
 from peer.errors import ConfigError, UnknownNameError
-from peer.faults import FaultsConfig
-from peer.topology import parse_topology
 
 MIB = 1 << 20
 
@@ -61,7 +61,7 @@ class DataConfig(_Section):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str | None) -> str | None:
-        from peer.data import DATASET_NAMES  # numpy only; keeps torch out of config loading
+        from peer.learn.data import DATASET_NAMES  # numpy only; keeps torch out of config loading
 
         if v is not None and v not in DATASET_NAMES:
             raise ValueError(
@@ -72,7 +72,7 @@ class DataConfig(_Section):
     @field_validator("partition")
     @classmethod
     def _partition(cls, v: str) -> str:
-        from peer.data import parse_partition
+        from peer.learn.data import parse_partition
 
         try:
             parse_partition(v)
@@ -93,7 +93,7 @@ class DataConfig(_Section):
         return self
 
 
-MODEL_NAMES = ("logreg", "mlp", "cnn")  # peer.models.MODEL_NAMES; a test keeps the two equal
+MODEL_NAMES = ("logreg", "mlp", "cnn")  # peer.learn.models.MODEL_NAMES; a test keeps the two equal
 
 
 class ModelConfig(_Section):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: how long the consensus distance takes to return to its pre-partition level after a 2/2 split heals.
 
-Runs 4 `peer run` daemons in 4 network namespaces (peer.testbed; needs root), lets them train, partitions the
+Runs 4 `peer run` daemons in 4 network namespaces (peer.tools.testbed; needs root), lets them train, partitions the
 virtual LAN into {h0, h1} and {h2, h3} for --partition-s seconds, heals it, and measures the consensus distance
 (mean over peers of ‖θ_i − θ̄‖ / ‖θ̄‖) over time from the daemons' parameter snapshots.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from peer.demo_eval import bin_snapshots, consensus_distance, list_snapshots
-from peer.testbed import Testbed, netns_unavailable
+from peer.tools.demo_eval import bin_snapshots, consensus_distance, list_snapshots
+from peer.tools.testbed import Testbed, netns_unavailable
 
 N = 4
 CONFIG = {

@@ -20,7 +20,7 @@ import torch
 
 from peer import config
 from peer.config import PeerConfig
-from peer.node import Node
+from peer.daemon.node import Node
 
 
 def unique(prefix: str) -> str:

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from peer import checkpoint
 from peer.algorithms import REGISTRY
-from peer.node import Node
+from peer.daemon import checkpoint
+from peer.daemon.node import Node
 from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, wait_until
 
 # Small settings where an algorithm's defaults would make this test slow.

@@ -31,17 +31,18 @@ import pytest
 import torch
 import yaml
 
-from peer import PROTOCOL_VERSION, checkpoint
+from peer import PROTOCOL_VERSION
 from peer import config as config_mod
 from peer.algorithms import REGISTRY
 from peer.cli import main as cli_main
-from peer.codec import Envelope, Payload, encode, iter_requests
 from peer.config import GossipConfig
-from peer.data import DATASET_NAMES
+from peer.daemon import checkpoint
+from peer.daemon.node import Node
 from peer.errors import CheckpointError, StartupError
-from peer.models import MODEL_NAMES
-from peer.node import Node
-from peer.transport import start_server
+from peer.learn.data import DATASET_NAMES
+from peer.learn.models import MODEL_NAMES
+from peer.net.codec import Envelope, Payload, encode, iter_requests
+from peer.net.transport import start_server
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)
@@ -402,7 +403,7 @@ async def test_bad_push_is_rejected_and_loses_nothing(
     code: grpc.StatusCode,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="peer.node")
+    caplog.set_level(logging.WARNING, logger="peer.daemon.node")
     before = victim.snapshot()
     got = await push(victim.stub, build(victim))
     assert got == code, f"expected {code}, got {got}"
@@ -414,7 +415,7 @@ async def test_bad_push_is_rejected_and_loses_nothing(
 async def test_same_bad_sender_twice_is_logged_once_and_counted_twice(
     victim: Victim, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="peer.node")
+    caplog.set_level(logging.WARNING, logger="peer.daemon.node")
     before = victim.snapshot()
     header, chunks = victim.encoded(_with_value(math.nan)(victim.params()))
     for seq in (1, 2):

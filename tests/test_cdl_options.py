@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 
 from peer.algorithms.base import InMessage, NeighbourView
 from peer.algorithms.cdl import Cdl, CdlParams, unit_weights
-from peer.sim import ring
+from peer.algorithms.sim import ring
 
 Adjacency = dict[str, list[str]]
 

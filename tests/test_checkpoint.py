@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peer import checkpoint
+from peer.daemon import checkpoint
 from peer.errors import CheckpointError
 
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from peer.algorithms.base import InMessage, NeighbourView, Payload, payload_floats
 from peer.algorithms.choco import Choco, ChocoParams
 from peer.algorithms.mixing import mixing_matrix
-from peer.sim import FunctionOracle, Links, Simulation, random_graph, ring
+from peer.algorithms.sim import FunctionOracle, Links, Simulation, random_graph, ring
 
 D = 20
 
@@ -267,7 +267,7 @@ def test_params_are_validated() -> None:
 def test_messages_pass_the_daemon_codec_against_the_manifest(compressor: str) -> None:
     """float32 round messages (a delta, and the reset of a restored node) survive encode → schema check against
     `expected_by_kind` → decode, and the receiver accepts them."""
-    from peer.codec import Assembler, Envelope, ReceiveLimits, encode
+    from peer.net.codec import Assembler, Envelope, ReceiveLimits, encode
     from peer.v1 import gossip_pb2
 
     p = ChocoParams(compressor=compressor)

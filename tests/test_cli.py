@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from peer import config
-from peer.node import Node
+from peer.daemon.node import Node
 from tests.helpers import fast_config, unique
 
 

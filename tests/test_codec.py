@@ -1,4 +1,4 @@
-"""peer.codec: round trips and every rejection, without sockets; plus the generated-code checks."""
+"""peer.net.codec: round trips and every rejection, without sockets; plus the generated-code checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from peer import PROTOCOL_VERSION
-from peer.codec import (
+from peer.errors import CorruptPayloadError, PayloadError, PayloadTooLargeError, SchemaMismatchError
+from peer.net.codec import (
     MIB,
     Assembler,
     Envelope,
@@ -24,7 +25,6 @@ from peer.codec import (
     iter_requests,
     tensor_manifest,
 )
-from peer.errors import CorruptPayloadError, PayloadError, PayloadTooLargeError, SchemaMismatchError
 from peer.v1 import gossip_pb2
 
 ROOT = Path(__file__).resolve().parents[1]

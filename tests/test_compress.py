@@ -1,4 +1,4 @@
-"""Compressors (peer.compress): round trips, selection rules, unbiasedness, wire sizes, hostile input."""
+"""Compressors (peer.algorithms.compress): round trips, selection rules, unbiasedness, wire sizes, hostile input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peer.compress import Compressor, Qsgd, parse_compressor
+from peer.algorithms.compress import Compressor, Qsgd, parse_compressor
 from peer.errors import CorruptPayloadError
 
 SPECS = ["none", "fp16", "topk:0.1", "randk:0.25", "qsgd:16", "sign"]

@@ -112,7 +112,7 @@ def test_dump_round_trips(tmp_path: Path) -> None:
 
 
 def test_model_names_match_the_model_zoo() -> None:
-    from peer.models import MODEL_NAMES
+    from peer.learn.models import MODEL_NAMES
 
     assert config.MODEL_NAMES == MODEL_NAMES
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from peer import checkpoint
-from peer.metrics import read as read_metrics
-from peer.node import Node
-from peer.training import evaluate, train_reference
+from peer.daemon import checkpoint
+from peer.daemon.metrics import read as read_metrics
+from peer.daemon.node import Node
+from peer.learn.training import evaluate, train_reference
 from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, wait_until
 
 
@@ -87,7 +87,7 @@ async def test_three_daemons_discover_over_mdns_gossip_and_converge(tmp_path: Pa
 @pytest.mark.timeout(60)
 async def test_static_peers_fallback_and_status(tmp_path: Path) -> None:
     """With mDNS off, a static peer list is enough; status reports the neighbour and the traffic."""
-    from peer.status import fetch_status
+    from peer.tools.status import fetch_status
 
     a = Node(fast_config(tmp_path, unique("a"), train={"epochs": 50}), stdout=io.StringIO())
     tasks = await start_nodes([a])

@@ -1,4 +1,4 @@
-"""Tests for peer.data: built-in datasets, user .npz files, partitioners."""
+"""Tests for peer.learn.data: built-in datasets, user .npz files, partitioners."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer.data import (
+from peer.errors import ConfigError, DataError, UnknownNameError
+from peer.learn.data import (
     DATASET_NAMES,
     Dataset,
     load_dataset,
@@ -17,7 +18,6 @@ from peer.data import (
     partition_indices,
     partition_summary,
 )
-from peer.errors import ConfigError, DataError, UnknownNameError
 
 SPECS = ("iid", "shards:2", "dirichlet:0.5")
 

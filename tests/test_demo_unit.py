@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from peer import config as config_mod
-from peer import demo, launcher
 from peer.errors import ConfigError
+from peer.tools import demo, launcher
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -10,8 +10,8 @@ import torch
 
 from peer.algorithms.base import AlgoParams, Algorithm, InMessage, NeighbourView, Oracle, Send, payload_floats
 from peer.algorithms.digest import Digest, DigestParams
+from peer.algorithms.sim import FunctionOracle, Links, Simulation, complete, random_graph, ring
 from peer.algorithms.tokens import Token, TokenWalk
-from peer.sim import FunctionOracle, Links, Simulation, complete, random_graph, ring
 
 D = 5  # features = model size P
 Problem = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]

@@ -15,7 +15,8 @@ import pytest
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from peer.discovery import (
+from peer.errors import ConfigError, StartupError
+from peer.net.discovery import (
     SERVICE_TYPE,
     Candidate,
     MdnsDiscovery,
@@ -23,7 +24,6 @@ from peer.discovery import (
     parse_address,
     resolve_interfaces,
 )
-from peer.errors import ConfigError, StartupError
 
 LOOPBACK = "127.0.0.1"
 PROTO = "peer.v1"
@@ -144,12 +144,12 @@ class _IgnoreLines(logging.Handler):
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
 async def test_incompatible_schema_is_not_proposed(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="peer.discovery")
+    caplog.set_level(logging.DEBUG, logger="peer.net.discovery")
     schema = uid("schema")
     good = make_nodes(3, schema)
     bad = Node(uid("bad"), 41099, uid("other-schema"))
     handler = _IgnoreLines(bad.node_id, [n.node_id for n in good])
-    logging.getLogger("peer.discovery").addHandler(handler)
+    logging.getLogger("peer.net.discovery").addHandler(handler)
     try:
         async with running([*good, bad]):
             for n in good:
@@ -163,7 +163,7 @@ async def test_incompatible_schema_is_not_proposed(caplog: pytest.LogCaptureFixt
             # The bad node, in turn, proposes none of the good ones.
             assert not bad.probe.candidates
     finally:
-        logging.getLogger("peer.discovery").removeHandler(handler)
+        logging.getLogger("peer.net.discovery").removeHandler(handler)
 
     for n in good:
         lines = [

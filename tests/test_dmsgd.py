@@ -13,7 +13,7 @@ from peer.algorithms.base import Algorithm, InMessage, NeighbourView, Payload, p
 from peer.algorithms.dmsgd import Dmsgd, DmsgdAsync, DmsgdAsyncParams, DmsgdParams
 from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
 from peer.algorithms.mixing import mixing_matrix
-from peer.sim import FunctionOracle, Links, Simulation, complete, random_graph, ring
+from peer.algorithms.sim import FunctionOracle, Links, Simulation, complete, random_graph, ring
 
 F64 = torch.float64
 Problem = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]

@@ -11,7 +11,7 @@ import torch
 from peer.algorithms.base import AlgoParams, Algorithm, InMessage, NeighbourView, Payload, payload_floats
 from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
 from peer.algorithms.mixing import mixing_matrix
-from peer.sim import FunctionOracle, Links, Simulation, complete, random_graph, ring
+from peer.algorithms.sim import FunctionOracle, Links, Simulation, complete, random_graph, ring
 from tests.test_dmsgd import F64, Recorder, grad, initial, lsq, max_err, oracles, simulate
 
 

@@ -1,5 +1,5 @@
 """dSSFN (spec §2(f) 2–7): layer-solver equivalence, ring gossip, end-to-end centralized equivalence on digits
-through the P1 synchronizer on `peer.sim`, split invariance, loss robustness, wire size, checkpoints; and the
+through the P1 synchronizer on `peer.algorithms.sim`, split invariance, loss robustness, wire size, checkpoints; and the
 barrier-free P3 option (`averaging="pushsum"`, spec §2(c)): accuracy with and without loss, a straggler, the
 push-sum mass invariant, wire size, μ agreement."""
 
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from peer import ssfn
+from peer.algorithms import ssfn
 from peer.algorithms.base import Algorithm, InMessage, NeighbourView, Payload, payload_floats
 from peer.algorithms.dssfn import Dssfn
 from peer.algorithms.dssfn_admm import DssfnParams, Worker, quantize_mu, run_lockstep
 from peer.algorithms.mixing import mixing_matrix
 from peer.algorithms.pushsum import network_mass
-from peer.data import load_dataset, partition_indices
-from peer.sim import FunctionOracle, Links, Simulation, complete, ring
+from peer.algorithms.sim import FunctionOracle, Links, Simulation, complete, ring
+from peer.learn.data import load_dataset, partition_indices
 
 Data = tuple[torch.Tensor, torch.Tensor]
 
@@ -185,7 +185,8 @@ def test_headline_four_workers_on_a_ring(
     ids=["M2-edge", "M5-ring", "M10-complete"],
 )
 def test_end_to_end_equivalence_on_digits(digits: dict[str, Any], m: int, topology: str, rounds: int) -> None:
-    """§2(f)4 on `peer.sim` (P1): per-layer error < 1e-3, held-out outputs within 1e-3, accuracy within 1 sample.
+    """§2(f)4 on `peer.algorithms.sim` (P1): per-layer error < 1e-3, held-out outputs within 1e-3, accuracy within
+    1 sample.
 
     CI size: 2 layers of 100 nodes. A single edge and the complete graph with uniform weights average exactly in
     one round; the 5-ring needs B = 20 (its second eigenvalue is 0.54)."""
@@ -554,7 +555,7 @@ def test_the_demo_setup_is_centralized_equivalent() -> None:
     peers on a ring, default parameters. `run_lockstep` is bit-identical to the P1 daemons (the lossless and
     lossy simulations above check that), so this is the daemon's result: every layer within 1e-3 (relative
     Frobenius) of centralized SSFN with the exact solver, test accuracy within 0.5 points."""
-    from peer.data import load_dataset, local_partition
+    from peer.learn.data import load_dataset, local_partition
 
     ds = load_dataset("digits", None, seed=0, test_fraction=0.2)
     parts = [local_partition(ds, "shards:2", 4, i, 0) for i in range(4)]

@@ -8,7 +8,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from peer.faults import DelaySpec, FaultInjector, FaultsConfig, OutageConfig, parse_delay
+from peer.core.faults import DelaySpec, FaultInjector, FaultsConfig, OutageConfig, parse_delay
 
 
 def faults(**kwargs: object) -> FaultsConfig:

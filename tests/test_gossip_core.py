@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from peer.errors import UnknownNameError
-from peer.gossip import (
+from peer.core.gossip import (
     BreakerPolicy,
     CircuitBreaker,
     GossipCore,
@@ -15,6 +14,7 @@ from peer.gossip import (
     should_retry,
     topology_neighbours,
 )
+from peer.errors import UnknownNameError
 
 
 def ring_neighbours(self_id: str, members: list[str]) -> list[str]:

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from peer import config
-from peer.catchup import CatchUp
+from peer.daemon.catchup import CatchUp
+from peer.daemon.metrics import read as read_metrics
+from peer.daemon.node import Node
 from peer.errors import StartupError
-from peer.metrics import read as read_metrics
-from peer.node import Node
-from peer.status import fetch_status
+from peer.tools.status import fetch_status
 from tests.helpers import PeerProcess, fast_config, start_nodes, stop_nodes, unique, wait_until
 
 HEARTBEAT_S = 0.3
@@ -219,7 +219,7 @@ class RecordingNode(Node):
 async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="peer.node")
+    caplog.set_level(logging.INFO, logger="peer.daemon.node")
     base = unique("cu")
     a = RecordingNode(_cfg(tmp_path, f"{base}-a"), stdout=io.StringIO())
     tasks = await start_nodes([a])

@@ -1,4 +1,4 @@
-"""Tests for peer.models (zoo, fingerprint, flat views) and peer.training (trainer, evaluation)."""
+"""Tests for peer.learn.models (zoo, fingerprint, flat views) and peer.learn.training (trainer, evaluation)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from peer.data import Dataset, load_dataset, local_partition
 from peer.errors import CheckpointError, ConfigError, UnknownNameError
-from peer.models import (
+from peer.learn.data import Dataset, load_dataset, local_partition
+from peer.learn.models import (
     MODEL_NAMES,
     build_model,
     flatten_params,
@@ -20,7 +20,7 @@ from peer.models import (
     num_params,
     schema_fingerprint,
 )
-from peer.training import LocalTrainer, evaluate, select_device, train_reference
+from peer.learn.training import LocalTrainer, evaluate, select_device, train_reference
 
 CPU = torch.device("cpu")
 SHAPES = [(1, 8, 8), (1, 40), (7,), (3, 5, 6), (2, 1, 1), (1,)]

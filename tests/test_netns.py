@@ -1,4 +1,4 @@
-"""Four `peer run` daemons on four "hosts" (Linux network namespaces on a virtual switch, peer.testbed):
+"""Four `peer run` daemons on four "hosts" (Linux network namespaces on a virtual switch, peer.tools.testbed):
 discovery over real multicast mDNS, then link cuts, SIGKILL and restart. Root only; skipped elsewhere."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from peer import checkpoint
-from peer.testbed import Testbed, TestbedError, cleanup, netns_unavailable
+from peer.daemon import checkpoint
+from peer.tools.testbed import Testbed, TestbedError, cleanup, netns_unavailable
 from tests.helpers import unique
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -291,9 +291,9 @@ def _accuracies(tb: Testbed) -> tuple[float, list[float]]:
     import torch
 
     from peer import config as config_mod
-    from peer.data import load_dataset, local_partition
-    from peer.models import build_model
-    from peer.training import evaluate, train_reference
+    from peer.learn.data import load_dataset, local_partition
+    from peer.learn.models import build_model
+    from peer.learn.training import evaluate, train_reference
 
     cfgs = [config_mod.load(tb.state_path_of(i) / "config.yaml") for i in range(N)]
     c0 = cfgs[0]

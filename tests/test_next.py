@@ -23,8 +23,8 @@ from peer.algorithms.next import (
     soft,
 )
 from peer.algorithms.pushsum import network_mass
+from peer.algorithms.sim import FunctionOracle, Links, Simulation, ring
 from peer.errors import ConfigError
-from peer.sim import FunctionOracle, Links, Simulation, ring
 
 AGENTS = 8  # I, the number of agents
 F64 = torch.float64
@@ -543,7 +543,7 @@ def test_next_pushsum_waits_for_mass_when_its_weight_collapsed_and_repeats_its_s
     while it waits it repeats its latest running sums, so a lost message is recovered without new mass."""
     from peer.algorithms.base import NeighbourView as View
     from peer.algorithms.next import NextPushsum, NextPushsumParams
-    from peer.sim import FunctionOracle
+    from peer.algorithms.sim import FunctionOracle
 
     algo = NextPushsum(NextPushsumParams(max_wait_s=1.0, resend_s=0.05), "a")
     view = View("a", {"b": 2, "c": 2}, frozenset({"a", "b", "c"}))

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from peer import checkpoint
-from peer.metrics import read as read_metrics
+from peer.daemon import checkpoint
+from peer.daemon.metrics import read as read_metrics
 from tests.helpers import PeerProcess, unique
 
 
@@ -89,7 +89,7 @@ def test_sigkill_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
         _wait(lambda: "restarted" in a_log.read_text(), 30, "a to see b's restart")
         import asyncio
 
-        from peer.status import fetch_status
+        from peer.tools.status import fetch_status
 
         status = asyncio.run(fetch_status(a_ready["address"]))
         nb = {n["node_id"]: n for n in status["neighbours"]}

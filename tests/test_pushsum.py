@@ -9,7 +9,7 @@ import torch
 
 from peer.algorithms.base import Payload
 from peer.algorithms.pushsum import WEIGHT, RunningSums, network_mass
-from peer.sim import random_graph, ring
+from peer.algorithms.sim import random_graph, ring
 
 
 class LossyNet:

@@ -8,7 +8,7 @@ import torch
 from peer.algorithms.base import NeighbourView, payload_floats
 from peer.algorithms.pushsum import network_mass
 from peer.algorithms.sgp import Sgp, SgpParams
-from peer.sim import FunctionOracle, Links, Simulation, random_graph, ring
+from peer.algorithms.sim import FunctionOracle, Links, Simulation, random_graph, ring
 
 D = 5
 
@@ -126,7 +126,7 @@ def test_the_step_on_the_debiased_model_with_a_collapsed_weight(scale: str, fact
     from peer.algorithms.base import NeighbourView as View
     from peer.algorithms.sgp import Sgp as SgpAlgo
     from peer.algorithms.sgp import SgpParams as Params
-    from peer.sim import FunctionOracle
+    from peer.algorithms.sim import FunctionOracle
 
     algo = SgpAlgo(Params(step_scale=scale), "a")  # type: ignore[arg-type]
     z = torch.tensor([1.0, -2.0], dtype=torch.float64)

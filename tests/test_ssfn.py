@@ -1,4 +1,4 @@
-"""Centralized SSFN (`peer.ssfn`): the exact layer solver (spec §2(f)1), the architecture's identities, the
+"""Centralized SSFN (`peer.algorithms.ssfn`): the exact layer solver (spec §2(f)1), the architecture's identities, the
 progression property (§2(f)5) and the model-state round trip."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from peer import ssfn
-from peer.data import load_dataset
+from peer.algorithms import ssfn
+from peer.learn.data import load_dataset
 
 
 def _layer_problem(seed: int = 0, j: int = 600, n: int = 50, q: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

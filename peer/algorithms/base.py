@@ -22,7 +22,7 @@ The algorithm owns the whole iteration and asks for gradients through an `Oracle
 
 `now` is a float in seconds from any monotonic clock and `view` describes the current neighbours; the
 algorithm never reads a clock, a socket or global randomness (randomness comes from a seeded generator it owns),
-so tests drive it with plain numbers, and `peer.sim` runs whole networks of them in memory.
+so tests drive it with plain numbers, and `peer.algorithms.sim` runs whole networks of them in memory.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ import torch
 from pydantic import Field, field_validator
 
 from peer.algorithms.base import AlgoParams, InMessage, Manifest, MixReport, NeighbourView, Oracle, Payload
+from peer.algorithms.compress import COMPRESSOR_SPECS, parse_compressor
 from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
-from peer.compress import COMPRESSOR_SPECS, parse_compressor
 from peer.errors import CorruptPayloadError
 
 

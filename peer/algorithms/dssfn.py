@@ -1,7 +1,7 @@
 """dSSFN (spec §2): decentralized SSFN, trained layer by layer with consensus ADMM, run through P1.
 
-Every worker holds its own rows of the data and trains the same network as centralized SSFN (`peer.ssfn`): the
-random matrices R_l come from a shared seed, and each layer's convex problem
+Every worker holds its own rows of the data and trains the same network as centralized SSFN (`peer.algorithms.ssfn`):
+the random matrices R_l come from a shared seed, and each layer's convex problem
 min_O Σ_m ‖T_m − Y_{l,m} Oᵀ‖² s.t. ‖O‖_F ≤ ε (layer 0: ridge) is solved by consensus ADMM whose only
 communication is the average of S_m = O_m − Λ_m, computed by B gossip rounds with Metropolis–Hastings weights.
 
@@ -66,7 +66,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from peer import ssfn
+from peer.algorithms import ssfn
 from peer.algorithms.base import AlgoParams, InMessage, Manifest, MixReport, NeighbourView, Oracle, Payload, Send
 from peer.algorithms.dssfn_admm import DssfnParams, Worker, restore_worker
 from peer.algorithms.pushsum import WEIGHT, RunningSums

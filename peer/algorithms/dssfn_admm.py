@@ -14,10 +14,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from peer import ssfn
+from peer.algorithms import ssfn
 from peer.algorithms.dpsgd import mix
+from peer.algorithms.ssfn import DTYPE, SsfnConfig
 from peer.algorithms.sync import SyncParams
-from peer.ssfn import DTYPE, SsfnConfig
 
 
 class DssfnParams(SyncParams):

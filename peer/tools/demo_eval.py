@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peer.launcher import DemoError
+from peer.tools.launcher import DemoError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,7 +85,7 @@ def train_reference(
     x: np.ndarray, y: np.ndarray, cfg: Any, input_shape: tuple[int, ...], num_classes: int, *, seed: int, device: Any
 ) -> Any:
     """Train like a peer without neighbours: same model init, optimizer, batch size, epochs and lr schedule."""
-    from peer import training
+    from peer.learn import training
 
     t = cfg.train
     return training.train_reference(
@@ -109,10 +109,10 @@ def train_reference(
 
 def evaluate_peers(cfgs: Sequence[Any], device: Any) -> tuple[list[float], float]:
     """Test accuracy of every peer's final checkpoint and the consensus distance between them."""
-    from peer import checkpoint
-    from peer.data import load_dataset
-    from peer.models import build_model, flatten_params
-    from peer.training import evaluate
+    from peer.daemon import checkpoint
+    from peer.learn.data import load_dataset
+    from peer.learn.models import build_model, flatten_params
+    from peer.learn.training import evaluate
 
     c0 = cfgs[0]
     ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
@@ -143,7 +143,7 @@ def _ssfn_accuracy(model: Any, x: Any, y: Any) -> float:
     import numpy as np
     import torch
 
-    from peer import ssfn
+    from peer.algorithms import ssfn
 
     scores = ssfn.predict(model, torch.as_tensor(np.asarray(x), dtype=torch.float64))
     return float((scores.argmax(1).numpy() == np.asarray(y)).mean())
@@ -153,7 +153,7 @@ def _own_model_accuracy(cfg: Any, state: dict[str, Any], ds: Any) -> tuple[float
     """Test accuracy and flat parameters of an algorithm that trains its own model (dSSFN: an SSFN)."""
     import numpy as np
 
-    from peer import ssfn
+    from peer.algorithms import ssfn
 
     result = state.get("result")
     if not result:
@@ -169,8 +169,9 @@ def ssfn_layer_errors(cfgs: Sequence[Any]) -> list[float]:
     import numpy as np
     import torch
 
-    from peer import checkpoint, ssfn
-    from peer.data import load_dataset, local_partition
+    from peer.algorithms import ssfn
+    from peer.daemon import checkpoint
+    from peer.learn.data import load_dataset, local_partition
 
     c0 = cfgs[0]
     ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
@@ -198,8 +199,8 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[
     with the exact layer solver: centralized equivalence is that algorithm's claim."""
     import numpy as np
 
-    from peer.data import load_dataset, local_partition
-    from peer.training import evaluate
+    from peer.learn.data import load_dataset, local_partition
+    from peer.learn.training import evaluate
 
     c0 = cfgs[0]
     ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
@@ -211,7 +212,7 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[
     if _trains_own_model(c0):
         import torch
 
-        from peer import ssfn
+        from peer.algorithms import ssfn
 
         scfg = c0.algorithm.ssfn_config()
         q = c0.algorithm.num_classes
@@ -225,7 +226,7 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[
     central_acc = evaluate(central, ds.x_test, ds.y_test)[0]
     local = []
     for cfg, (x, y) in zip(cfgs, parts, strict=True):
-        # The peer's own minibatch seed, as in peer.node.
+        # The peer's own minibatch seed, as in peer.daemon.node.
         seed = cfg.train.seed + 1000 * cfg.data.partition_index
         model = train_reference(x, y, cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
         local.append(evaluate(model, ds.x_test, ds.y_test)[0])
@@ -237,9 +238,9 @@ def snapshot_curves(cfgs: Sequence[Any], bin_s: float = SNAPSHOT_BIN_S) -> dict[
     import numpy as np
     import torch
 
-    from peer.data import load_dataset
-    from peer.models import build_model, load_flat_params
-    from peer.training import evaluate
+    from peer.learn.data import load_dataset
+    from peer.learn.models import build_model, load_flat_params
+    from peer.learn.training import evaluate
 
     c0 = cfgs[0]
     ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
@@ -267,7 +268,7 @@ def snapshot_curves(cfgs: Sequence[Any], bin_s: float = SNAPSHOT_BIN_S) -> dict[
 
 def training_done_offset(cfgs: Sequence[Any]) -> float | None:
     """Seconds from the earliest snapshot until the last peer reported training_done (for the plot)."""
-    from peer.metrics import read
+    from peer.daemon.metrics import read
 
     first_snap = [s.unix_ms for c in cfgs for s in list_snapshots(Path(c.state_dir))[:1]]
     done_times = []

@@ -21,8 +21,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from peer import topology as topo
 from peer.algorithms.base import NeighbourView
+from peer.core import topology as topo
 
 # gRPC status names that a retry may fix. DEADLINE_EXCEEDED only for idempotent calls (full-state pushes are,
 # thanks to sequence numbers): a duplicate is dropped by the receiver.

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from peer.errors import CheckpointError, ConfigError, DataError, UnknownNameError
-from peer.models import build_model, flatten_params, load_flat_params
+from peer.learn.models import build_model, flatten_params, load_flat_params
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from peer.codec import ReceiveLimits
 from peer.errors import PayloadError, SendError
+from peer.net.codec import ReceiveLimits
 from peer.v1 import gossip_pb2
 
 if TYPE_CHECKING:
-    from peer.node import Node
+    from peer.daemon.node import Node
 
 
 class CatchUp:

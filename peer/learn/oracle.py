@@ -7,7 +7,7 @@ import math
 import torch
 
 from peer.config import TrainConfig
-from peer.training import LocalTrainer, scheduled_lr
+from peer.learn.training import LocalTrainer, scheduled_lr
 
 
 class TrainerOracle:

@@ -9,7 +9,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from peer.rpc_errors import NO_PROXY, SERVICE_NAME, map_rpc_error
+from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME, map_rpc_error
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 

@@ -20,9 +20,9 @@ import torch
 
 from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload, Send
 from peer.config import TrainConfig
-from peer.metrics import Counters
-from peer.oracle import TrainerOracle
-from peer.training import LocalTrainer, scheduled_lr
+from peer.daemon.metrics import Counters
+from peer.learn.oracle import TrainerOracle
+from peer.learn.training import LocalTrainer, scheduled_lr
 
 # How long a step-mode worker blocked on its neighbours sleeps at most between looks at its retransmission
 # timers; new messages and acknowledgements wake it at once.

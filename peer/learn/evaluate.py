@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peer import checkpoint
 from peer import config as config_mod
-from peer.data import load_dataset
+from peer.daemon import checkpoint
 from peer.errors import CheckpointError
-from peer.models import build_model
-from peer.training import evaluate
+from peer.learn.data import load_dataset
+from peer.learn.models import build_model
+from peer.learn.training import evaluate
 
 
 def evaluate_state_dir(state_dir: str | Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 mDNS and static peers only propose candidates; a candidate joins the view once it answers a Hello with a
 compatible protocol, schema and algorithm. Liveness comes from heartbeats (Hello calls with a short deadline)
 and from pushes: after `membership.evict_after` missed heartbeats a peer is evicted from the topology, and it is
-re-admitted as soon as it answers again. The decisions live in `peer.gossip.GossipCore`; this module performs the
+re-admitted as soon as it answers again. The decisions live in `peer.core.gossip.GossipCore`; this module performs the
 calls and reports what changed through callbacks.
 """
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from peer import PROTOCOL_VERSION
 from peer.config import PeerConfig
-from peer.discovery import Candidate, StaticPeers
+from peer.core.gossip import GossipCore
 from peer.errors import PeerError, SendError, StartupError
-from peer.gossip import GossipCore
 from peer.logs import OnceLogger
-from peer.transport import Client
+from peer.net.discovery import Candidate, StaticPeers
+from peer.net.transport import Client
 from peer.v1 import gossip_pb2
 
 DUPLICATE_PREFIX = "duplicate node id"

@@ -1,6 +1,6 @@
 """The daemon shell: wires config, data, trainer, algorithm, gRPC, discovery and checkpoints together.
 
-It makes no decisions of its own: the gossip core (`peer.gossip`) decides whom to push to, when to back off
+It makes no decisions of its own: the gossip core (`peer.core.gossip`) decides whom to push to, when to back off
 and what the neighbour set is; the algorithm decides how to merge. The shell moves inputs in and effects out,
 and owns every task in one TaskGroup.
 """
@@ -18,28 +18,29 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from peer import PROTOCOL_VERSION, checkpoint
+from peer import PROTOCOL_VERSION
 from peer import config as config_mod
 from peer.algorithms import InMessage, Payload, Send, create
-from peer.catchup import CatchUp
-from peer.checkpoint import atomic_write_bytes
-from peer.codec import Envelope, Received, ReceiveLimits, encode
 from peer.config import PeerConfig
-from peer.data import load_dataset, local_partition, partition_summary
-from peer.discovery import MdnsDiscovery, resolve_interfaces
+from peer.core.faults import FaultInjector
+from peer.core.gossip import BreakerPolicy, GossipCore, LivenessPolicy
+from peer.core.topology import is_time_varying, round_index_at
+from peer.daemon import checkpoint
+from peer.daemon.catchup import CatchUp
+from peer.daemon.checkpoint import atomic_write_bytes
+from peer.daemon.membership import Identity, Membership, MembershipEvents, reachable_address
+from peer.daemon.metrics import Counters, MetricsLog
+from peer.daemon.pusher import Pusher
+from peer.daemon.worker import TrainingWorker
 from peer.errors import CheckpointError, PayloadError, PeerError, SchemaMismatchError
-from peer.faults import FaultInjector
-from peer.gossip import BreakerPolicy, GossipCore, LivenessPolicy
+from peer.learn.data import load_dataset, local_partition, partition_summary
+from peer.learn.models import build_model, num_params, schema_fingerprint
+from peer.learn.training import LocalTrainer, select_device
 from peer.logs import OnceLogger, node_logger
-from peer.membership import Identity, Membership, MembershipEvents, reachable_address
-from peer.metrics import Counters, MetricsLog
-from peer.models import build_model, num_params, schema_fingerprint
-from peer.pusher import Pusher
-from peer.topology import is_time_varying, round_index_at
-from peer.training import LocalTrainer, select_device
-from peer.transport import Client, Server, start_server
+from peer.net.codec import Envelope, Received, ReceiveLimits, encode
+from peer.net.discovery import MdnsDiscovery, resolve_interfaces
+from peer.net.transport import Client, Server, start_server
 from peer.v1 import gossip_pb2
-from peer.worker import TrainingWorker
 
 
 def _hour_start(unix_s: float) -> float:
@@ -53,7 +54,7 @@ class Node:
         self.cfg = cfg
         self.reset = reset
         self.stdout = stdout if stdout is not None else sys.stdout
-        self.log = node_logger("peer.node", cfg.node_id)
+        self.log = node_logger("peer.daemon.node", cfg.node_id)
         self.once = OnceLogger(self.log)
         self.counters = Counters()
         self.rng = random.Random(f"{cfg.node_id}-{time.time_ns()}")  # jitter only; never affects the math

@@ -22,14 +22,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from peer.algorithms import Payload, Send
-from peer.codec import Envelope, encode, iter_requests
 from peer.config import PeerConfig
+from peer.core.faults import FaultInjector
+from peer.core.gossip import GossipCore, retry_delay, should_retry
+from peer.daemon.metrics import Counters
 from peer.errors import SendError
-from peer.faults import FaultInjector
-from peer.gossip import GossipCore, retry_delay, should_retry
 from peer.logs import OnceLogger
-from peer.metrics import Counters
-from peer.transport import Client
+from peer.net.codec import Envelope, encode, iter_requests
+from peer.net.transport import Client
 
 Encoded = tuple[Any, list[bytes], int]  # (PushHeader, chunks, total bytes)
 

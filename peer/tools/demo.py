@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peer.demo_eval import (  # noqa: F401 - re-exported for tests and users
+from peer.errors import ConfigError
+from peer.tools.demo_eval import (  # noqa: F401 - re-exported for tests and users
     Snapshot,
     bin_snapshots,
     consensus_distance,
@@ -37,8 +38,17 @@ from peer.demo_eval import (  # noqa: F401 - re-exported for tests and users
     train_reference,
     training_done_offset,
 )
-from peer.errors import ConfigError
-from peer.launcher import DemoError, PeerProc, check_alive, mb, start_peer, start_reader, stop_all, wait_ready, watch
+from peer.tools.launcher import (
+    DemoError,
+    PeerProc,
+    check_alive,
+    mb,
+    start_peer,
+    start_reader,
+    stop_all,
+    wait_ready,
+    watch,
+)
 
 if TYPE_CHECKING:  # numpy and torch are imported where used: every `peer` command imports this module
     pass
@@ -227,8 +237,8 @@ def peer_config(args: argparse.Namespace, index: int, work_dir: Path, cluster: s
 def build_configs(args: argparse.Namespace, work_dir: Path, cluster: str | None = None) -> list[tuple[Path, Any]]:
     """Validate and write every peer's config (one new cluster name for all); returns (path, PeerConfig) each."""
     from peer.config import dump, validate
-    from peer.data import DATASET_NAMES, parse_partition
-    from peer.models import MODEL_NAMES
+    from peer.learn.data import DATASET_NAMES, parse_partition
+    from peer.learn.models import MODEL_NAMES
 
     cluster = cluster or new_cluster_name()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -382,7 +392,7 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
     import numpy as np
 
     from peer.algorithms import REGISTRY
-    from peer.training import select_device
+    from peer.learn.training import select_device
 
     configs = build_configs(args, work_dir)
     cfgs = [c for _, c in configs]
@@ -428,7 +438,7 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
         central, local = reference_accuracies(cfgs, device)
         layer_errors = ssfn_layer_errors(cfgs) if REGISTRY[args.algorithm].trains_own_model else None
     phases["references_s"] = time.monotonic() - t_mark
-    from peer.metrics import read
+    from peer.daemon.metrics import read
 
     last = [next((r for r in reversed(read(Path(c.state_dir) / "metrics.jsonl"))), None) for c in cfgs]
     summary: dict[str, Any] = {
@@ -469,7 +479,7 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
     t_mark = time.monotonic()
     if args.out:
         try:
-            from peer.plot import write_plot
+            from peer.tools.plot import write_plot
 
             with _one_torch_thread():
                 curves = snapshot_curves(cfgs)

@@ -1,0 +1,1 @@
+"""The pure protocol core: membership, topology, faults, liveness and catch-up decisions. No I/O."""

@@ -1,0 +1,1 @@
+"""The daemon: a supervisor that runs the training thread, the pusher, membership I/O, checkpoints, metrics."""

@@ -1,0 +1,1 @@
+"""Learning: datasets and partitions, models, the local trainer, evaluation."""
