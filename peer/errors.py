@@ -10,8 +10,10 @@
         ├── SchemaMismatchError    another fingerprint, algorithm, protocol or encoding, or tensors whose
         │                          names, shapes or dtypes differ from our model's   -> FAILED_PRECONDITION
         ├── PayloadTooLargeError   over the configured size (declared or actual)     -> RESOURCE_EXHAUSTED
-        └── CorruptPayloadError    bad SHA-256, truncated, NaN/Inf, a header that contradicts itself,
-                                   bad framing                                       -> INVALID_ARGUMENT
+        ├── CorruptPayloadError    bad SHA-256, truncated, NaN/Inf, a header that contradicts itself,
+        │                          bad framing                                       -> INVALID_ARGUMENT
+        └── IdentityError          a claimed node id that contradicts the caller's certificate
+                                                                                     -> PERMISSION_DENIED
 
 Transport failures (gRPC status codes on the client side) are mapped in one place, `peer.net.transport`,
 into `SendError`, which is a PeerError too.
@@ -90,6 +92,12 @@ class CorruptPayloadError(PayloadError):
     """Framing, checksum, shape, dtype or finiteness check failed."""
 
     status = "INVALID_ARGUMENT"
+
+
+class IdentityError(PayloadError):
+    """The sender claims a node id that its authenticated identity (TLS certificate) contradicts."""
+
+    status = "PERMISSION_DENIED"
 
 
 class SendError(PeerError):

@@ -14,7 +14,10 @@ import pytest
 
 from peer.algorithms import REGISTRY
 from peer.daemon import checkpoint
+from peer.daemon.builder import build
+from peer.daemon.metrics import Counters
 from peer.daemon.node import Node
+from peer.logs import node_logger
 from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, wait_until
 
 # Small settings where an algorithm's defaults would make this test slow.
@@ -71,7 +74,6 @@ def test_the_daemon_refuses_the_gauss_newton_surrogate_naming_the_field(tmp_path
     from peer.errors import ConfigError
 
     cfg = fast_config(tmp_path, unique("gn"), algorithm={"name": name, "surrogate": "gauss_newton"})
-    node = Node(cfg, stdout=io.StringIO())
     with pytest.raises(ConfigError) as err:
-        node._build()
+        build(cfg, reset=False, counters=Counters(), log=node_logger("test", cfg.node_id))
     assert err.value.field == "algorithm.surrogate"

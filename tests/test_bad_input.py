@@ -126,7 +126,7 @@ class Victim:
         )
 
     def params(self) -> torch.Tensor:
-        ((shape, dtype),) = self.node.receive_limits().expected_tensors.values()  # type: ignore[union-attr]
+        ((shape, dtype),) = self.node.handlers.receive_limits().expected_tensors.values()  # type: ignore[union-attr]
         assert dtype == "float32"
         return torch.linspace(-1.0, 1.0, math.prod(shape)).reshape(shape)
 

@@ -9,7 +9,7 @@ import torch
 
 from peer.algorithms import Cdl, CdlParams, InMessage, Isolated, NeighbourView, NoneParams, Payload
 from peer.algorithms.mixing import metropolis_hastings, mixing_matrix
-from peer.core.gossip import topology_neighbours
+from peer.core.topology import topology_neighbours
 
 
 def _adjacency(topology: str, n: int) -> dict[str, list[str]]:

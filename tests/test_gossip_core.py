@@ -1,4 +1,6 @@
-"""The protocol core without sockets: topology, membership, backoff, circuit breaker and send decisions."""
+"""The peer table and backoff without sockets: topology, membership, backoff, circuit breaker, send decisions.
+
+The event-driven core above the table (`GossipCore.handle`) is tested in test_core_events.py."""
 
 from __future__ import annotations
 
@@ -6,14 +8,9 @@ import random
 
 import pytest
 
-from peer.core.gossip import (
-    BreakerPolicy,
-    CircuitBreaker,
-    GossipCore,
-    retry_delay,
-    should_retry,
-    topology_neighbours,
-)
+from peer.core.backoff import BreakerPolicy, CircuitBreaker, retry_delay, should_retry
+from peer.core.peers import PeerTable
+from peer.core.topology import topology_neighbours
 from peer.errors import UnknownNameError
 
 
@@ -76,8 +73,8 @@ def test_circuit_breaker_opens_grows_and_resets_on_success() -> None:
     assert br.failures == 0 and br.allows(now) and br.record_failure(now, rng) == 0.0
 
 
-def _core(topology: str = "ring") -> GossipCore:
-    return GossipCore("b", topology, BreakerPolicy(threshold=2, base_s=1.0, cap_s=4.0))
+def _core(topology: str = "ring") -> PeerTable:
+    return PeerTable("b", topology, BreakerPolicy(threshold=2, base_s=1.0, cap_s=4.0))
 
 
 def test_membership_drives_neighbours_and_view_degrees() -> None:
@@ -121,7 +118,7 @@ def test_sends_due_skips_sent_in_flight_and_open_breakers() -> None:
     skip = core.send_failed("d", "UNAVAILABLE", 0.0, rng)
     assert skip > 0 and core.state_of("d", 0.0) == "backoff"
     assert core.sends_due(0.0, seq=2) == ["a", "c"]  # d is skipped, nobody waits for it
-    assert core.next_deadline(0.0) == pytest.approx(skip)
+    assert core.breaker_deadline(0.0) == pytest.approx(skip)
     assert "d" in core.sends_due(skip, seq=2)
     core.send_ok("d", 2, skip)
     assert core.state_of("d", skip) == "alive"

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from peer import config
-from peer.daemon.catchup import CatchUp
 from peer.daemon.metrics import read as read_metrics
 from peer.daemon.node import Node
 from peer.errors import StartupError
@@ -83,8 +82,8 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
             30,
             "pushes to flow",
         )
-        evictions = (a.membership.evictions, b.membership.evictions)
-        readmissions = (a.membership.readmissions, b.membership.readmissions)
+        evictions = (a.core.evictions, b.core.evictions)
+        readmissions = (a.core.readmissions, b.core.readmissions)
 
         # Crash: SIGKILL, so no goodbye, no final checkpoint, no last push.
         c.stop(signal.SIGKILL)
@@ -104,7 +103,7 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
             "deadline)"
         )
         assert max(detected.values()) <= DETECTION_BOUND_S, detected
-        assert (a.membership.evictions, b.membership.evictions) == (evictions[0] + 1, evictions[1] + 1)
+        assert (a.core.evictions, b.core.evictions) == (evictions[0] + 1, evictions[1] + 1)
 
         # The topology and the Metropolis-Hastings degrees follow: a and b are each other's only neighbour, and
         # each advertises degree 1 - in the gossip core and in the view the training thread mixes with.
@@ -119,7 +118,7 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
             5,
             "the training thread's view to get the new degrees",
         )
-        status = a.status()
+        status = a.handlers.status()
         assert {n.node_id: n.state for n in status.neighbours}[c_id] == "evicted"
         assert status.info[f"neighbour.{c_id}"] == "no"
         remote = await fetch_status(b.address)  # what `peer status` shows
@@ -131,7 +130,7 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
         c2_ready = await c2.aready()
         assert c2_ready["node_id"] == c_id and c2_ready["incarnation"] != c_ready["incarnation"]
         await wait_until(lambda: all(n.core.state_of(c_id, _now()) == "alive" for n in (a, b)), 30, "re-admission of c")
-        assert a.membership.readmissions > readmissions[0] and b.membership.readmissions > readmissions[1]
+        assert a.core.readmissions > readmissions[0] and b.core.readmissions > readmissions[1]
         assert a.core.peers[c_id].incarnation == c2_ready["incarnation"]
         assert a.core.peers[c_id].address == c2_ready["address"]
         assert c_id in a.core.neighbours() and c_id in b.core.neighbours()
@@ -178,41 +177,31 @@ async def test_duplicate_node_id_over_static_peers_stops_the_newcomer(tmp_path: 
 
 
 # ------------------------------------------------------------------------------------------------ catch-up
-class RecordingCatchUp(CatchUp):
-    """Records the model catch-up adopted (and the local step at that moment)."""
+class RecordingNode(Node):
+    """Records the model it serves to a catching-up peer, and the model it adopted (with its local step then)."""
 
+    served: torch.Tensor | None = None
     adopted: torch.Tensor | None = None
     step_at_adoption: int | None = None
 
-    async def _fetch_from(self, *args: Any, **kwargs: Any) -> bool:
-        ok = await super()._fetch_from(*args, **kwargs)
-        if ok:
-            params, _epoch = self.node.worker.adopt[-1]  # the fetched model, with the sender's progress
-            self.adopted = params.clone()
-            self.step_at_adoption = self.node.trainer.step_count
-        return ok
+    def _assemble(self, built: Any) -> None:
+        super()._assemble(built)
+        fetch, serve = self.fetcher._fetch, self.handlers.fetch_state
 
+        async def recording_fetch(effect: Any) -> bool:
+            ok = await fetch(effect)
+            if ok:
+                params, _epoch = self.worker.adopt[-1]  # the fetched model, with the sender's progress
+                self.adopted = params.clone()
+                self.step_at_adoption = self.trainer.step_count
+            return ok
 
-class RecordingNode(Node):
-    """Records the model it serves to a catching-up peer, and (through its CatchUp) what it adopted."""
+        async def recording_serve(request: Any) -> Any:
+            self.served = self.worker.latest_params
+            return await serve(request)
 
-    served: torch.Tensor | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.catchup = RecordingCatchUp(self)
-
-    @property
-    def adopted(self) -> torch.Tensor | None:
-        return self.catchup.adopted  # type: ignore[attr-defined, no-any-return]
-
-    @property
-    def step_at_adoption(self) -> int | None:
-        return self.catchup.step_at_adoption  # type: ignore[attr-defined, no-any-return]
-
-    async def fetch_state(self, request: Any) -> Any:
-        self.served = self.worker.latest_params
-        return await super().fetch_state(request)
+        self.fetcher._fetch = recording_fetch  # type: ignore[method-assign]
+        self.handlers.fetch_state = recording_serve  # type: ignore[method-assign]
 
 
 @pytest.mark.timeout(90)
@@ -324,7 +313,7 @@ async def test_outage_on_the_only_link_opens_the_breaker_but_heartbeats_keep_the
             lambda: b.core.peers[a_id].last_seen > t0 + 2 * DETECTION_BOUND_S, 20, "b's heartbeats to a to go on"
         )
         assert b.core.state_of(a_id, _now()) == "alive" and b.core.neighbours() == [a_id]
-        assert b.membership.evictions == 0 and a.membership.evictions == 0
+        assert b.core.evictions == 0 and a.core.evictions == 0
         assert a.core.neighbours() == [b_id]
         assert b.counters.snapshot()["messages_received"] == 0
         assert a.counters.snapshot()["messages_received"] > 0  # the other direction is fine

@@ -35,6 +35,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 
+# Re-exported: every algorithm takes the view as an argument.
+from peer.core.view import NeighbourView as NeighbourView
+
 
 @dataclass(frozen=True)
 class Payload:
@@ -94,21 +97,6 @@ class InMessage:
     sender_degree: int
     payload: Payload
     received_at: float
-
-
-@dataclass(frozen=True)
-class NeighbourView:
-    """The current neighbour set and advertised degrees, frozen for one `mix` call."""
-
-    self_id: str
-    degrees: Mapping[str, int]  # neighbour id -> its advertised degree
-    # Every live cluster member this node knows of, itself included (membership, not topology): token
-    # algorithms use it for N_current and to agree on stream origins. Empty when unknown.
-    members: frozenset[str] = frozenset()
-
-    @property
-    def self_degree(self) -> int:
-        return len(self.degrees)
 
 
 @dataclass(frozen=True)

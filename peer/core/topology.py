@@ -318,3 +318,11 @@ def _edges_connected(n: int, edges: set[tuple[int, int]]) -> bool:
         adj[a].add(b)
         adj[b].add(a)
     return is_connected(adj)
+
+
+def topology_neighbours(
+    topology: str, self_id: str, members: list[str], *, seed: int = 0, round_index: int = 0
+) -> list[str]:
+    """The neighbour set for the topology named `topology` over `members` (which may or may not include
+    `self_id`)."""
+    return neighbours(parse_topology(topology), self_id, members, seed=seed, round_index=round_index)

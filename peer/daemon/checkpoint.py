@@ -6,9 +6,11 @@ refuses arbitrary pickled objects. Only the daemon's own files are read here; no
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +85,35 @@ def discard(state_dir: str | Path) -> Path | None:
         n += 1
     os.replace(path, aside)
     return aside
+
+
+class Checkpointer:
+    """Writes the training thread's checkpoint states from the event loop, off the loop (torch.save and fsync
+    run in a thread). A failed write (a full disk) keeps the previous checkpoint and is logged once."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        header: dict[str, Any],
+        warn_once: Callable[[tuple[str, ...], str], None],
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.state_dir = state_dir
+        self.header = header  # node_id, fingerprint, algorithm_name: checked again when the state is loaded
+        self.warn_once = warn_once
+        self.wall_clock = wall_clock
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def state(self, worker_state: dict[str, Any]) -> dict[str, Any]:
+        return {**self.header, "saved_unix_s": self.wall_clock(), **worker_state}
+
+    async def drain(self) -> None:
+        while True:
+            await self.save(await self.queue.get())
+
+    async def save(self, state: dict[str, Any]) -> None:
+        try:
+            await asyncio.to_thread(save, self.state_dir, state)
+        except CheckpointError as exc:
+            # A full disk must not kill training: keep the old checkpoint and try again next interval.
+            self.warn_once(("checkpoint",), str(exc))

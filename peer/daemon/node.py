@@ -1,8 +1,9 @@
-"""The daemon shell: wires config, data, trainer, algorithm, gRPC, discovery and checkpoints together.
+"""The daemon's supervisor: builds the parts, feeds the protocol core its inputs, carries out its effects, and
+owns every task in one TaskGroup until a graceful stop.
 
-It makes no decisions of its own: the gossip core (`peer.core.gossip`) decides whom to push to, when to back off
-and what the neighbour set is; the algorithm decides how to merge. The shell moves inputs in and effects out,
-and owns every task in one TaskGroup.
+It makes no decisions of its own: `peer.core.gossip.GossipCore` decides membership, liveness, whom to push to,
+catch-up and timers; the algorithm decides how to merge. `dispatch` is the one path from an I/O outcome (a
+Hello, a push, a failed call, a clock tick) into the core, and `_execute` the one path out.
 """
 
 from __future__ import annotations
@@ -12,39 +13,90 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-import torch
-
 from peer import PROTOCOL_VERSION
-from peer import config as config_mod
-from peer.algorithms import InMessage, Payload, Send, create
+from peer.algorithms import Algorithm
 from peer.config import PeerConfig
+from peer.core.backoff import BreakerPolicy
+from peer.core.catchup import CatchUpSettings
+from peer.core.events import (
+    CatchUpDone,
+    ClearLog,
+    CloseChannel,
+    Effect,
+    Fatal,
+    Forget,
+    Input,
+    Log,
+    PeerInfo,
+    Progress,
+    RequestCheckpoint,
+    SayHello,
+    StartCatchUp,
+    Started,
+    Tick,
+    ViewChanged,
+    WriteMetrics,
+)
 from peer.core.faults import FaultInjector
-from peer.core.gossip import BreakerPolicy, GossipCore, LivenessPolicy
-from peer.core.topology import is_time_varying, round_index_at
-from peer.daemon import checkpoint
-from peer.daemon.catchup import CatchUp
-from peer.daemon.checkpoint import atomic_write_bytes
-from peer.daemon.membership import Identity, Membership, MembershipEvents, reachable_address
+from peer.core.gossip import CoreSettings, GossipCore, Identity
+from peer.core.peers import LivenessPolicy
+from peer.daemon.builder import Built, build
+from peer.daemon.catchup import CatchUpFetcher
+from peer.daemon.checkpoint import Checkpointer
+from peer.daemon.handlers import DaemonFacts, RpcHandlers
+from peer.daemon.membership import DiscoveryInputs, HelloCaller
 from peer.daemon.metrics import Counters, MetricsLog
 from peer.daemon.pusher import Pusher
 from peer.daemon.worker import TrainingWorker
-from peer.errors import CheckpointError, PayloadError, PeerError, SchemaMismatchError
-from peer.learn.data import load_dataset, local_partition, partition_summary
-from peer.learn.models import build_model, num_params, schema_fingerprint
-from peer.learn.training import LocalTrainer, select_device
+from peer.errors import PeerError, StartupError
+from peer.learn.data import Dataset
+from peer.learn.training import LocalTrainer
 from peer.logs import OnceLogger, node_logger
-from peer.net.codec import Envelope, Received, ReceiveLimits, encode
-from peer.net.discovery import MdnsDiscovery, resolve_interfaces
+from peer.net.codec import Envelope, ReceiveLimits
+from peer.net.discovery import MdnsDiscovery, StaticPeers, resolve_interfaces
 from peer.net.transport import Client, Server, start_server
-from peer.v1 import gossip_pb2
+
+# The longest the clock sleeps between Ticks even when nothing is due (a safety net, not a schedule).
+MAX_TICK_S = 1.0
+MIN_TICK_S = 0.002
 
 
 def _hour_start(unix_s: float) -> float:
     return unix_s - (unix_s % 3600.0)
+
+
+def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool) -> CoreSettings:
+    """The protocol core's part of the config tree."""
+    static = StaticPeers(cfg.discovery.static_peers, lambda c: None).candidates()
+    return CoreSettings(
+        identity=identity,
+        topology=cfg.topology,
+        topology_seed=cfg.membership.topology_seed,
+        topology_period_s=cfg.membership.topology_period_s,
+        breaker=BreakerPolicy(cfg.gossip.breaker_threshold, cfg.gossip.backoff_base_s, cfg.gossip.backoff_cap_s),
+        liveness=LivenessPolicy(
+            cfg.membership.heartbeat_interval_s, cfg.membership.evict_after, cfg.membership.probe_evicted_max_s
+        ),
+        catchup=CatchUpSettings(
+            enabled=cfg.catchup.enabled,
+            max_state_age_s=cfg.catchup.max_state_age_s,
+            max_epochs_behind=cfg.catchup.max_epochs_behind,
+            wait_s=cfg.catchup.wait_s,
+            mid_run=mid_run_catchup,
+            can_fetch=cfg.discovery.mdns or bool(cfg.discovery.static_peers),
+        ),
+        cluster=cfg.discovery.cluster,
+        static_peers=tuple(c.address for c in static),
+        hello_retry_s=cfg.discovery.hello_retry_s,
+        rpc_timeout_s=cfg.gossip.rpc_timeout_s,
+        expected_members=cfg.data.num_partitions,
+        checkpoint_interval_s=cfg.checkpoint.interval_s,
+        metrics_interval_s=cfg.metrics.interval_s,
+    )
 
 
 class Node:
@@ -58,170 +110,221 @@ class Node:
         self.once = OnceLogger(self.log)
         self.counters = Counters()
         self.rng = random.Random(f"{cfg.node_id}-{time.time_ns()}")  # jitter only; never affects the math
-        self.core = GossipCore(
-            cfg.node_id,
-            cfg.topology,
-            BreakerPolicy(cfg.gossip.breaker_threshold, cfg.gossip.backoff_base_s, cfg.gossip.backoff_cap_s),
-            LivenessPolicy(
-                cfg.membership.heartbeat_interval_s, cfg.membership.evict_after, cfg.membership.probe_evicted_max_s
-            ),
-            topology_seed=cfg.membership.topology_seed,
-        )
-        self._time_varying = is_time_varying(self.core.spec)
         # Wall-clock time with a shared origin, so that both ends of a flapping link see the same outages.
         self.faults = FaultInjector(cfg.faults, node_id=cfg.node_id, start_s=_hour_start(time.time()))
         self.incarnation = time.time_ns() // 1_000_000
         self.ready = asyncio.Event()
         self.trained = asyncio.Event()  # set once train.epochs are done (the daemon keeps mixing after that)
+        # Resolved (and replaced) whenever the view changes, the trainer reports progress or metrics are written.
+        self._changed: asyncio.Future[None] | None = None
         self.address = ""
-        self._stop = asyncio.Event()
-        self._checkpoints: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._fatal: PeerError | None = None
-        self._isolated_since: float | None = None
-        self.catchup = CatchUp(self)
-        self._tg: asyncio.TaskGroup | None = None
-        self._state_saved_unix_s: float | None = None  # when the resumed checkpoint was written
-        self._started = time.monotonic()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: Server | None = None
-        self._mdns: MdnsDiscovery | None = None
         self.state_dir = Path(cfg.state_dir)
         self.metrics = MetricsLog(self.state_dir / "metrics.jsonl")
+        self._stop = asyncio.Event()
+        self._fatal: PeerError | None = None
+        self._started = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._pending: list[Coroutine[Any, Any, None]] = []  # tasks asked for before the TaskGroup exists
+        self._server: Server | None = None
+        self._mdns: MdnsDiscovery | None = None
 
-    # ---------------------------------------------------------------------------------------------- set-up
-    def _build(self) -> None:
-        """Blocking set-up (data, model, checkpoint); runs in a thread before the daemon serves."""
+    # Read-only views of what the build made (tools, tests and the library API read them).
+    @property
+    def trainer(self) -> LocalTrainer:
+        return self.built.trainer
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return self.built.algorithm
+
+    @property
+    def fingerprint(self) -> str:
+        return self.built.fingerprint
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.built.dataset
+
+    # ------------------------------------------------------------------------------------------- the core
+    def dispatch(self, event: Input) -> list[Effect]:
+        """Feed one input to the core and carry out its effects (on the loop thread). Returns the effects, so
+        that a handler can answer its request (Reply, Deliver)."""
+        effects = self.core.handle(event)
+        self._execute(effects)
+        return effects
+
+    def _execute(self, effects: list[Effect]) -> None:
+        for e in effects:
+            match e:
+                case SayHello():
+                    self._spawn(self.hellos.call(e))
+                case ViewChanged():
+                    self.worker.view = e.view
+                    if e.cluster_known:
+                        self.worker.neighbours_ready.set()
+                    self._notify()
+                case Forget():
+                    self.worker.forget.append(e.node_id)
+                case CloseChannel():
+                    self._spawn(self.client.forget(e.address))
+                case StartCatchUp():
+                    self._spawn(self.fetcher.fetch(e))
+                case CatchUpDone():
+                    self.worker.catchup_done.set()
+                case RequestCheckpoint():
+                    self.worker.checkpoint_requested.set()
+                case WriteMetrics():
+                    self._write_metrics()
+                case Fatal():
+                    self._on_fatal(StartupError(e.message))
+                case Log():
+                    if e.key is not None and e.level == "warning":
+                        self.once.warning(e.key, "%s", e.message)
+                    else:
+                        self.log.log(_LEVELS[e.level], "%s", e.message)
+                case ClearLog():
+                    self.once.forget(e.key)
+                case _:
+                    pass  # Reply and Deliver answer the request that caused them (see RpcHandlers)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._tg is None:
+            self._pending.append(coro)
+        else:
+            self._tg.create_task(coro)
+
+    def _progress(self) -> Progress:
+        trainer = self.built.trainer
+        return Progress(trainer.step_count, trainer.step_count / trainer.steps_per_epoch, self.worker.done)
+
+    def me(self) -> PeerInfo:
+        """What we say about ourselves in a Hello."""
+        p = self._progress()
+        return PeerInfo(
+            self.cfg.node_id,
+            PROTOCOL_VERSION,
+            self.built.fingerprint,
+            self.built.algorithm.name,
+            self.core.degree(),
+            self.address,
+            self.incarnation,
+            p.step,
+            p.epoch,
+        )
+
+    def _envelope(self) -> Envelope:
+        return Envelope(
+            sender_id=self.cfg.node_id,
+            schema_fingerprint=self.built.fingerprint,
+            algorithm=self.built.algorithm.name,
+            incarnation=self.incarnation,
+            sender_degree=self.core.degree(),
+            sender_address=self.address,
+            sent_unix_ms=int(time.time() * 1000),
+        )
+
+    async def _clock(self) -> None:
+        """Ticks the core whenever its next deadline comes (heartbeats, static re-dials, timers)."""
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.dispatch(Tick(now, time.time(), self._progress()))
+            wait = self.core.next_deadline(now) - time.monotonic()
+            await self._sleep(min(max(wait, MIN_TICK_S), MAX_TICK_S))
+
+    # ----------------------------------------------------------------------------------------- assembling
+    def _assemble(self, built: Built) -> None:
+        """Create the parts around the core (on the loop, after the blocking build)."""
         cfg = self.cfg
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        ds = load_dataset(cfg.data.dataset, cfg.data.path, seed=cfg.data.seed, test_fraction=cfg.data.test_fraction)
-        x, y = local_partition(ds, cfg.data.partition, cfg.data.num_partitions, cfg.data.partition_index, cfg.data.seed)
-        self.log.info(
-            "data %s, partition %s [%d/%d]: %d samples, labels %s",
-            ds.name,
-            cfg.data.partition,
-            cfg.data.partition_index,
-            cfg.data.num_partitions,
-            len(y),
-            partition_summary(y, [np.arange(len(y))])[0] if len(y) else {},
+        self.built = built
+        algorithm = built.algorithm
+        identity = Identity(cfg.node_id, PROTOCOL_VERSION, built.fingerprint, algorithm.name, self.incarnation)
+        self.core = GossipCore(core_settings(cfg, identity, mid_run_catchup=not algorithm.owns_local_update), self.rng)
+        self.checkpointer = Checkpointer(
+            self.state_dir,
+            {"node_id": cfg.node_id, "fingerprint": built.fingerprint, "algorithm_name": algorithm.name},
+            lambda key, msg: self.once.warning(key, "%s", msg),
+            time.time,
         )
-        self.dataset = ds
-        if cfg.train.torch_threads:
-            torch.set_num_threads(cfg.train.torch_threads)
-        device = select_device(cfg.train.device)
-        model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed=cfg.model.seed).to(device)
-        self.fingerprint = schema_fingerprint(model)
-        self.num_params = num_params(model)
-        t = cfg.train
-        self.trainer = LocalTrainer(
-            model,
-            x,
-            y,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-            optimizer=t.optimizer,
-            device=device,
-            seed=t.seed + 1000 * cfg.data.partition_index,
-        )
-        self.algorithm = create(cfg.algorithm, cfg.node_id)
-        self.algorithm.bind_data(int(np.prod(ds.input_shape)), ds.num_classes)
-        if self.reset and (aside := checkpoint.discard(self.state_dir)) is not None:
-            self.log.warning("--reset: previous checkpoint moved to %s", aside)
-        state = checkpoint.load(self.state_dir)
-        if state is not None:
-            self._restore(state)
-        atomic_write_bytes(self.state_dir / "config.yaml", config_mod.dump(cfg).encode())
         self.worker = TrainingWorker(
             train_cfg=cfg.train,
             consensus_interval_s=max(cfg.train.round_interval_s, cfg.gossip.interval_s),
-            trainer=self.trainer,
-            algorithm=self.algorithm,
+            trainer=built.trainer,
+            algorithm=algorithm,
             counters=self.counters,
             log=self.log,
-            publish=self._publish_threadsafe,
-            send=self._send_threadsafe,
-            on_checkpoint=self._checkpoint_threadsafe,
-            on_trained=self._trained_threadsafe,
+            publish=self._threadsafe(lambda p: self.pusher.publish(p)),
+            send=self._threadsafe(lambda s: self.pusher.enqueue(s)),
+            on_checkpoint=self._threadsafe(lambda w: self.checkpointer.queue.put_nowait(self.checkpointer.state(w))),
+            on_trained=self._threadsafe(lambda _: self._trained()),
+            on_progress=self._threadsafe(lambda _: self._notify()),
             snapshot_dir=self.state_dir / "snapshots" if cfg.metrics.snapshot_interval_s > 0 else None,
             snapshot_interval_s=cfg.metrics.snapshot_interval_s,
             slowdown=cfg.faults.slowdown,
         )
-        self.log.info(
-            "model %s (%d parameters, schema %s) on %s; algorithm %s [%s]",
-            cfg.model.name,
-            self.num_params,
-            self.fingerprint,
-            device,
-            self.algorithm.name,
-            self.algorithm.provenance,
-        )
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        path = self.state_dir / checkpoint.CHECKPOINT_NAME
-        for key, mine in (
-            ("node_id", self.cfg.node_id),
-            ("fingerprint", self.fingerprint),
-            ("algorithm_name", self.algorithm.name),
-        ):
-            if state.get(key) != mine:
-                raise CheckpointError(
-                    f"checkpoint {path} was written with {key}={state.get(key)!r} but this config has {mine!r}; "
-                    "use another state_dir, or --reset to discard the checkpoint"
-                )
-        try:
-            self.trainer.model.load_state_dict(state["model"])
-            self.trainer.load_state_dict(state["trainer"])
-            self.algorithm.load_state_dict(state["algorithm"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not match this model: {exc}") from exc
-        self.counters.restore(state.get("counters", {}))
-        self._state_saved_unix_s = float(state.get("saved_unix_s", 0.0))
-        self.log.info("resumed from checkpoint %s at step %d", path, self.trainer.step_count)
-
-    def _checkpoint_state(self, worker_state: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "node_id": self.cfg.node_id,
-            "fingerprint": self.fingerprint,
-            "algorithm_name": self.algorithm.name,
-            "saved_unix_s": time.time(),
-            **worker_state,
-        }
-
-    # ------------------------------------------------------------------------------------------------ run
-    async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._build)
         self.worker.view = self.core.view()
-        if self.worker.done:
-            self.trained.set()
-        self.client = Client(self.cfg.gossip)
+        self.client = Client(cfg.gossip)
         self.pusher = Pusher(
-            self.cfg,
+            cfg,
             self.core,
+            self.dispatch,
             self.client,
             self.counters,
             self.faults,
             self._envelope,
             self._sleep,
             self._stop.is_set,
-            self.log,
             self.rng,
         )
-        self.pusher.before_round = self._advance_topology
         self.pusher.on_ack = self._on_ack
-        self.membership = Membership(
-            self.cfg,
+        self.hellos = HelloCaller(self.client, self.me, self.dispatch)
+        self.discovery = DiscoveryInputs(self.dispatch)
+        self.handlers = RpcHandlers(
+            DaemonFacts(
+                cfg.node_id,
+                built.fingerprint,
+                built.num_params,
+                self.incarnation,
+                cfg.gossip.chunk_bytes,
+                cfg.gossip.max_message_bytes,
+                self._started,
+            ),
             self.core,
-            self.client,
-            Identity(self.cfg.node_id, self.fingerprint, self.algorithm.name, self.incarnation),
-            MembershipEvents(self._refresh_view, self.worker.forget.append, self._on_readmitted, self._on_fatal),
-            progress=lambda: (self.trainer.step_count, self.trainer.step_count / self.trainer.steps_per_epoch),
-            sleep=self._sleep,
-            stopping=self._stop.is_set,
-            log=self.log,
+            self.dispatch,
+            algorithm,
+            self.worker,
+            self.counters,
+            self.me,
+            self._envelope,
+            self.once,
         )
-        self._server = await start_server(self.cfg.listen, self.cfg.gossip, self)
+        self.fetcher = CatchUpFetcher(
+            client=self.client,
+            node_id=cfg.node_id,
+            fingerprint=built.fingerprint,
+            limits=ReceiveLimits(
+                max_payload_bytes=cfg.gossip.max_message_bytes,
+                max_chunk_bytes=cfg.gossip.chunk_bytes,
+                expected_fingerprint=built.fingerprint,
+                expected_algorithm=algorithm.name,
+                expected_tensors={"params": ((built.num_params,), "float32")},
+            ),
+            expected_bytes=4 * built.num_params,
+            adopt=self.worker.adopt,
+            my_epoch=lambda: self._progress().epoch,
+            counters=self.counters,
+            log=self.log,
+            dispatch=self.dispatch,
+        )
+
+    # ------------------------------------------------------------------------------------------------ run
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        built = await asyncio.to_thread(build, self.cfg, reset=self.reset, counters=self.counters, log=self.log)
+        self._assemble(built)
+        if self.worker.done:
+            self.trained.set()
+        self._server = await start_server(self.cfg.listen, self.cfg.gossip, self.handlers)
         try:
             host = self.cfg.listen_host
             if host in ("0.0.0.0", "::", ""):
@@ -230,7 +333,6 @@ class Node:
             elif host == "localhost":
                 host = "127.0.0.1"
             self.address = f"{host}:{self._server.port}"
-            self.membership.me.address = self.address
             if self.cfg.discovery.mdns:
                 self._mdns = MdnsDiscovery(
                     node_id=self.cfg.node_id,
@@ -238,40 +340,34 @@ class Node:
                     advertise_ip=host,
                     interfaces=self.cfg.discovery.interfaces,
                     protocol_version=PROTOCOL_VERSION,
-                    schema_fingerprint=self.fingerprint,
-                    on_candidate=self.membership.on_mdns_candidate,
-                    on_removed=self.membership.on_mdns_removed,
+                    schema_fingerprint=built.fingerprint,
+                    on_candidate=self.discovery.candidate,
+                    on_removed=self.discovery.removed,
                     extra_txt={"cluster": self.cfg.discovery.cluster},
                 )
                 await self._mdns.start()
             self._announce_ready()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                for coro in self._pending:
+                    tg.create_task(coro)
+                self._pending.clear()
                 train_task = tg.create_task(asyncio.to_thread(self.worker.run))
                 tg.create_task(self.pusher.loop(tg))
-                waiters = [
-                    tg.create_task(self.membership.hello_loop(tg)),
-                    tg.create_task(self._drain(self.membership.closed_channels, self.client.forget)),
-                    tg.create_task(self._drain(self._checkpoints, self._save_checkpoint)),
-                ]
-                tg.create_task(self.membership.static_loop())
-                tg.create_task(self.membership.heartbeat_loop(tg))
-                if self.catchup.needed_at_start():
-                    tg.create_task(self.catchup.run(starting=True, old=self.catchup.state_is_old()))
-                else:
-                    self.worker.catchup_done.set()
-                tg.create_task(self._periodic(self.cfg.checkpoint.interval_s, self.worker.checkpoint_requested.set))
-                tg.create_task(self._periodic(self.cfg.metrics.interval_s, self._write_metrics))
-                tg.create_task(self._periodic(self.cfg.membership.heartbeat_interval_s, self.catchup.check_progress))
+                drain = tg.create_task(self.checkpointer.drain())
+                now = time.monotonic()
+                self.dispatch(Started(now, time.time(), self.address, self._progress(), built.state_saved_unix_s))
+                tg.create_task(self._clock())
                 mdns_task = tg.create_task(self._mdns.run()) if self._mdns is not None else None
                 await self._stop.wait()
                 await self._shutdown(train_task, mdns_task)
-                for task in waiters:
-                    task.cancel()
+                drain.cancel()
             if self._fatal is not None:
                 raise self._fatal
         finally:
             self.worker.stop.set()  # never leave the training thread running (asyncio.run would wait on it)
+            for coro in self._pending:
+                coro.close()
             if self._mdns is not None:
                 await self._mdns.close()
             await self.client.close()
@@ -284,7 +380,7 @@ class Node:
             "node_id": self.cfg.node_id,
             "address": self.address,
             "incarnation": self.incarnation,
-            "step": self.trainer.step_count,
+            "step": self.built.trainer.step_count,
         }
         self.stdout.write(json.dumps(line) + "\n")
         self.stdout.flush()
@@ -306,178 +402,64 @@ class Node:
         if self._server is not None:
             await self._server.stop(grace_s=5.0)  # lets in-flight pushes to us finish
         # Outgoing pushes still in flight have their own deadlines; the TaskGroup waits for them.
-        await self._save_checkpoint(self._checkpoint_state(self.worker.state()))
+        await self.checkpointer.save(self.checkpointer.state(self.worker.state()))
         self._write_metrics(event="stopped")
 
-    # ------------------------------------------------------------------------------------------- gossiping
-    def _publish_threadsafe(self, payload: Payload) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.pusher.publish, payload)
-
-    def _send_threadsafe(self, sends: list[Send]) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.pusher.enqueue, sends)
-
-    def _on_ack(self, to: str, key: tuple[int, ...]) -> None:
-        self.worker.acks.append((to, key))
-        self.worker.wake.set()
-
-    def _trained_threadsafe(self) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.trained.set)
-
-    def _envelope(self) -> Envelope:
-        return Envelope(
-            sender_id=self.cfg.node_id,
-            schema_fingerprint=self.fingerprint,
-            algorithm=self.algorithm.name,
-            incarnation=self.incarnation,
-            sender_degree=self.core.degree(),
-            sender_address=self.address,
-            sent_unix_ms=int(time.time() * 1000),
-        )
-
-    def _advance_topology(self) -> None:
-        """Time-varying topologies change graph every membership.topology_period_s (wall clock)."""
-        if self._time_varying:
-            r = round_index_at(time.time(), self.cfg.membership.topology_period_s)
-            if r != self.core.round_index:
-                self.core.round_index = r
-                self._refresh_view()
-
-    # ------------------------------------------------------------------------------------------ membership
-    # ------------------------------------------------------------------------------- membership callbacks
     def _on_fatal(self, error: PeerError) -> None:
         self.log.error("%s", error)
         if self._fatal is None:
             self._fatal = error
         self.request_stop()
 
-    def _on_readmitted(self, node_id: str) -> None:
-        self.catchup.on_readmitted(self._isolated_since)
+    # ------------------------------------------------------------------------------- thread bridges, waits
+    def _threadsafe(self, fn: Callable[[Any], None]) -> Callable[..., None]:
+        """A callback for the training thread that runs `fn` on the event loop."""
 
-    def _refresh_view(self) -> None:
-        view = self.core.view()
-        self.worker.view = view
-        if view.degrees:
-            self._isolated_since = None
-        elif self._isolated_since is None:
-            self._isolated_since = time.monotonic()
-        # wait_for_neighbors_s waits until the expected cluster (one peer per data partition) is known.
-        if view.degrees and len(self.core.members()) + 1 >= self.cfg.data.num_partitions:
-            self.worker.neighbours_ready.set()
+        def call(arg: Any = None) -> None:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(fn, arg)
 
-    # --------------------------------------------------------------------------- server handlers (Handlers)
-    def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse:
-        return self.membership.handle_hello(request, peer)
+        return call
 
-    async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
-        if request.schema_fingerprint != self.fingerprint:
-            raise SchemaMismatchError(
-                f"fetch from {request.node_id!r} refused: schema fingerprint {request.schema_fingerprint} != ours "
-                f"{self.fingerprint}"
-            )
-        params = self.worker.latest_params
-        payload = Payload("state", {"params": params}, seq=self.counters.seq, step=self.trainer.step_count)
-        env = self._envelope()
-        # Encoding hashes and copies every byte: off the loop for big models.
-        return await asyncio.to_thread(encode, env, payload, chunk_bytes=self.cfg.gossip.chunk_bytes)
+    def _trained(self) -> None:
+        self.trained.set()
+        self._notify()
 
-    def receive_limits(self) -> ReceiveLimits:
-        return ReceiveLimits(
-            max_payload_bytes=self.cfg.gossip.max_message_bytes,
-            max_chunk_bytes=self.cfg.gossip.chunk_bytes,
-            expected_fingerprint=self.fingerprint,
-            expected_algorithm=self.algorithm.name,
-            expected_tensors=self.algorithm.expected_tensors(self.num_params),
-            expected_by_kind=self.algorithm.expected_by_kind(self.num_params),
-        )
-
-    def deliver(self, received: Received, peer: str = "") -> None:
-        env = received.envelope
-        self.counters.add(bytes_received=received.nbytes, messages_received=1)
-        now = time.monotonic()
-        if self.membership.has_departed(env.sender_id, env.incarnation):
-            return  # sent before its goodbye
-        rec = self.core.peers.get(env.sender_id)
-        if (rec is None or rec.incarnation != env.incarnation) and env.sender_address:
-            address = reachable_address(env.sender_address, peer) if peer else env.sender_address
-            self.membership.peer_up(env.sender_id, address, env.sender_degree, env.incarnation, "push")
-        else:
-            self.membership.heard_from(env.sender_id, env.sender_degree)
-        self.worker.inbox.append(InMessage(env.sender_id, env.incarnation, env.sender_degree, received.payload, now))
+    def _on_ack(self, to: str, key: tuple[int, ...]) -> None:
+        self.worker.acks.append((to, key))
         self.worker.wake.set()
 
-    def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
-        self.counters.add(rejected_messages=1)
-        self.once.warning(
-            ("reject", sender, type(error).__name__),
-            "rejected a push from %s (%s): %s [%s]",
-            sender,
-            peer,
-            error,
-            error.status,
-        )
+    def _notify(self) -> None:
+        """Wake every `wait_for` caller to re-check its condition."""
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
 
-    def status(self) -> gossip_pb2.GetStatusResponse:
-        c = self.counters.snapshot()
-        now = time.monotonic()
-        wall = time.time()
-        resp = gossip_pb2.GetStatusResponse(
-            node_id=self.cfg.node_id,
-            address=self.address,
-            algorithm=self.algorithm.name,
-            protocol_version=PROTOCOL_VERSION,
-            schema_fingerprint=self.fingerprint,
-            incarnation=self.incarnation,
-            step=c["step"],
-            epoch=c["epoch"],
-            seq=c["seq"],
-            loss=c["loss"],
-            training_done=c["training_done"],
-            uptime_s=now - self._started,
-            bytes_sent=c["bytes_sent"],
-            bytes_received=c["bytes_received"],
-            send_failures=c["send_failures"],
-            rejected_messages=c["rejected_messages"],
-            degree=self.core.degree(),
-        )
-        neighbours = set(self.core.neighbours())
-        for node_id, rec in sorted(self.core.peers.items()):
-            resp.neighbours.add(
-                node_id=node_id,
-                address=rec.address,
-                state=self.core.state_of(node_id, now),
-                last_seen_unix_ms=int((wall - (now - rec.last_seen)) * 1000),
-                failures=max(rec.misses, rec.breaker.failures),
-                backoff_s=rec.breaker.remaining(now),
-                degree=rec.degree,
-                last_seq=rec.last_sent_seq,
-            )
-            resp.info[f"neighbour.{node_id}"] = "yes" if node_id in neighbours else "no"
-        resp.info["provenance"] = self.algorithm.provenance
-        return resp
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+        """Wait until `predicate()` holds, re-checked whenever the node reports a change (view, training
+        progress, metrics). Raises TimeoutError naming `what`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not predicate():
+            if self._changed is None:
+                self._changed = loop.create_future()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+            try:
+                await asyncio.wait_for(asyncio.shield(self._changed), remaining)
+            except TimeoutError:
+                continue
 
-    # ------------------------------------------------------------------------------------ checkpoints, metrics
-    def _checkpoint_threadsafe(self, worker_state: dict[str, Any]) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._checkpoints.put_nowait, self._checkpoint_state(worker_state))
-
-    async def _save_checkpoint(self, state: dict[str, Any]) -> None:
-        try:
-            await asyncio.to_thread(checkpoint.save, self.state_dir, state)
-        except CheckpointError as exc:
-            # A full disk must not kill training: keep the old checkpoint and try again next interval.
-            self.once.warning(("checkpoint",), "%s", exc)
-
+    # ------------------------------------------------------------------------------------------- metrics
     def _write_metrics(self, event: str = "metrics") -> None:
-        self.counters.evictions = self.membership.evictions
-        self.counters.readmissions = self.membership.readmissions
+        self.counters.evictions = self.core.evictions
+        self.counters.readmissions = self.core.readmissions
         c = self.counters.snapshot()
         if self.faults.enabled:
             c.update({f"faults_{k}": v for k, v in self.faults.counters.items()})
         try:
-            c.update({f"algo_{k}": v for k, v in self.algorithm.metrics().items()})
+            c.update({f"algo_{k}": v for k, v in self.built.algorithm.metrics().items()})
         except RuntimeError:  # a dict resized by the training thread mid-read: next time
             pass
         record = {
@@ -492,17 +474,7 @@ class Node:
             self.metrics.append(record)
         except OSError as exc:
             self.once.warning(("metrics",), "cannot append to %s: %s", self.metrics.path, exc)
-
-    @staticmethod
-    async def _drain(queue: asyncio.Queue[Any], fn: Any) -> None:
-        while True:
-            await fn(await queue.get())
-
-    async def _periodic(self, interval_s: float, fn: Any) -> None:
-        while not self._stop.is_set():
-            await self._sleep(interval_s)
-            if not self._stop.is_set():
-                fn()
+        self._notify()
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the daemon stops."""
@@ -512,3 +484,6 @@ class Node:
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
         except TimeoutError:
             pass
+
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}

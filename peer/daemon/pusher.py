@@ -14,7 +14,6 @@ once a newer state supersedes it), and its outcome feeds the gossip core's circu
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections import deque
@@ -23,11 +22,12 @@ from typing import Any
 
 from peer.algorithms import Payload, Send
 from peer.config import PeerConfig
+from peer.core.backoff import retry_delay, should_retry
+from peer.core.events import Effect, Input, SendDropped, SendFailed, SendOk
 from peer.core.faults import FaultInjector
-from peer.core.gossip import GossipCore, retry_delay, should_retry
+from peer.core.gossip import GossipCore
 from peer.daemon.metrics import Counters
 from peer.errors import SendError
-from peer.logs import OnceLogger
 from peer.net.codec import Envelope, encode, iter_requests
 from peer.net.transport import Client
 
@@ -39,30 +39,29 @@ class Pusher:
         self,
         cfg: PeerConfig,
         core: GossipCore,
+        dispatch: Callable[[Input], list[Effect]],
         client: Client,
         counters: Counters,
         faults: FaultInjector,
         envelope: Callable[[], Envelope],
         sleep: Callable[[float], Awaitable[None]],
         stopping: Callable[[], bool],
-        log: logging.LoggerAdapter[logging.Logger],
         rng: random.Random,
     ) -> None:
         self.cfg = cfg
-        self.core = core
+        self.core = core  # queries only; every outcome goes in through `dispatch`
+        self.dispatch = dispatch
         self.client = client
         self.counters = counters
         self.faults = faults
         self.envelope = envelope
         self.sleep = sleep
         self.stopping = stopping
-        self.once = OnceLogger(log)
         self.rng = rng
         self.outbox: Payload | None = None
         self.outbox_event = asyncio.Event()
         self.in_flight: set[str] = set()
         self._encoded: tuple[int, Encoded] | None = None
-        self.before_round: Callable[[], None] = lambda: None  # e.g. advance a time-varying topology
         self.on_ack: Callable[[str, tuple[int, ...]], None] = lambda to, key: None
         self.queues: dict[str, deque[Send]] = {}
         self.draining: set[str] = set()
@@ -104,8 +103,8 @@ class Pusher:
     async def _send_one(self, send: Send) -> bool:
         """One attempt series for one send; True once the receiver accepted it."""
         to = send.to
-        rec = self.core.peers.get(to)
-        if rec is None or not rec.breaker.allows(time.monotonic()):
+        address = self.core.address_of(to)
+        if address is None or not self.core.may_send(to, time.monotonic()):
             return False  # unknown or backing off: the algorithm retransmits later
         if self.faults.enabled and not await self._survives_faults(to, None):
             return False
@@ -117,7 +116,7 @@ class Pusher:
         g = self.cfg.gossip
         for attempt in range(g.max_attempts):
             try:
-                await self.client.push(rec.address, iter_requests(header, chunks), total, to)
+                await self.client.push(address, iter_requests(header, chunks), total, to)
             except SendError as exc:
                 # Step-mode messages are idempotent at the receiver (de-duplicated by key or ordered by seq).
                 if attempt + 1 < g.max_attempts and should_retry(
@@ -127,11 +126,9 @@ class Pusher:
                     await self.sleep(retry_delay(attempt, base_s=g.backoff_base_s, cap_s=g.backoff_cap_s, rng=self.rng))
                     continue
                 self.counters.add(send_failures=1)
-                skip = self.core.send_failed(to, exc.code, time.monotonic(), self.rng)
-                self.once.warning(("send", to), "%s%s", exc, f"; skipping {to} for {skip:.1f} s" if skip else "")
+                self.dispatch(SendFailed(to, exc.code, time.monotonic(), detail=str(exc)))
                 return False
-            self.core.send_ok(to, send.payload.seq, time.monotonic())
-            self.once.forget(("send", to))
+            self.dispatch(SendOk(to, send.payload.seq, time.monotonic()))
             self.counters.add(bytes_sent=total, messages_sent=1)
             return True
         return False
@@ -156,7 +153,6 @@ class Pusher:
         interval = self.cfg.gossip.interval_s
         while not self.stopping():
             started = time.monotonic()
-            self.before_round()
             self.outbox_event.clear()
             payload = self.outbox
             if payload is not None:
@@ -196,11 +192,11 @@ class Pusher:
             if self.faults.enabled and not await self._survives_faults(node_id, seq):
                 return
             while True:
-                rec = self.core.peers.get(node_id)
-                if rec is None or self.stopping():
+                address = self.core.address_of(node_id)
+                if address is None or self.stopping():
                     return
                 try:
-                    await self.client.push(rec.address, iter_requests(header, chunks), total, node_id)
+                    await self.client.push(address, iter_requests(header, chunks), total, node_id)
                 except SendError as exc:
                     newer = self.outbox is not None and self.outbox.seq > seq
                     # Full-state pushes are idempotent (the receiver drops old sequence numbers), so a timed-out
@@ -215,13 +211,9 @@ class Pusher:
                         )
                         continue
                     self.counters.add(send_failures=1)
-                    skip = self.core.send_failed(node_id, exc.code, time.monotonic(), self.rng)
-                    self.once.warning(
-                        ("send", node_id), "%s%s", exc, f"; skipping {node_id} for {skip:.1f} s" if skip else ""
-                    )
+                    self.dispatch(SendFailed(node_id, exc.code, time.monotonic(), detail=str(exc)))
                     return
-                self.core.send_ok(node_id, seq, time.monotonic())
-                self.once.forget(("send", node_id))
+                self.dispatch(SendOk(node_id, seq, time.monotonic()))
                 self.counters.add(bytes_sent=total, messages_sent=1)
                 return
         finally:
@@ -233,12 +225,11 @@ class Pusher:
         decision = self.faults.decide(node_id, time.time())
         if decision.reason == "outage":
             self.counters.add(send_failures=1)
-            self.core.send_failed(node_id, "UNAVAILABLE", time.monotonic(), self.rng)
+            self.dispatch(SendFailed(node_id, "UNAVAILABLE", time.monotonic()))
             return False
         if decision.drop:
-            rec = self.core.peers.get(node_id)
-            if rec is not None and seq is not None:
-                rec.last_sent_seq = max(rec.last_sent_seq, seq)
+            if seq is not None:
+                self.dispatch(SendDropped(node_id, seq, time.monotonic()))
             return False
         if decision.delay_s > 0:
             await self.sleep(decision.delay_s)

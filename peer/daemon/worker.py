@@ -27,6 +27,7 @@ from peer.learn.training import LocalTrainer, scheduled_lr
 # How long a step-mode worker blocked on its neighbours sleeps at most between looks at its retransmission
 # timers; new messages and acknowledgements wake it at once.
 STEP_MODE_POLL_S = 0.02
+PROGRESS_REPORT_S = 0.01
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -47,6 +48,7 @@ class TrainingWorker:
         send: Callable[[list[Send]], None],
         on_checkpoint: Callable[[dict[str, Any]], None],
         on_trained: Callable[[], None] = lambda: None,
+        on_progress: Callable[[], None] = lambda: None,
         snapshot_dir: Path | None = None,
         snapshot_interval_s: float = 0.0,
         slowdown: float = 1.0,
@@ -61,6 +63,8 @@ class TrainingWorker:
         self.send = send
         self.on_checkpoint = on_checkpoint
         self.on_trained = on_trained
+        self.on_progress = on_progress
+        self._last_progress_report = -math.inf
         self.snapshot_dir = snapshot_dir
         self.snapshot_interval_s = snapshot_interval_s
         self.slowdown = slowdown  # injected straggler factor: every step and every round take this much longer
@@ -162,6 +166,7 @@ class TrainingWorker:
             self.counters.mixes += 1 if self.algorithm.last_report.used else 0
             self.counters.dropped_stale += dropped
             self.counters.seq = payload.seq if payload is not None else self.counters.seq
+        self._report_progress()
         if self.snapshot_dir is not None and self.snapshot_interval_s > 0:
             self._maybe_snapshot(mixed)
         if self.checkpoint_requested.is_set():
@@ -267,8 +272,16 @@ class TrainingWorker:
                 self.counters.loss = loss
             self.counters.rounds = self.algorithm.iteration
             self.counters.mixes += 1 if self.algorithm.last_report.used else 0
+        self._report_progress()
         if self.snapshot_dir is not None and self.snapshot_interval_s > 0:
             self._maybe_snapshot(x)
+
+    def _report_progress(self) -> None:
+        """Tell the shell that counters moved, at most every PROGRESS_REPORT_S (a round can take microseconds)."""
+        now = time.monotonic()
+        if now - self._last_progress_report >= PROGRESS_REPORT_S:
+            self._last_progress_report = now
+            self.on_progress()
 
     def _maybe_snapshot(self, x: torch.Tensor) -> None:
         now = time.time()

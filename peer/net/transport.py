@@ -117,10 +117,10 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
                 received = await asyncio.to_thread(asm.finish)
             else:
                 received = asm.finish()
+            self.handlers.deliver(received, context.peer())
         except PayloadError as exc:
             self.handlers.rejected(sender, exc, context.peer())
             await context.abort(grpc.StatusCode[exc.status], str(exc))
-        self.handlers.deliver(received, context.peer())
         return gossip_pb2.PushResponse(accepted=True, bytes_received=received.nbytes)
 
 

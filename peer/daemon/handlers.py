@@ -1,0 +1,155 @@
+"""The daemon's answers to the gRPC server: Hello, accepted and rejected pushes, status and state fetches.
+
+Each handler turns a request into a core input, lets the core decide, and carries out what concerns the request
+(the Hello reply, handing a payload to the training thread). Quick, and never blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from peer import PROTOCOL_VERSION
+from peer.algorithms import Algorithm, InMessage, Payload
+from peer.core.events import Deliver, Effect, HelloReceived, Input, PeerInfo, Reply, StateReceived
+from peer.core.gossip import GossipCore
+from peer.daemon.membership import hello_response, info_of
+from peer.daemon.metrics import Counters
+from peer.daemon.worker import TrainingWorker
+from peer.errors import IdentityError, PayloadError, SchemaMismatchError
+from peer.logs import OnceLogger
+from peer.net.codec import Envelope, Received, ReceiveLimits, encode
+from peer.v1 import gossip_pb2
+
+
+@dataclass
+class DaemonFacts:
+    """What the handlers need to know about the daemon besides the core."""
+
+    node_id: str
+    fingerprint: str
+    num_params: int
+    incarnation: int
+    chunk_bytes: int
+    max_message_bytes: int
+    started: float  # monotonic
+
+
+class RpcHandlers:
+    """Implements `peer.net.transport.Handlers` for one daemon."""
+
+    def __init__(
+        self,
+        facts: DaemonFacts,
+        core: GossipCore,
+        dispatch: Callable[[Input], list[Effect]],
+        algorithm: Algorithm,
+        worker: TrainingWorker,
+        counters: Counters,
+        me: Callable[[], PeerInfo],
+        envelope: Callable[[], Envelope],
+        once: OnceLogger,
+    ) -> None:
+        self.facts = facts
+        self.core = core
+        self.dispatch = dispatch
+        self.algorithm = algorithm
+        self.worker = worker
+        self.counters = counters
+        self.me = me
+        self.envelope = envelope
+        self.once = once
+
+    def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse:
+        effects = self.dispatch(HelloReceived(info_of(request), peer, time.monotonic()))
+        reply = next((e for e in effects if isinstance(e, Reply)), Reply(False, "no answer"))
+        return hello_response(self.me(), reply.accepted, reply.reason)
+
+    def receive_limits(self) -> ReceiveLimits:
+        f = self.facts
+        return ReceiveLimits(
+            max_payload_bytes=f.max_message_bytes,
+            max_chunk_bytes=f.chunk_bytes,
+            expected_fingerprint=f.fingerprint,
+            expected_algorithm=self.algorithm.name,
+            expected_tensors=self.algorithm.expected_tensors(f.num_params),
+            expected_by_kind=self.algorithm.expected_by_kind(f.num_params),
+        )
+
+    def deliver(self, received: Received, peer: str = "") -> None:
+        env = received.envelope
+        self.counters.add(bytes_received=received.nbytes, messages_received=1)
+        now = time.monotonic()
+        event = StateReceived(env.sender_id, env.incarnation, env.sender_degree, env.sender_address, peer, now)
+        effects = self.dispatch(event)
+        for e in effects:
+            if isinstance(e, Reply) and e.status == "PERMISSION_DENIED":
+                raise IdentityError(e.reason)
+            if isinstance(e, Deliver):
+                msg = InMessage(env.sender_id, env.incarnation, env.sender_degree, received.payload, now)
+                self.worker.inbox.append(msg)
+                self.worker.wake.set()
+
+    def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
+        self.counters.add(rejected_messages=1)
+        self.once.warning(
+            ("reject", sender, type(error).__name__),
+            "rejected a push from %s (%s): %s [%s]",
+            sender,
+            peer,
+            error,
+            error.status,
+        )
+
+    def status(self) -> gossip_pb2.GetStatusResponse:
+        c = self.counters.snapshot()
+        now = time.monotonic()
+        wall = time.time()
+        me = self.me()
+        resp = gossip_pb2.GetStatusResponse(
+            node_id=me.node_id,
+            address=me.address,
+            algorithm=self.algorithm.name,
+            protocol_version=PROTOCOL_VERSION,
+            schema_fingerprint=self.facts.fingerprint,
+            incarnation=self.facts.incarnation,
+            step=c["step"],
+            epoch=c["epoch"],
+            seq=c["seq"],
+            loss=c["loss"],
+            training_done=c["training_done"],
+            uptime_s=now - self.facts.started,
+            bytes_sent=c["bytes_sent"],
+            bytes_received=c["bytes_received"],
+            send_failures=c["send_failures"],
+            rejected_messages=c["rejected_messages"],
+            degree=self.core.degree(),
+        )
+        for row in self.core.table.rows(now):
+            resp.neighbours.add(
+                node_id=row.node_id,
+                address=row.address,
+                state=row.state,
+                last_seen_unix_ms=int((wall - (now - row.last_seen)) * 1000),
+                failures=row.failures,
+                backoff_s=row.backoff_s,
+                degree=row.degree,
+                last_seq=row.last_seq,
+            )
+            resp.info[f"neighbour.{row.node_id}"] = "yes" if row.neighbour else "no"
+        resp.info["provenance"] = self.algorithm.provenance
+        return resp
+
+    async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
+        if request.schema_fingerprint != self.facts.fingerprint:
+            raise SchemaMismatchError(
+                f"fetch from {request.node_id!r} refused: schema fingerprint {request.schema_fingerprint} != ours "
+                f"{self.facts.fingerprint}"
+            )
+        params = self.worker.latest_params
+        payload = Payload("state", {"params": params}, seq=self.counters.seq, step=self.worker.trainer.step_count)
+        env = self.envelope()
+        # Encoding hashes and copies every byte: off the loop for big models.
+        return await asyncio.to_thread(encode, env, payload, chunk_bytes=self.facts.chunk_bytes)
