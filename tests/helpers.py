@@ -54,8 +54,24 @@ def fast_config(tmp_path: Path, node_id: str, **sections: Any) -> PeerConfig:
     return config.validate(raw, source="test")
 
 
+async def until(nodes: list[Node], predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Wait until `predicate()` holds, re-checked whenever one of the in-process `nodes` reports a change (its
+    view, training progress, metrics), with a deadline and a clear failure message."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        waits = [asyncio.ensure_future(n.changes.changed()) for n in nodes]
+        _, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        for w in pending:
+            w.cancel()
+
+
 async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
-    """Wait for a condition that has no event of its own, with a deadline and a clear failure message."""
+    """Wait for a condition that has no event of its own (another process's state), with a deadline and a
+    clear failure message. In-process daemons signal their changes: use `until` for them."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:

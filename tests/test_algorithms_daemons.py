@@ -18,7 +18,7 @@ from peer.daemon.builder import build
 from peer.daemon.metrics import Counters
 from peer.daemon.node import Node
 from peer.logs import node_logger
-from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, wait_until
+from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, until
 
 # Small settings where an algorithm's defaults would make this test slow.
 FAST: dict[str, dict[str, Any]] = {
@@ -56,7 +56,9 @@ async def test_two_daemons_run_the_algorithm(tmp_path: Path, case: str) -> None:
     try:
         await asyncio.wait_for(asyncio.gather(*(x.trained.wait() for x in nodes)), timeout=60)
         if not REGISTRY[name].trains_own_model:
-            await wait_until(lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-2, 30, "consensus")
+            await until(
+                nodes, lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-2, 30, "consensus"
+            )
     finally:
         await stop_nodes(nodes, tasks)
     for x in nodes:

@@ -82,16 +82,6 @@ def tiny_npz(path: Path) -> dict[str, Any]:
     return {"path": str(path)}
 
 
-async def wait_until(pred: Callable[[], bool], within_s: float = 10.0, what: str = "condition") -> None:
-    """Poll a condition the daemon's training thread changes (it has no per-round event)."""
-    try:
-        async with asyncio.timeout(within_s):
-            while not pred():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within_s} s waiting for {what}") from None
-
-
 # ------------------------------------------------------------------------------------- a real receiving daemon
 class FakeNeighbour(gossip_pb2_grpc.GossipServiceServicer):
     """The gRPC server behind the bad sender's advertised address, so the victim can push back to it."""
@@ -180,7 +170,7 @@ async def victim(tmp_path: Path) -> AsyncIterator[Victim]:
     try:
         await asyncio.wait_for(node.ready.wait(), timeout=20)
         # Training is one step: from then on the parameters change only by mixing what arrives.
-        await wait_until(lambda: node.counters.training_done and node.counters.rounds >= 2, what="training done")
+        await node.wait_for(lambda: node.counters.training_done and node.counters.rounds >= 2, 10, "training done")
         channel = grpc.aio.insecure_channel(node.address)
         yield Victim(node, gossip_pb2_grpc.GossipServiceStub(channel), f"127.0.0.1:{evil_port}")
     finally:
@@ -199,7 +189,7 @@ async def assert_untouched_and_serving(
     node = v.node
     rounds = node.counters.rounds
     # Give the training thread two full rounds in which a leaked message would have been mixed.
-    await wait_until(lambda: node.counters.rounds >= rounds + 2, what="two more rounds")
+    await node.wait_for(lambda: node.counters.rounds >= rounds + 2, 10, "two more rounds")
     flat, cache = v.snapshot()
     assert torch.equal(flat, before[0]), "a rejected push changed the model"
     assert cache == before[1] and EVIL not in cache
@@ -231,7 +221,7 @@ async def assert_untouched_and_serving(
     assert isinstance(resp, gossip_pb2.PushResponse) and resp.accepted, resp
     assert resp.bytes_received == good.numel() * 4
     cache_of = node.algorithm.cache  # type: ignore[attr-defined]
-    await wait_until(lambda: EVIL in cache_of and node.counters.mixes >= 1, what="the good push to be mixed")
+    await node.wait_for(lambda: EVIL in cache_of and node.counters.mixes >= 1, 10, "the good push to be mixed")
     assert torch.equal(cache_of[EVIL].params, good)
     assert not torch.equal(node.trainer.get_flat(), before[0]), "mixing a good push must move the model"
     assert node.counters.rejected_messages == count and node.counters.messages_received == 1

@@ -34,8 +34,9 @@ from peer.core.events import (
     ViewChanged,
     WriteMetrics,
 )
-from peer.core.gossip import DUPLICATE_PREFIX, CoreSettings, GossipCore, Identity
+from peer.core.gossip import GossipCore
 from peer.core.peers import LivenessPolicy
+from peer.core.settings import DUPLICATE_PREFIX, CoreSettings, Identity
 
 PROTO = "peer.v1"
 FP = "fp0"

@@ -15,7 +15,7 @@ from peer.daemon import checkpoint
 from peer.daemon.metrics import read as read_metrics
 from peer.daemon.node import Node
 from peer.learn.training import evaluate, train_reference
-from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, wait_until
+from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, until
 
 
 @pytest.mark.timeout(120)
@@ -36,10 +36,13 @@ async def test_three_daemons_discover_over_mdns_gossip_and_converge(tmp_path: Pa
     tasks = await start_nodes(nodes)
     try:
         # Discovery through mDNS alone: no static peers are configured.
-        await wait_until(lambda: all(len(x.core.neighbours()) == n - 1 for x in nodes), 20, "mDNS discovery")
+        await until(nodes, lambda: all(len(x.core.neighbours()) == n - 1 for x in nodes), 20, "mDNS discovery")
         await asyncio.wait_for(asyncio.gather(*(x.trained.wait() for x in nodes)), timeout=60)
-        await wait_until(
-            lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-3, 20, "consensus after training"
+        await until(
+            nodes,
+            lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-3,
+            20,
+            "consensus after training",
         )
         for x in nodes:
             ready = json.loads(x.stdout.getvalue().splitlines()[0])  # type: ignore[attr-defined]
@@ -99,8 +102,8 @@ async def test_static_peers_fallback_and_status(tmp_path: Path) -> None:
     )
     tasks += await start_nodes([b])
     try:
-        await wait_until(lambda: a.core.neighbours() == [b.cfg.node_id], 15, "a learns b from b's hello")
-        await wait_until(lambda: b.counters.snapshot()["messages_received"] > 2, 15, "pushes from a to b")
+        await until([a], lambda: a.core.neighbours() == [b.cfg.node_id], 15, "a learns b from b's hello")
+        await until([b], lambda: b.counters.snapshot()["messages_received"] > 2, 15, "pushes from a to b")
         status = await fetch_status(a.address)
         assert status["node_id"] == a.cfg.node_id
         assert [nb["node_id"] for nb in status["neighbours"]] == [b.cfg.node_id]
@@ -129,7 +132,8 @@ async def test_unreachable_neighbour_is_skipped_without_stalling_training(tmp_pa
         a.dispatch(StateReceived("zz-dead", 1, 1, dead, "", now))
         a.dispatch(StateReceived(b.cfg.node_id, b.incarnation, 1, b.address, "", now))
         step0 = a.trainer.step_count
-        await wait_until(
+        await until(
+            [a],
             lambda: a.core.state_of("zz-dead", time.monotonic()) == "evicted",
             30,
             "the dead neighbour to be evicted after its missed heartbeats",
@@ -138,7 +142,8 @@ async def test_unreachable_neighbour_is_skipped_without_stalling_training(tmp_pa
         assert a.core.evictions == 1
         assert a.trainer.step_count > step0  # training never waited
         received = b.counters.snapshot()["messages_received"]
-        await wait_until(
+        await until(
+            [b],
             lambda: b.counters.snapshot()["messages_received"] > received + 3,
             10,
             "pushes to the live neighbour to continue",

@@ -25,7 +25,7 @@ from peer.daemon.metrics import read as read_metrics
 from peer.daemon.node import Node
 from peer.errors import StartupError
 from peer.tools.status import fetch_status
-from tests.helpers import PeerProcess, fast_config, start_nodes, stop_nodes, unique, wait_until
+from tests.helpers import PeerProcess, fast_config, start_nodes, stop_nodes, unique, until
 
 HEARTBEAT_S = 0.3
 EVICT_AFTER = 3
@@ -72,12 +72,14 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
     try:
         c_ready = await c.aready()
         # Three peers on a ring are all neighbours; every degree is 2 (Metropolis-Hastings weights 1/3).
-        await wait_until(
+        await until(
+            [a, b],
             lambda: a.core.view().degrees == {b_id: 2, c_id: 2} and b.core.view().degrees == {a_id: 2, c_id: 2},
             30,
             "a full 3-peer view on a and b",
         )
-        await wait_until(
+        await until(
+            [a, b],
             lambda: a.counters.snapshot()["messages_received"] > 5 and b.counters.snapshot()["messages_received"] > 5,
             30,
             "pushes to flow",
@@ -96,7 +98,7 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
                     detected[n.cfg.node_id] = _now() - killed_at
             return len(detected) == 2
 
-        await wait_until(evicted_everywhere, 10 * DETECTION_BOUND_S, "a and b to evict the crashed peer", poll_s=0.01)
+        await until([a, b], evicted_everywhere, 10 * DETECTION_BOUND_S, "a and b to evict the crashed peer")
         print(
             f"\ncrash detection: {', '.join(f'{k} {v:.2f} s' for k, v in sorted(detected.items()))} "
             f"(bound {DETECTION_BOUND_S:.2f} s = {EVICT_AFTER} x {HEARTBEAT_S} s heartbeats + {RPC_TIMEOUT_S} s RPC "
@@ -107,13 +109,15 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
 
         # The topology and the Metropolis-Hastings degrees follow: a and b are each other's only neighbour, and
         # each advertises degree 1 - in the gossip core and in the view the training thread mixes with.
-        await wait_until(
+        await until(
+            [a, b],
             lambda: a.core.view().degrees == {b_id: 1} and b.core.view().degrees == {a_id: 1},
             10,
             "degrees to drop to 1 in the core",
         )
         assert a.core.neighbours() == [b_id] and b.core.neighbours() == [a_id]
-        await wait_until(
+        await until(
+            [a, b],
             lambda: a.worker.view.degrees == {b_id: 1} and b.worker.view.degrees == {a_id: 1},
             5,
             "the training thread's view to get the new degrees",
@@ -129,12 +133,15 @@ async def test_crashed_peer_is_evicted_in_bounded_time_and_readmitted_after_rest
         c2 = PeerProcess(c_cfg_path, tmp_path / "c2.log")
         c2_ready = await c2.aready()
         assert c2_ready["node_id"] == c_id and c2_ready["incarnation"] != c_ready["incarnation"]
-        await wait_until(lambda: all(n.core.state_of(c_id, _now()) == "alive" for n in (a, b)), 30, "re-admission of c")
+        await until(
+            [a, b], lambda: all(n.core.state_of(c_id, _now()) == "alive" for n in (a, b)), 30, "re-admission of c"
+        )
         assert a.core.readmissions > readmissions[0] and b.core.readmissions > readmissions[1]
         assert a.core.peers[c_id].incarnation == c2_ready["incarnation"]
         assert a.core.peers[c_id].address == c2_ready["address"]
         assert c_id in a.core.neighbours() and c_id in b.core.neighbours()
-        await wait_until(
+        await until(
+            [a],
             lambda: a.core.view().degrees == {b_id: 2, c_id: 2} and a.worker.view.degrees == {b_id: 2, c_id: 2},
             10,
             "degrees back to 2 after the re-admission",
@@ -171,7 +178,7 @@ async def test_duplicate_node_id_over_static_peers_stops_the_newcomer(tmp_path: 
         status = await fetch_status(a.address)
         assert status["node_id"] == node_id and status["incarnation"] == str(a.incarnation)
         step = a.trainer.step_count
-        await wait_until(lambda: a.trainer.step_count > step, 10, "a to keep training")
+        await until([a], lambda: a.trainer.step_count > step, 10, "a to keep training")
     finally:
         await stop_nodes([a], tasks, return_exceptions=True)
 
@@ -223,19 +230,19 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
     b: RecordingNode | None = None
     b_tasks: list[asyncio.Task[None]] = []
     try:
-        await wait_until(lambda: a.trainer.step_count > 100, 40, "a to train alone past step 100")
+        await until([a], lambda: a.trainer.step_count > 100, 40, "a to train alone past step 100")
 
         # A fresh peer fetches a's model before its first local step.
         b = RecordingNode(b_cfg, stdout=io.StringIO())
         b_tasks = await start_nodes([b])
-        await wait_until(lambda: b is not None and b.counters.snapshot()["catchups"] == 1, 20, "b to catch up")
+        await until([b], lambda: b.counters.snapshot()["catchups"] == 1, 20, "b to catch up")
         assert a.served is not None and b.adopted is not None
         assert torch.equal(b.adopted, a.served), "b adopted exactly the model a served"
         assert b.step_at_adoption == 0, "catch-up comes before the first local step"
         assert any(
             "caught up" in r.getMessage() and getattr(r, "node_id", None) == b.cfg.node_id for r in caplog.records
         )
-        await wait_until(lambda: b is not None and b.trainer.step_count > 0, 20, "b to train")
+        await until([b], lambda: b.trainer.step_count > 0, 20, "b to train")
         await stop_nodes([b], b_tasks, return_exceptions=True)
         b_tasks = []
         steps = b.trainer.step_count
@@ -247,9 +254,9 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
         b_tasks = await start_nodes([b])
         ready = json.loads(b.stdout.getvalue().splitlines()[0])  # type: ignore[attr-defined]
         assert ready["step"] == steps
-        await wait_until(lambda: b is not None and a.cfg.node_id in b.core.neighbours(), 20, "b to rejoin a")
+        await until([b], lambda: a.cfg.node_id in b.core.neighbours(), 20, "b to rejoin a")
         assert a.trainer.step_count > steps
-        await wait_until(lambda: b is not None and b.trainer.step_count > steps + 10, 20, "b to train on")
+        await until([b], lambda: b.trainer.step_count > steps + 10, 20, "b to train on")
         assert b.counters.snapshot()["catchups"] == 0 and b.adopted is None
         assert not any("caught up" in r.getMessage() for r in caplog.records)
     finally:
@@ -273,7 +280,7 @@ async def test_injected_drops_lose_about_half_the_pushes(tmp_path: Path) -> None
     )
     tasks += await start_nodes([b])
     try:
-        await wait_until(lambda: a.faults.counters["dropped"] + a.counters.messages_sent >= 200, 40, "200 pushes")
+        await until([a], lambda: a.faults.counters["dropped"] + a.counters.messages_sent >= 200, 40, "200 pushes")
         dropped, sent = a.faults.counters["dropped"], a.counters.messages_sent
         received = b.counters.messages_received
         assert abs(received - sent) <= 2  # what a sent arrived (give or take a push in flight)
@@ -303,14 +310,14 @@ async def test_outage_on_the_only_link_opens_the_breaker_but_heartbeats_keep_the
     tasks += await start_nodes([b])
     a_id, b_id = a.cfg.node_id, b.cfg.node_id
     try:
-        await wait_until(lambda: b_id in a.core.peers, 20, "a to learn b from b's hello")
-        await wait_until(lambda: a.core.state_of(b_id, _now()) == "backoff", 20, "a's breaker towards b to open")
+        await until([a], lambda: b_id in a.core.peers, 20, "a to learn b from b's hello")
+        await until([a], lambda: a.core.state_of(b_id, _now()) == "backoff", 20, "a's breaker towards b to open")
         assert a.counters.send_failures >= a.cfg.gossip.breaker_threshold
         assert a.faults.counters["outage_dropped"] >= a.cfg.gossip.breaker_threshold
         # b hears no push from a, but a answers b's heartbeats, so a stays a member well past the eviction bound.
         t0 = _now()
-        await wait_until(
-            lambda: b.core.peers[a_id].last_seen > t0 + 2 * DETECTION_BOUND_S, 20, "b's heartbeats to a to go on"
+        await until(
+            [b], lambda: b.core.peers[a_id].last_seen > t0 + 2 * DETECTION_BOUND_S, 20, "b's heartbeats to a to go on"
         )
         assert b.core.state_of(a_id, _now()) == "alive" and b.core.neighbours() == [a_id]
         assert b.core.evictions == 0 and a.core.evictions == 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from peer.daemon.node import Node
-from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, wait_until
+from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, until
 
 
 async def _run_cluster(tmp_path: Path, algorithm: dict[str, Any], faults: dict[str, Any] | None) -> list[Node]:
@@ -36,10 +36,13 @@ async def _run_cluster(tmp_path: Path, algorithm: dict[str, Any], faults: dict[s
     nodes = [make(i) for i in range(n)]
     tasks = await start_nodes(nodes)
     try:
-        await wait_until(lambda: all(len(x.core.neighbours()) == n - 1 for x in nodes), 20, "membership")
+        await until(nodes, lambda: all(len(x.core.neighbours()) == n - 1 for x in nodes), 20, "membership")
         await asyncio.wait_for(asyncio.gather(*(x.trained.wait() for x in nodes)), timeout=90)
-        await wait_until(
-            lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-4, 30, "consensus after training"
+        await until(
+            nodes,
+            lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-4,
+            30,
+            "consensus after training",
         )
     finally:
         await stop_nodes(nodes, tasks)
@@ -83,7 +86,7 @@ async def test_p1_round_survives_a_neighbour_that_leaves(tmp_path: Path) -> None
     ]
     tasks = await start_nodes(nodes)
     try:
-        await wait_until(lambda: all(x.algorithm.iteration >= 20 for x in nodes), 40, "20 P1 rounds")
+        await until(nodes, lambda: all(x.algorithm.iteration >= 20 for x in nodes), 40, "20 P1 rounds")
         leaver = nodes[2]
         leaver.request_stop()
         await asyncio.wait_for(tasks[2], timeout=30)

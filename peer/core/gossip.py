@@ -22,76 +22,14 @@ No clocks, sockets or global randomness: `now` comes with every input and an `ra
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
+from peer.core import events as ev
 from peer.core import topology as topo
 from peer.core.addresses import reachable_address
-from peer.core.backoff import BreakerPolicy
-from peer.core.catchup import CatchUpPolicy, CatchUpSettings, Fetch, Finish
-from peer.core.events import (
-    CandidateFound,
-    CandidateGone,
-    CatchUpDone,
-    ClearLog,
-    CloseChannel,
-    Deliver,
-    Effect,
-    Fatal,
-    FetchDone,
-    Forget,
-    HelloAnswered,
-    HelloFailed,
-    HelloReceived,
-    Input,
-    Log,
-    PeerInfo,
-    Progress,
-    Reply,
-    RequestCheckpoint,
-    SayHello,
-    SendDropped,
-    SendFailed,
-    SendOk,
-    StartCatchUp,
-    Started,
-    StateReceived,
-    Tick,
-    ViewChanged,
-    WriteMetrics,
-)
-from peer.core.peers import LivenessPolicy, PeerRecord, PeerTable
+from peer.core.catchup import CatchUpPolicy, Fetch, Finish
+from peer.core.peers import PeerRecord, PeerTable
+from peer.core.settings import DUPLICATE_PREFIX, CoreSettings
 from peer.core.view import NeighbourView
-
-DUPLICATE_PREFIX = "duplicate node id"
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What this daemon says about itself, and what a compatible peer must share with it."""
-
-    node_id: str
-    protocol_version: str
-    schema_fingerprint: str
-    algorithm: str
-    incarnation: int
-
-
-@dataclass(frozen=True)
-class CoreSettings:
-    identity: Identity
-    topology: str = "ring"
-    topology_seed: int = 0
-    topology_period_s: float = 1.0  # how long each graph of a time-varying topology lasts (wall clock)
-    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
-    liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
-    catchup: CatchUpSettings = field(default_factory=CatchUpSettings)
-    cluster: str = "default"
-    static_peers: tuple[str, ...] = ()
-    hello_retry_s: float = 2.0
-    rpc_timeout_s: float = 5.0
-    expected_members: int = 1  # one peer per data partition: the cluster a waiting peer waits for
-    checkpoint_interval_s: float = 10.0
-    metrics_interval_s: float = 1.0
 
 
 class GossipCore:
@@ -103,7 +41,7 @@ class GossipCore:
         self.catchup = CatchUpPolicy(s.catchup)
         self.time_varying = topo.is_time_varying(self.table.spec)
         self.address = ""
-        self.progress = Progress()
+        self.progress = ev.Progress()
         self.departed: dict[str, int] = {}  # incarnations that said goodbye: their late pushes must not re-add them
         self.hellos_in_flight: set[str] = set()  # addresses
         self.heartbeats_in_flight: set[str] = set()  # node ids
@@ -143,14 +81,14 @@ class GossipCore:
         return self.table.address_of(node_id)
 
     def next_deadline(self, now: float) -> float:
-        """When the next Tick is due (the earliest timer, probe, breaker or catch-up deadline)."""
+        """When the next ev.Tick is due (the earliest timer, probe, breaker or catch-up deadline)."""
         times = [*self._timers.values()]
         for t in (self.table.probe_deadline(), self.table.breaker_deadline(now), self.catchup.deadline()):
             if t is not None:
                 times.append(t)
         return min(times, default=now + 1.0)
 
-    def incompatibility(self, info: PeerInfo) -> str:
+    def incompatibility(self, info: ev.PeerInfo) -> str:
         me = self.me
         if info.protocol_version != me.protocol_version:
             return f"protocol {info.protocol_version!r} != ours {me.protocol_version!r}"
@@ -161,60 +99,60 @@ class GossipCore:
         return ""
 
     # ------------------------------------------------------------------------------------------- inputs
-    def handle(self, event: Input) -> list[Effect]:
-        out: list[Effect] = []
+    def handle(self, event: ev.Input) -> list[ev.Effect]:
+        out: list[ev.Effect] = []
         match event:
-            case Started():
+            case ev.Started():
                 self._started(event, out)
-            case Tick():
+            case ev.Tick():
                 self.progress = event.progress
                 self._tick(event.now, event.wall, out)
-            case CandidateFound():
+            case ev.CandidateFound():
                 self._candidate(event, out)
-            case CandidateGone():
+            case ev.CandidateGone():
                 self._goodbye(event, out)
-            case HelloReceived():
+            case ev.HelloReceived():
                 self._hello_received(event, out)
-            case HelloAnswered():
+            case ev.HelloAnswered():
                 self._hello_answered(event, out)
-            case HelloFailed():
+            case ev.HelloFailed():
                 self._hello_failed(event, out)
-            case StateReceived():
+            case ev.StateReceived():
                 self._state_received(event, out)
-            case SendOk():
+            case ev.SendOk():
                 self.table.send_ok(event.node_id, event.seq, event.now)
-                out.append(ClearLog(("send", event.node_id)))
-            case SendFailed():
+                out.append(ev.ClearLog(("send", event.node_id)))
+            case ev.SendFailed():
                 skip = self.table.send_failed(event.node_id, event.code, event.now, self.rng)
                 if event.detail:
                     tail = f"; skipping {event.node_id} for {skip:.1f} s" if skip else ""
-                    out.append(Log("warning", event.detail + tail, ("send", event.node_id)))
-            case SendDropped():
+                    out.append(ev.Log("warning", event.detail + tail, ("send", event.node_id)))
+            case ev.SendDropped():
                 self.table.send_dropped(event.node_id, event.seq)
-            case FetchDone():
+            case ev.FetchDone():
                 self.catchup.fetch_done(event.node_id, event.ok)
                 if event.ok:
-                    out.append(CatchUpDone("adopted a neighbour's model"))
+                    out.append(ev.CatchUpDone("adopted a neighbour's model"))
                 else:
                     self._decide_catchup(event.now, out)
         return out
 
     # -------------------------------------------------------------------------------------- start, timers
-    def _started(self, ev: Started, out: list[Effect]) -> None:
+    def _started(self, e: ev.Started, out: list[ev.Effect]) -> None:
         s = self.settings
-        self.address = ev.address
-        self.progress = ev.progress
+        self.address = e.address
+        self.progress = e.progress
         self._timers = {
-            "static": ev.now,
-            "progress": ev.now + s.liveness.heartbeat_interval_s,
-            "checkpoint": ev.now + s.checkpoint_interval_s,
-            "metrics": ev.now + s.metrics_interval_s,
+            "static": e.now,
+            "progress": e.now + s.liveness.heartbeat_interval_s,
+            "checkpoint": e.now + s.checkpoint_interval_s,
+            "metrics": e.now + s.metrics_interval_s,
         }
         if not s.static_peers:
             del self._timers["static"]
-        if not self.catchup.start(ev.now, ev.wall, ev.state_saved_unix_s, ev.progress.done):
-            out.append(CatchUpDone("not needed"))
-        self._tick(ev.now, ev.wall, out)
+        if not self.catchup.start(e.now, e.wall, e.state_saved_unix_s, e.progress.done):
+            out.append(ev.CatchUpDone("not needed"))
+        self._tick(e.now, e.wall, out)
 
     def _due(self, name: str, now: float, interval: float) -> bool:
         at = self._timers.get(name)
@@ -223,7 +161,7 @@ class GossipCore:
         self._timers[name] = now + interval
         return True
 
-    def _tick(self, now: float, wall: float, out: list[Effect]) -> None:
+    def _tick(self, now: float, wall: float, out: list[ev.Effect]) -> None:
         s = self.settings
         if self.time_varying:
             r = topo.round_index_at(wall, s.topology_period_s)
@@ -239,222 +177,222 @@ class GossipCore:
         timeout = min(s.rpc_timeout_s, s.liveness.heartbeat_interval_s)
         for node_id in self.table.heartbeats_due(now, self.heartbeats_in_flight):
             self.heartbeats_in_flight.add(node_id)
-            out.append(SayHello(self.table.peers[node_id].address, "heartbeat", timeout, node_id))
+            out.append(ev.SayHello(self.table.peers[node_id].address, "heartbeat", timeout, node_id))
         if self._due("progress", now, s.liveness.heartbeat_interval_s):
             p = self.progress
             self.catchup.check_progress(now, p.epoch, p.done, self.table.neighbours())
         self._decide_catchup(now, out)
         if self._due("checkpoint", now, s.checkpoint_interval_s):
-            out.append(RequestCheckpoint())
+            out.append(ev.RequestCheckpoint())
         if self._due("metrics", now, s.metrics_interval_s):
-            out.append(WriteMetrics())
+            out.append(ev.WriteMetrics())
 
     # ------------------------------------------------------------------------------------------ discovery
-    def _candidate(self, ev: CandidateFound, out: list[Effect]) -> None:
-        if ev.cluster is not None and ev.cluster != self.settings.cluster:
-            who = ev.node_id or ev.address
+    def _candidate(self, e: ev.CandidateFound, out: list[ev.Effect]) -> None:
+        if e.cluster is not None and e.cluster != self.settings.cluster:
+            who = e.node_id or e.address
             out.append(
-                Log(
+                ev.Log(
                     "warning",
-                    f"ignoring peer {ev.node_id} at {ev.address}: cluster {ev.cluster!r} != ours "
+                    f"ignoring peer {e.node_id} at {e.address}: cluster {e.cluster!r} != ours "
                     f"{self.settings.cluster!r}",
                     ("cluster", who),
                 )
             )
             return
-        rec = self.table.peers.get(ev.node_id) if ev.node_id else None
-        if rec is not None and rec.address == ev.address and not rec.evicted and rec.misses == 0:
+        rec = self.table.peers.get(e.node_id) if e.node_id else None
+        if rec is not None and rec.address == e.address and not rec.evicted and rec.misses == 0:
             return
-        self._say_hello(ev.address, ev.node_id, out)
+        self._say_hello(e.address, e.node_id, out)
 
-    def _say_hello(self, address: str, node_id: str | None, out: list[Effect]) -> None:
+    def _say_hello(self, address: str, node_id: str | None, out: list[ev.Effect]) -> None:
         if address in self.hellos_in_flight or address == self.address:
             return
         self.hellos_in_flight.add(address)
-        out.append(SayHello(address, "join", self.settings.rpc_timeout_s, node_id))
+        out.append(ev.SayHello(address, "join", self.settings.rpc_timeout_s, node_id))
 
-    def _goodbye(self, ev: CandidateGone, out: list[Effect]) -> None:
-        rec = self.table.peer_gone(ev.node_id)
+    def _goodbye(self, e: ev.CandidateGone, out: list[ev.Effect]) -> None:
+        rec = self.table.peer_gone(e.node_id)
         if rec is None:
             return
-        self.departed[ev.node_id] = rec.incarnation
-        out += [Log("info", f"peer {ev.node_id} left (mDNS goodbye)"), Forget(ev.node_id)]
-        self._view_changed(ev.now, out)
+        self.departed[e.node_id] = rec.incarnation
+        out += [ev.Log("info", f"peer {e.node_id} left (mDNS goodbye)"), ev.Forget(e.node_id)]
+        self._view_changed(e.now, out)
 
     # ---------------------------------------------------------------------------------------------- hello
-    def _hello_received(self, ev: HelloReceived, out: list[Effect]) -> None:
-        info = ev.info
-        if ev.identity is not None and ev.identity != info.node_id:
-            out.append(self._impostor(info.node_id, ev.identity, "hello"))
+    def _hello_received(self, e: ev.HelloReceived, out: list[ev.Effect]) -> None:
+        info = e.info
+        if e.identity is not None and e.identity != info.node_id:
+            out.append(self._impostor(info.node_id, e.identity, "hello"))
             return
         if info.node_id == self.me.node_id:
             if info.incarnation != self.me.incarnation:
-                out.append(Reply(False, f"{DUPLICATE_PREFIX} {info.node_id!r}: already in use at {self.address}"))
-                self._duplicate(info.incarnation, reachable_address(info.address, ev.transport_peer), out)
+                out.append(ev.Reply(False, f"{DUPLICATE_PREFIX} {info.node_id!r}: already in use at {self.address}"))
+                self._duplicate(info.incarnation, reachable_address(info.address, e.transport_peer), out)
             else:
-                out.append(Reply(True))
+                out.append(ev.Reply(True))
             return
         problem = self.incompatibility(info)
         if problem:
             out.append(
-                Log(
+                ev.Log(
                     "warning",
                     f"ignoring hello from {info.node_id} at {info.address}: {problem}",
                     ("incompatible", info.node_id),
                 )
             )
-            out.append(Reply(False, problem))
+            out.append(ev.Reply(False, problem))
             return
         self.catchup.report(info.node_id, info.step, info.epoch)
-        address = reachable_address(info.address, ev.transport_peer)
-        self._peer_up(info.node_id, address, info.degree, info.incarnation, "hello-in", ev.now, out)
-        out.append(Reply(True))
+        address = reachable_address(info.address, e.transport_peer)
+        self._peer_up(info.node_id, address, info.degree, info.incarnation, "hello-in", e.now, out)
+        out.append(ev.Reply(True))
 
-    def _hello_answered(self, ev: HelloAnswered, out: list[Effect]) -> None:
-        if ev.purpose == "join":
-            self.hellos_in_flight.discard(ev.address)
-            self._apply_answer(ev, "hello", out)
+    def _hello_answered(self, e: ev.HelloAnswered, out: list[ev.Effect]) -> None:
+        if e.purpose == "join":
+            self.hellos_in_flight.discard(e.address)
+            self._apply_answer(e, "hello", out)
             return
-        assert ev.node_id is not None
-        self.heartbeats_in_flight.discard(ev.node_id)
-        if ev.node_id not in self.table.peers:
+        assert e.node_id is not None
+        self.heartbeats_in_flight.discard(e.node_id)
+        if e.node_id not in self.table.peers:
             return
-        if ev.info.node_id != ev.node_id:
+        if e.info.node_id != e.node_id:
             # Another daemon now answers at that address: the peer we knew is gone from there.
-            self._missed(ev.node_id, ev.address, "another node answers there", ev.now, out)
+            self._missed(e.node_id, e.address, "another node answers there", e.now, out)
             return
-        if self._apply_answer(ev, "heartbeat", out):
-            self.table.heartbeat_ok(ev.node_id, ev.info.degree, ev.now)
+        if self._apply_answer(e, "heartbeat", out):
+            self.table.heartbeat_ok(e.node_id, e.info.degree, e.now)
         else:
-            self._missed(ev.node_id, ev.address, "refused", ev.now, out)
+            self._missed(e.node_id, e.address, "refused", e.now, out)
 
-    def _apply_answer(self, ev: HelloAnswered, source: str, out: list[Effect]) -> bool:
+    def _apply_answer(self, e: ev.HelloAnswered, source: str, out: list[ev.Effect]) -> bool:
         """A Hello answer; True when the peer is (still) a compatible member."""
-        info = ev.info
-        if ev.identity is not None and ev.identity != info.node_id:
-            out.append(self._impostor(info.node_id, ev.identity, "hello answer"))
+        info = e.info
+        if e.identity is not None and e.identity != info.node_id:
+            out.append(self._impostor(info.node_id, e.identity, "hello answer"))
             return False
-        if not ev.accepted:
-            if ev.reason.startswith(DUPLICATE_PREFIX):
-                self._duplicate(info.incarnation, ev.address, out)
+        if not e.accepted:
+            if e.reason.startswith(DUPLICATE_PREFIX):
+                self._duplicate(info.incarnation, e.address, out)
             else:
-                msg = f"peer {info.node_id} at {ev.address} refused us: {ev.reason}"
-                out.append(Log("warning", msg, ("hello", ev.address)))
+                msg = f"peer {info.node_id} at {e.address} refused us: {e.reason}"
+                out.append(ev.Log("warning", msg, ("hello", e.address)))
             return False
         problem = self.incompatibility(info)
         if problem:
-            msg = f"ignoring peer {info.node_id} at {ev.address}: {problem}"
-            out.append(Log("warning", msg, ("incompatible", info.node_id)))
+            msg = f"ignoring peer {info.node_id} at {e.address}: {problem}"
+            out.append(ev.Log("warning", msg, ("incompatible", info.node_id)))
             if self.table.peer_gone(info.node_id) is not None:
-                self._view_changed(ev.now, out)
+                self._view_changed(e.now, out)
             return False
         self.catchup.report(info.node_id, info.step, info.epoch)
         # The address we dialled is known to work from here; the one the peer advertises may not be (NAT, a
         # container bridge, a 0.0.0.0 listener).
-        self._peer_up(info.node_id, ev.address, info.degree, info.incarnation, source, ev.now, out)
-        self._decide_catchup(ev.now, out)
+        self._peer_up(info.node_id, e.address, info.degree, info.incarnation, source, e.now, out)
+        self._decide_catchup(e.now, out)
         return True
 
-    def _hello_failed(self, ev: HelloFailed, out: list[Effect]) -> None:
-        if ev.purpose == "join":
-            self.hellos_in_flight.discard(ev.address)
-            out.append(Log("debug", f"hello to {ev.address} failed: {ev.detail}"))
+    def _hello_failed(self, e: ev.HelloFailed, out: list[ev.Effect]) -> None:
+        if e.purpose == "join":
+            self.hellos_in_flight.discard(e.address)
+            out.append(ev.Log("debug", f"hello to {e.address} failed: {e.detail}"))
             return
-        assert ev.node_id is not None
-        self.heartbeats_in_flight.discard(ev.node_id)
-        self._missed(ev.node_id, ev.address, ev.code, ev.now, out)
+        assert e.node_id is not None
+        self.heartbeats_in_flight.discard(e.node_id)
+        self._missed(e.node_id, e.address, e.code, e.now, out)
 
-    def _missed(self, node_id: str, address: str, why: str, now: float, out: list[Effect]) -> None:
+    def _missed(self, node_id: str, address: str, why: str, now: float, out: list[ev.Effect]) -> None:
         if not self.table.heartbeat_failed(node_id, now):
             return
         self.evictions += 1
         n = self.settings.liveness.evict_after
-        out += [Log("warning", f"evicted {node_id} ({address}): {n} heartbeats missed ({why})"), Forget(node_id)]
+        out += [ev.Log("warning", f"evicted {node_id} ({address}): {n} heartbeats missed ({why})"), ev.Forget(node_id)]
         self._view_changed(now, out)
 
-    def _duplicate(self, their_incarnation: int, address: str, out: list[Effect]) -> None:
+    def _duplicate(self, their_incarnation: int, address: str, out: list[ev.Effect]) -> None:
         """Two live daemons share our node id. The one that started later gives way, with a clear error."""
         if self.me.incarnation > their_incarnation:
             out.append(
-                Fatal(
+                ev.Fatal(
                     f"another live peer at {address} already uses node_id {self.me.node_id!r}; "
                     "give this daemon another node_id"
                 )
             )
         else:
             msg = f"a newer daemon at {address} uses our node_id {self.me.node_id!r}; it will stop"
-            out.append(Log("warning", msg, ("dup", address)))
+            out.append(ev.Log("warning", msg, ("dup", address)))
 
-    def _impostor(self, claimed: str, identity: str, what: str) -> Reply:
+    def _impostor(self, claimed: str, identity: str, what: str) -> ev.Reply:
         """A claim that contradicts the caller's certificate: refused, and nothing changes."""
-        return Reply(
+        return ev.Reply(
             False, f"{what} claims node id {claimed!r} but the certificate says {identity!r}", "PERMISSION_DENIED"
         )
 
     # ---------------------------------------------------------------------------------------------- pushes
-    def _state_received(self, ev: StateReceived, out: list[Effect]) -> None:
-        if ev.identity is not None and ev.identity != ev.sender_id:
-            out.append(self._impostor(ev.sender_id, ev.identity, "push"))
+    def _state_received(self, e: ev.StateReceived, out: list[ev.Effect]) -> None:
+        if e.identity is not None and e.identity != e.sender_id:
+            out.append(self._impostor(e.sender_id, e.identity, "push"))
             return
-        if self.departed.get(ev.sender_id) == ev.incarnation:
-            out.append(Reply(True, "sent before its goodbye"))
+        if self.departed.get(e.sender_id) == e.incarnation:
+            out.append(ev.Reply(True, "sent before its goodbye"))
             return
-        rec = self.table.peers.get(ev.sender_id)
-        if (rec is None or rec.incarnation != ev.incarnation) and ev.address:
-            address = reachable_address(ev.address, ev.transport_peer) if ev.transport_peer else ev.address
-            self._peer_up(ev.sender_id, address, ev.degree, ev.incarnation, "push", ev.now, out)
+        rec = self.table.peers.get(e.sender_id)
+        if (rec is None or rec.incarnation != e.incarnation) and e.address:
+            address = reachable_address(e.address, e.transport_peer) if e.transport_peer else e.address
+            self._peer_up(e.sender_id, address, e.degree, e.incarnation, "push", e.now, out)
         else:
-            degree_changed = rec is not None and rec.degree != ev.degree
-            readmitted = self.table.heard_from(ev.sender_id, ev.degree, ev.now)
+            degree_changed = rec is not None and rec.degree != e.degree
+            readmitted = self.table.heard_from(e.sender_id, e.degree, e.now)
             if readmitted:
-                self._readmitted(ev.sender_id, ev.now, out)
+                self._readmitted(e.sender_id, e.now, out)
             # A changed advertised degree changes the Metropolis-Hastings weights.
             if readmitted or degree_changed:
-                self._view_changed(ev.now, out)
-        out += [Deliver(ev.sender_id, ev.incarnation, ev.degree, ev.now), Reply(True)]
+                self._view_changed(e.now, out)
+        out += [ev.Deliver(e.sender_id, e.incarnation, e.degree, e.now), ev.Reply(True)]
 
     # ---------------------------------------------------------------------------------------- membership
     def _peer_up(
-        self, node_id: str, address: str, degree: int, incarnation: int, source: str, now: float, out: list[Effect]
+        self, node_id: str, address: str, degree: int, incarnation: int, source: str, now: float, out: list[ev.Effect]
     ) -> None:
         if self.departed.get(node_id) == incarnation:
             return
         self.departed.pop(node_id, None)  # a new incarnation is welcome
         upd = self.table.peer_up(node_id, address, degree, incarnation, now, source)
         if upd.new:
-            out.append(Log("info", f"new peer {node_id} at {address} (via {source})"))
+            out.append(ev.Log("info", f"new peer {node_id} at {address} (via {source})"))
         elif upd.restarted:
-            out += [Log("info", f"peer {node_id} restarted (new incarnation) at {address}"), Forget(node_id)]
+            out += [ev.Log("info", f"peer {node_id} restarted (new incarnation) at {address}"), ev.Forget(node_id)]
         if upd.readmitted:
             self._readmitted(node_id, now, out)
         if upd.old_address:
-            out.append(CloseChannel(upd.old_address))
+            out.append(ev.CloseChannel(upd.old_address))
         self._view_changed(now, out)
 
-    def _readmitted(self, node_id: str, now: float, out: list[Effect]) -> None:
+    def _readmitted(self, node_id: str, now: float, out: list[ev.Effect]) -> None:
         self.readmissions += 1
-        out.append(Log("info", f"re-admitted {node_id}: it answers again"))
+        out.append(ev.Log("info", f"re-admitted {node_id}: it answers again"))
         line = self.catchup.on_readmitted(now)
         if line:
-            out.append(Log("info", line))
+            out.append(ev.Log("info", line))
 
-    def _view_changed(self, now: float, out: list[Effect]) -> None:
+    def _view_changed(self, now: float, out: list[ev.Effect]) -> None:
         view = self.table.view()
         self.catchup.isolation(bool(view.degrees), now)
         if view == self._last_view:
             return
         self._last_view = view
         known = bool(view.degrees) and len(self.table.members()) + 1 >= self.settings.expected_members
-        out.append(ViewChanged(view, known))
+        out.append(ev.ViewChanged(view, known))
 
     # ------------------------------------------------------------------------------------------- catch-up
-    def _decide_catchup(self, now: float, out: list[Effect]) -> None:
+    def _decide_catchup(self, now: float, out: list[ev.Effect]) -> None:
         live = {j for j, rec in self.table.peers.items() if not rec.evicted}
         decision = self.catchup.decide(now, self.progress.epoch, live, self.table.neighbours())
         if isinstance(decision, Fetch):
             address = self.table.peers[decision.node_id].address
-            out.append(StartCatchUp(decision.node_id, address, decision.step, decision.epoch))
+            out.append(ev.StartCatchUp(decision.node_id, address, decision.step, decision.epoch))
         elif isinstance(decision, Finish):
             if decision.log:
-                out.append(Log("info", decision.log))
-            out.append(CatchUpDone(decision.reason))
+                out.append(ev.Log("info", decision.log))
+            out.append(ev.CatchUpDone(decision.reason))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,21 @@ class Counters:
         for name in ("step", "epoch", "seq", "rounds", "mixes", "bytes_sent", "bytes_received"):
             if name in saved:
                 setattr(self, name, type(getattr(self, name))(saved[name]))
+
+
+def metrics_record(
+    event: str, node_id: str, started: float, neighbours: list[str], counters: Counters, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """One line of metrics.jsonl: the counters, the neighbours, and what the faults and the algorithm add."""
+    return {
+        "event": event,
+        "node_id": node_id,
+        "time": time.time(),
+        "elapsed_s": time.monotonic() - started,
+        "neighbours": neighbours,
+        **counters.snapshot(),
+        **extra,
+    }
 
 
 class MetricsLog:

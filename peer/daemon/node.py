@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import sys
 import time
@@ -20,44 +21,26 @@ from typing import Any, TextIO
 from peer import PROTOCOL_VERSION
 from peer.algorithms import Algorithm
 from peer.config import PeerConfig
-from peer.core.backoff import BreakerPolicy
-from peer.core.catchup import CatchUpSettings
-from peer.core.events import (
-    CatchUpDone,
-    ClearLog,
-    CloseChannel,
-    Effect,
-    Fatal,
-    Forget,
-    Input,
-    Log,
-    PeerInfo,
-    Progress,
-    RequestCheckpoint,
-    SayHello,
-    StartCatchUp,
-    Started,
-    Tick,
-    ViewChanged,
-    WriteMetrics,
-)
+from peer.core import events as ev
 from peer.core.faults import FaultInjector
-from peer.core.gossip import CoreSettings, GossipCore, Identity
-from peer.core.peers import LivenessPolicy
+from peer.core.gossip import GossipCore
+from peer.core.settings import Identity
 from peer.daemon.builder import Built, build
 from peer.daemon.catchup import CatchUpFetcher
+from peer.daemon.changes import Changes
 from peer.daemon.checkpoint import Checkpointer
 from peer.daemon.handlers import DaemonFacts, RpcHandlers
 from peer.daemon.membership import DiscoveryInputs, HelloCaller
-from peer.daemon.metrics import Counters, MetricsLog
+from peer.daemon.metrics import Counters, MetricsLog, metrics_record
 from peer.daemon.pusher import Pusher
+from peer.daemon.settings import core_settings
 from peer.daemon.worker import TrainingWorker
 from peer.errors import PeerError, StartupError
 from peer.learn.data import Dataset
 from peer.learn.training import LocalTrainer
 from peer.logs import OnceLogger, node_logger
 from peer.net.codec import Envelope, ReceiveLimits
-from peer.net.discovery import MdnsDiscovery, StaticPeers, resolve_interfaces
+from peer.net.discovery import MdnsDiscovery, resolve_interfaces
 from peer.net.transport import Client, Server, start_server
 
 # The longest the clock sleeps between Ticks even when nothing is due (a safety net, not a schedule).
@@ -67,36 +50,6 @@ MIN_TICK_S = 0.002
 
 def _hour_start(unix_s: float) -> float:
     return unix_s - (unix_s % 3600.0)
-
-
-def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool) -> CoreSettings:
-    """The protocol core's part of the config tree."""
-    static = StaticPeers(cfg.discovery.static_peers, lambda c: None).candidates()
-    return CoreSettings(
-        identity=identity,
-        topology=cfg.topology,
-        topology_seed=cfg.membership.topology_seed,
-        topology_period_s=cfg.membership.topology_period_s,
-        breaker=BreakerPolicy(cfg.gossip.breaker_threshold, cfg.gossip.backoff_base_s, cfg.gossip.backoff_cap_s),
-        liveness=LivenessPolicy(
-            cfg.membership.heartbeat_interval_s, cfg.membership.evict_after, cfg.membership.probe_evicted_max_s
-        ),
-        catchup=CatchUpSettings(
-            enabled=cfg.catchup.enabled,
-            max_state_age_s=cfg.catchup.max_state_age_s,
-            max_epochs_behind=cfg.catchup.max_epochs_behind,
-            wait_s=cfg.catchup.wait_s,
-            mid_run=mid_run_catchup,
-            can_fetch=cfg.discovery.mdns or bool(cfg.discovery.static_peers),
-        ),
-        cluster=cfg.discovery.cluster,
-        static_peers=tuple(c.address for c in static),
-        hello_retry_s=cfg.discovery.hello_retry_s,
-        rpc_timeout_s=cfg.gossip.rpc_timeout_s,
-        expected_members=cfg.data.num_partitions,
-        checkpoint_interval_s=cfg.checkpoint.interval_s,
-        metrics_interval_s=cfg.metrics.interval_s,
-    )
 
 
 class Node:
@@ -115,8 +68,7 @@ class Node:
         self.incarnation = time.time_ns() // 1_000_000
         self.ready = asyncio.Event()
         self.trained = asyncio.Event()  # set once train.epochs are done (the daemon keeps mixing after that)
-        # Resolved (and replaced) whenever the view changes, the trainer reports progress or metrics are written.
-        self._changed: asyncio.Future[None] | None = None
+        self.changes = Changes()  # notified when the view changes, the trainer reports progress, metrics are written
         self.address = ""
         self.state_dir = Path(cfg.state_dir)
         self.metrics = MetricsLog(self.state_dir / "metrics.jsonl")
@@ -147,43 +99,43 @@ class Node:
         return self.built.dataset
 
     # ------------------------------------------------------------------------------------------- the core
-    def dispatch(self, event: Input) -> list[Effect]:
+    def dispatch(self, event: ev.Input) -> list[ev.Effect]:
         """Feed one input to the core and carry out its effects (on the loop thread). Returns the effects, so
         that a handler can answer its request (Reply, Deliver)."""
         effects = self.core.handle(event)
         self._execute(effects)
         return effects
 
-    def _execute(self, effects: list[Effect]) -> None:
+    def _execute(self, effects: list[ev.Effect]) -> None:
         for e in effects:
             match e:
-                case SayHello():
+                case ev.SayHello():
                     self._spawn(self.hellos.call(e))
-                case ViewChanged():
+                case ev.ViewChanged():
                     self.worker.view = e.view
                     if e.cluster_known:
                         self.worker.neighbours_ready.set()
                     self._notify()
-                case Forget():
+                case ev.Forget():
                     self.worker.forget.append(e.node_id)
-                case CloseChannel():
+                case ev.CloseChannel():
                     self._spawn(self.client.forget(e.address))
-                case StartCatchUp():
+                case ev.StartCatchUp():
                     self._spawn(self.fetcher.fetch(e))
-                case CatchUpDone():
+                case ev.CatchUpDone():
                     self.worker.catchup_done.set()
-                case RequestCheckpoint():
+                case ev.RequestCheckpoint():
                     self.worker.checkpoint_requested.set()
-                case WriteMetrics():
+                case ev.WriteMetrics():
                     self._write_metrics()
-                case Fatal():
+                case ev.Fatal():
                     self._on_fatal(StartupError(e.message))
-                case Log():
+                case ev.Log():
                     if e.key is not None and e.level == "warning":
                         self.once.warning(e.key, "%s", e.message)
                     else:
-                        self.log.log(_LEVELS[e.level], "%s", e.message)
-                case ClearLog():
+                        self.log.log(logging.getLevelName(e.level.upper()), "%s", e.message)
+                case ev.ClearLog():
                     self.once.forget(e.key)
                 case _:
                     pass  # Reply and Deliver answer the request that caused them (see RpcHandlers)
@@ -194,14 +146,14 @@ class Node:
         else:
             self._tg.create_task(coro)
 
-    def _progress(self) -> Progress:
+    def _progress(self) -> ev.Progress:
         trainer = self.built.trainer
-        return Progress(trainer.step_count, trainer.step_count / trainer.steps_per_epoch, self.worker.done)
+        return ev.Progress(trainer.step_count, trainer.step_count / trainer.steps_per_epoch, self.worker.done)
 
-    def me(self) -> PeerInfo:
+    def me(self) -> ev.PeerInfo:
         """What we say about ourselves in a Hello."""
         p = self._progress()
-        return PeerInfo(
+        return ev.PeerInfo(
             self.cfg.node_id,
             PROTOCOL_VERSION,
             self.built.fingerprint,
@@ -228,7 +180,7 @@ class Node:
         """Ticks the core whenever its next deadline comes (heartbeats, static re-dials, timers)."""
         while not self._stop.is_set():
             now = time.monotonic()
-            self.dispatch(Tick(now, time.time(), self._progress()))
+            self.dispatch(ev.Tick(now, time.time(), self._progress()))
             wait = self.core.next_deadline(now) - time.monotonic()
             await self._sleep(min(max(wait, MIN_TICK_S), MAX_TICK_S))
 
@@ -356,7 +308,7 @@ class Node:
                 tg.create_task(self.pusher.loop(tg))
                 drain = tg.create_task(self.checkpointer.drain())
                 now = time.monotonic()
-                self.dispatch(Started(now, time.time(), self.address, self._progress(), built.state_saved_unix_s))
+                self.dispatch(ev.Started(now, time.time(), self.address, self._progress(), built.state_saved_unix_s))
                 tg.create_task(self._clock())
                 mdns_task = tg.create_task(self._mdns.run()) if self._mdns is not None else None
                 await self._stop.wait()
@@ -430,46 +382,25 @@ class Node:
         self.worker.wake.set()
 
     def _notify(self) -> None:
-        """Wake every `wait_for` caller to re-check its condition."""
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
-        self._changed = None
+        self.changes.notify()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
         """Wait until `predicate()` holds, re-checked whenever the node reports a change (view, training
         progress, metrics). Raises TimeoutError naming `what`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not predicate():
-            if self._changed is None:
-                self._changed = loop.create_future()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-            try:
-                await asyncio.wait_for(asyncio.shield(self._changed), remaining)
-            except TimeoutError:
-                continue
+        await self.changes.wait_for(predicate, timeout_s, what)
 
     # ------------------------------------------------------------------------------------------- metrics
     def _write_metrics(self, event: str = "metrics") -> None:
         self.counters.evictions = self.core.evictions
         self.counters.readmissions = self.core.readmissions
-        c = self.counters.snapshot()
-        if self.faults.enabled:
-            c.update({f"faults_{k}": v for k, v in self.faults.counters.items()})
+        extra: dict[str, Any] = (
+            {f"faults_{k}": v for k, v in self.faults.counters.items()} if self.faults.enabled else {}
+        )
         try:
-            c.update({f"algo_{k}": v for k, v in self.built.algorithm.metrics().items()})
+            extra.update({f"algo_{k}": v for k, v in self.built.algorithm.metrics().items()})
         except RuntimeError:  # a dict resized by the training thread mid-read: next time
             pass
-        record = {
-            "event": event,
-            "node_id": self.cfg.node_id,
-            "time": time.time(),
-            "elapsed_s": time.monotonic() - self._started,
-            "neighbours": self.core.neighbours(),
-            **c,
-        }
+        record = metrics_record(event, self.cfg.node_id, self._started, self.core.neighbours(), self.counters, extra)
         try:
             self.metrics.append(record)
         except OSError as exc:
@@ -484,6 +415,3 @@ class Node:
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
         except TimeoutError:
             pass
-
-
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}

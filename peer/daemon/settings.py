@@ -1,0 +1,40 @@
+"""The protocol core's settings, derived from the config tree (the core itself knows no config)."""
+
+from __future__ import annotations
+
+from peer.config import PeerConfig
+from peer.core.backoff import BreakerPolicy
+from peer.core.catchup import CatchUpSettings
+from peer.core.peers import LivenessPolicy
+from peer.core.settings import CoreSettings, Identity
+from peer.net.discovery import StaticPeers
+
+
+def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool) -> CoreSettings:
+    """The protocol core's part of the config tree."""
+    static = StaticPeers(cfg.discovery.static_peers, lambda c: None).candidates()
+    return CoreSettings(
+        identity=identity,
+        topology=cfg.topology,
+        topology_seed=cfg.membership.topology_seed,
+        topology_period_s=cfg.membership.topology_period_s,
+        breaker=BreakerPolicy(cfg.gossip.breaker_threshold, cfg.gossip.backoff_base_s, cfg.gossip.backoff_cap_s),
+        liveness=LivenessPolicy(
+            cfg.membership.heartbeat_interval_s, cfg.membership.evict_after, cfg.membership.probe_evicted_max_s
+        ),
+        catchup=CatchUpSettings(
+            enabled=cfg.catchup.enabled,
+            max_state_age_s=cfg.catchup.max_state_age_s,
+            max_epochs_behind=cfg.catchup.max_epochs_behind,
+            wait_s=cfg.catchup.wait_s,
+            mid_run=mid_run_catchup,
+            can_fetch=cfg.discovery.mdns or bool(cfg.discovery.static_peers),
+        ),
+        cluster=cfg.discovery.cluster,
+        static_peers=tuple(c.address for c in static),
+        hello_retry_s=cfg.discovery.hello_retry_s,
+        rpc_timeout_s=cfg.gossip.rpc_timeout_s,
+        expected_members=cfg.data.num_partitions,
+        checkpoint_interval_s=cfg.checkpoint.interval_s,
+        metrics_interval_s=cfg.metrics.interval_s,
+    )
