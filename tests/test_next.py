@@ -12,16 +12,8 @@ import torch
 
 from peer.algorithms.base import NeighbourView, payload_floats
 from peer.algorithms.mixing import mixing_matrix
-from peer.algorithms.next import (
-    LocalStep,
-    Next,
-    NextParams,
-    NextPushsum,
-    NextPushsumParams,
-    block_bounds,
-    num_agents,
-    soft,
-)
+from peer.algorithms.next import LocalStep, Next, NextParams, block_bounds, num_agents, soft
+from peer.algorithms.next_pushsum import NextPushsum, NextPushsumParams
 from peer.algorithms.pushsum import network_mass
 from peer.algorithms.sim import FunctionOracle, Links, Simulation, ring
 from peer.errors import ConfigError
@@ -542,7 +534,7 @@ def test_next_pushsum_waits_for_mass_when_its_weight_collapsed_and_repeats_its_s
     """After pushing its mass away, a node iterates again only once mass came back (or after max_wait_s), and
     while it waits it repeats its latest running sums, so a lost message is recovered without new mass."""
     from peer.algorithms.base import NeighbourView as View
-    from peer.algorithms.next import NextPushsum, NextPushsumParams
+    from peer.algorithms.next_pushsum import NextPushsum, NextPushsumParams
     from peer.algorithms.sim import FunctionOracle
 
     algo = NextPushsum(NextPushsumParams(max_wait_s=1.0, resend_s=0.05), "a")
