@@ -1,5 +1,6 @@
-"""The simulation harness of the SGD-family tests (test_dmsgd, test_dpsgd, test_local_sgd): float64 least-squares
-problems, per-node oracles and step schedules, a recorder of every iterate, and `simulate`."""
+"""The simulation harness of the SGD-family tests (test_dmsgd, test_dmsgd_async, test_dpsgd, test_local_sgd):
+float64 least-squares problems, per-node oracles and step schedules, a recorder of every iterate, `simulate`, the
+centralized heavy-ball reference and an InMessage builder."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from peer.algorithms.base import Algorithm
+from peer.algorithms.base import Algorithm, InMessage, Payload
 from peer.algorithms.sim import FunctionOracle, Links, Simulation
 
 F64 = torch.float64
@@ -123,3 +124,16 @@ class Schedule:
     def __call__(self, _calls: int) -> float:
         self.k += 1
         return self.alpha0 / self.k**0.75
+
+
+def heavy_ball(g: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, beta: float, alpha: float, k: int):
+    xs, x, v = [x0.clone()], x0.clone(), torch.zeros_like(x0)
+    for _ in range(k):
+        v = beta * v - alpha * g(x)
+        x = x + v
+        xs.append(x)
+    return xs
+
+
+def _msg(sender: str, payload: Payload, now: float = 0.0, degree: int = 2) -> InMessage:
+    return InMessage(sender, 1, degree, payload, now)
