@@ -1,124 +1,24 @@
-"""DMSGD (spec §3(f)) and its P2 variant `dmsgd_async`: reductions, the mean-dynamics identity, convex optima,
-wire size, and exactness on a lossy network. Deterministic gradients on small float64 least-squares problems."""
+"""DMSGD (spec §3(f)): reductions, the mean-dynamics identity, convex optima, wire size, and exactness on a lossy
+network. Deterministic gradients on small float64 least-squares problems. Its P2 variant: test_dmsgd_async.py."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from peer.algorithms.base import Algorithm, InMessage, NeighbourView, Payload, payload_floats
-from peer.algorithms.dmsgd import Dmsgd, DmsgdAsync, DmsgdAsyncParams, DmsgdParams
+from peer.algorithms.base import Algorithm, NeighbourView, Payload, payload_floats
+from peer.algorithms.dmsgd import Dmsgd, DmsgdParams
 from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
 from peer.algorithms.mixing import mixing_matrix
-from peer.algorithms.sim import FunctionOracle, Links, Simulation, complete, random_graph, ring
-
-F64 = torch.float64
-Problem = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]
-
-
-def lsq(
-    ids: Sequence[str],
-    d: int = 4,
-    m: int = 10,
-    seed: int = 0,
-    spread: float = 0.5,
-    cond: float = 1.0,
-    common_a: bool = False,
-    common_b: bool = False,
-) -> Problem:
-    """f_j(x) = ½‖A_j x − b_j‖², b_j generated around its own solution (heterogeneous), and x* of Σ_j f_j."""
-    gen = torch.Generator().manual_seed(seed)
-    x_true = torch.randn(d, generator=gen, dtype=F64)
-    scale = torch.logspace(0, -0.5 * math.log10(cond), d, dtype=F64)  # κ(AᵀA) ≈ cond
-    a0 = torch.randn(m, d, generator=gen, dtype=F64) * scale
-    a = {i: a0 if common_a else torch.randn(m, d, generator=gen, dtype=F64) * scale for i in ids}
-    b0 = a0 @ x_true
-    b = {i: b0 if common_b else a[i] @ (x_true + spread * torch.randn(d, generator=gen, dtype=F64)) for i in ids}
-    h = sum(a[i].T @ a[i] for i in ids)
-    c = sum(a[i].T @ b[i] for i in ids)
-    assert isinstance(h, torch.Tensor) and isinstance(c, torch.Tensor)
-    return a, b, torch.linalg.solve(h, c)
-
-
-def grad(prob: Problem, i: str, x: torch.Tensor) -> torch.Tensor:
-    a, b, _ = prob
-    return a[i].T @ (a[i] @ x - b[i])
-
-
-def oracles(prob: Problem, lr: Callable[[int], float]) -> dict[str, FunctionOracle]:
-    def make(i: str) -> FunctionOracle:
-        # A stateful schedule counts one node's queries: every node gets its own.
-        fn = Schedule(lr.alpha0) if isinstance(lr, Schedule) else lr
-        return FunctionOracle(lambda x: (0.0, grad(prob, i, x)), lr_fn=fn)
-
-    return {i: make(i) for i in prob[0]}
-
-
-def initial(ids: Sequence[str], d: int = 4, seed: int = 7) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {i: torch.randn(d, generator=gen, dtype=F64) for i in ids}
-
-
-class Recorder:
-    """after_advance hook: every node's x_k (and v_k where the algorithm has one) for k = 0, 1, ..."""
-
-    def __init__(self, x0: dict[str, torch.Tensor]) -> None:
-        self.x = {i: [x.clone()] for i, x in x0.items()}
-        self.v = {i: [torch.zeros_like(x)] for i, x in x0.items()}
-
-    def __call__(self, sim: Simulation, i: str) -> None:
-        self.x[i].append(sim.x[i].clone())
-        v = getattr(sim.algorithms[i], "v", None)
-        self.v[i].append(v.clone() if isinstance(v, torch.Tensor) else torch.zeros_like(sim.x[i]))
-
-    def mean(self, which: str, k: int) -> torch.Tensor:
-        series = self.x if which == "x" else self.v
-        return torch.stack([s[k] for s in series.values()]).mean(0)
-
-
-def simulate(
-    make: Callable[[str], Algorithm],
-    adj: dict[str, list[str]],
-    prob: Problem,
-    iterations: int,
-    *,
-    lr: Callable[[int], float] = lambda k: 0.02,
-    links: Links | None = None,
-    x0: dict[str, torch.Tensor] | None = None,
-    speeds: dict[str, float] | None = None,
-    seed: int = 1,
-    time_s: float | None = None,
-) -> tuple[Simulation, Recorder]:
-    """Run until every node completed `iterations`, or (P2: nodes never wait, so a finished fast node would
-    leave the slow ones training alone) for `time_s` virtual seconds."""
-    x0 = x0 if x0 is not None else initial(sorted(adj), d=prob[2].numel())
-    rec = Recorder(x0)
-    sim = Simulation(
-        {i: make(i) for i in adj},
-        {i: x.clone() for i, x in x0.items()},
-        oracles(prob, lr),
-        adj,
-        links=links or Links(),
-        seed=seed,
-        speeds=speeds or {},
-        after_advance=rec,
-    )
-    if time_s is None:
-        sim.run(iterations=iterations)
-    else:
-        sim.run(max_time_s=time_s)
-    return sim, rec
+from peer.algorithms.sim import FunctionOracle, Links, complete, random_graph, ring
+from tests.sim_harness import F64, Problem, Schedule, _msg, grad, heavy_ball, initial, lsq, max_err, simulate
 
 
 def dmsgd(**kw: object) -> Callable[[str], Algorithm]:
     return lambda i: Dmsgd(DmsgdParams(retransmit_s=0.01, **kw), i)  # type: ignore[arg-type]
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
 
 
 MH_GRAPH = random_graph(6, 0.4, seed=3)  # irregular degrees: Metropolis–Hastings weights differ per edge
@@ -191,15 +91,6 @@ def test_form_b_mean_follows_heavy_ball_in_difference_form() -> None:
 # ---------------------------------------------------------------------------- §3(f)4: the complete graph
 
 
-def heavy_ball(g: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, beta: float, alpha: float, k: int):
-    xs, x, v = [x0.clone()], x0.clone(), torch.zeros_like(x0)
-    for _ in range(k):
-        v = beta * v - alpha * g(x)
-        x = x + v
-        xs.append(x)
-    return xs
-
-
 def test_complete_graph_is_centralized_heavy_ball() -> None:
     """Π = 11ᵀ/N. Same data and initialization: every agent is the centralized heavy-ball iterate. Different b_j
     with a common A (so ḡ_k = ∇F(x̄_k) exactly): the mean is centralized heavy ball on F, and every agent's mixed
@@ -255,18 +146,6 @@ def matrix_form(prob: Problem, adj: dict[str, list[str]], beta: float, omega: fl
         return (t0 - alpha * t1) @ s + alpha * cc
 
     return step
-
-
-class Schedule:
-    """α_k = α0 / (k + 1)^0.75, k counting this oracle's lr() queries (one per iteration)."""
-
-    def __init__(self, alpha0: float) -> None:
-        self.alpha0 = alpha0
-        self.k = 0
-
-    def __call__(self, _calls: int) -> float:
-        self.k += 1
-        return self.alpha0 / self.k**0.75
 
 
 def iterations_to_tol(prob: Problem, adj: dict[str, list[str]], beta: float, alpha0: float, tol: float, k_max: int):
@@ -333,10 +212,6 @@ def test_constant_step_errors_are_order_alpha() -> None:
 
 
 # ------------------------------------------------------------------------------------ §3(f)6: wire size
-
-
-def _msg(sender: str, payload: Payload, now: float = 0.0, degree: int = 2) -> InMessage:
-    return InMessage(sender, 1, degree, payload, now)
 
 
 @pytest.mark.parametrize("form", ["A", "B"])
@@ -417,108 +292,3 @@ def test_checkpoint_round_trip() -> None:
     other_form = Dmsgd(DmsgdParams(form="B"), "n0")
     other_form.load_state_dict(state)
     assert other_form.v is None  # a Form A buffer is not a Form B difference: start the momentum afresh
-
-
-# ------------------------------------------------------------------------------------------- dmsgd_async
-
-
-def _state(x: list[float], v: list[float], seq: int) -> Payload:
-    return Payload(
-        "momentum_state", {"params": torch.tensor(x, dtype=F64), "momentum": torch.tensor(v, dtype=F64)}, seq=seq
-    )
-
-
-ZERO_GRAD = FunctionOracle(lambda x: (0.0, torch.zeros_like(x)))
-
-
-def test_async_renormalizes_both_mixes_over_the_fresh_set() -> None:
-    beta, omega = 0.5, 0.25
-    algo = DmsgdAsync(DmsgdAsyncParams(beta=beta, omega=omega), "a")
-    view = NeighbourView("a", {"b": 2, "c": 2})  # MH: w_ab = w_ac = w_aa = 1/3
-    x, v = torch.tensor([1.0, 2.0], dtype=F64), torch.tensor([0.5, -0.5], dtype=F64)
-    algo.load_state_dict({"momentum": v.clone()})
-    algo.start(x, 0.0, view)
-    assert algo.on_message(_msg("b", _state([3.0, 0.0], [1.0, 1.0], seq=1)), 0.0)
-    x_new = algo.advance(x, ZERO_GRAD, 0.0, view)
-    # Only b is fresh: (w_aa z + w_ab ẑ_b) / (w_aa + w_ab) = (z + ẑ_b) / 2, for z = x and z = v alike.
-    v_ref = beta * (omega * v + (1 - omega) * (v + torch.tensor([1.0, 1.0], dtype=F64)) / 2)
-    assert max_err(algo.v, v_ref) < 1e-15  # type: ignore[arg-type]
-    assert max_err(x_new, (x + torch.tensor([3.0, 0.0], dtype=F64)) / 2 + v_ref) < 1e-15
-    assert algo.last_report.used == ("b",) and algo.last_report.self_weight == pytest.approx(0.5)
-
-
-def test_async_stale_copies_are_skipped_and_old_sequence_numbers_dropped() -> None:
-    algo = DmsgdAsync(DmsgdAsyncParams(max_staleness=4), "a")
-    view = NeighbourView("a", {"b": 1})
-    x = torch.zeros(2, dtype=F64)
-    algo.start(x, 0.0, view)
-    assert algo.on_message(_msg("b", _state([1.0, 1.0], [0.0, 0.0], seq=5)), 0.0)
-    for _ in range(5):  # ages 0..4 since receipt: still fresh
-        x = algo.advance(x, ZERO_GRAD, 0.0, view)
-        assert algo.last_report.used == ("b",)
-    x = algo.advance(x, ZERO_GRAD, 0.0, view)  # age 5 > max_staleness
-    assert algo.last_report.used == () and algo.last_report.skipped_stale == ("b",)
-    assert algo.metrics()["stale"] == 1 and algo.metrics()["fresh"] == 0
-    assert not algo.on_message(_msg("b", _state([9.0, 9.0], [0.0, 0.0], seq=4)), 0.0)  # older
-    assert not algo.on_message(_msg("b", _state([9.0, 9.0], [0.0, 0.0], seq=5)), 0.0)  # duplicate
-    assert algo.dropped_out_of_order == 2
-    assert algo.on_message(InMessage("b", 2, 1, _state([2.0, 2.0], [0.0, 0.0], seq=1), 0.0), 0.0)  # restarted
-    algo.advance(x, ZERO_GRAD, 0.0, view)
-    assert algo.last_report.used == ("b",) and float(algo.cache["b"].params[0]) == 2.0
-    algo.forget("b")
-    assert "b" not in algo.cache
-
-
-def test_async_sends_are_latest_wins_and_unkeyed() -> None:
-    p = 5
-    algo = DmsgdAsync(DmsgdAsyncParams(send_every=2), "a")
-    view = NeighbourView("a", {"b": 2, "c": 2})
-    x = torch.zeros(p, dtype=F64)
-    algo.start(x, 0.0, view)
-    first = algo.sends(0.0)
-    assert [(s.to, s.key, s.payload.seq) for s in first] == [("b", (), 1), ("c", (), 1)]
-    assert all(payload_floats(s.payload) == 2 * p for s in first) and algo.sends(0.0) == []
-    oracle = FunctionOracle(lambda x: (0.0, x - 1.0), lr_fn=lambda k: 0.1)
-    x = algo.advance(x, oracle, 0.0, view)
-    assert algo.sends(0.0) == []  # send_every = 2
-    for _ in range(3):
-        x = algo.advance(x, oracle, 0.0, view)
-    out = algo.sends(0.0)  # iterations 2 and 4 both queued a state; only the newest goes
-    assert [(s.to, s.payload.seq, s.payload.round) for s in out] == [("b", 3, 4), ("c", 3, 4)]
-    assert torch.equal(out[0].payload.tensors["params"], x)
-
-
-def test_async_alone_is_heavy_ball() -> None:
-    prob = lsq(["a"])
-    algo = DmsgdAsync(DmsgdAsyncParams(beta=0.9), "a")
-    view = NeighbourView("a", {})
-    x = torch.zeros(4, dtype=F64)
-    algo.start(x, 0.0, view)
-    oracle = FunctionOracle(lambda x: (0.0, grad(prob, "a", x)), lr_fn=lambda k: 0.01)
-    for _ in range(30):
-        x = algo.advance(x, oracle, 0.0, view)
-    ref = heavy_ball(lambda x: grad(prob, "a", x), torch.zeros(4, dtype=F64), 0.9, 0.01, 30)
-    assert max_err(x, ref[-1]) < 1e-12 and algo.sends(0.0) == []
-
-
-def test_async_converges_under_30_percent_drop() -> None:
-    """Different speeds, 30% of the messages lost, decaying α: the nodes agree and approach x*."""
-    adj = ring(6)
-    prob = lsq(sorted(adj))
-    speeds = {f"n{i}": 0.01 * (1 + 0.1 * i) for i in range(6)}
-    sim, rec = simulate(
-        lambda i: DmsgdAsync(DmsgdAsyncParams(beta=0.9, omega=0.5), i),
-        adj,
-        prob,
-        0,
-        lr=Schedule(0.01),
-        links=Links(drop=0.3),
-        speeds=speeds,
-        time_s=4.0,
-    )
-    start = max(float(torch.linalg.vector_norm(rec.x[j][0] - rec.mean("x", 0))) for j in adj)
-    rel = float((sim.mean() - prob[2]).norm() / prob[2].norm())
-    assert start > 1.0 and sim.disagreement() < 0.03 and rel < 0.03, (sim.disagreement(), rel)  # 0.016, 0.016
-    assert min(a.iteration for a in sim.algorithms.values()) > 250
-    assert sum(s.dropped for s in sim.stats.values()) > 500
-    assert sum(s.retransmissions for s in sim.stats.values()) == 0  # unkeyed: nothing is retransmitted

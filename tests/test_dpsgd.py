@@ -12,7 +12,7 @@ from peer.algorithms.base import AlgoParams, Algorithm, InMessage, NeighbourView
 from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
 from peer.algorithms.mixing import mixing_matrix
 from peer.algorithms.sim import FunctionOracle, Links, Simulation, complete, random_graph, ring
-from tests.test_dmsgd import F64, Recorder, grad, initial, lsq, max_err, oracles, simulate
+from tests.sim_harness import F64, Recorder, grad, initial, lsq, max_err, oracles, simulate
 
 
 def dpsgd(**kw: object) -> Callable[[str], Algorithm]:

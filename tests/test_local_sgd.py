@@ -13,7 +13,7 @@ from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
 from peer.algorithms.local_sgd import LocalSgd, LocalSgdParams
 from peer.algorithms.mixing import mixing_matrix
 from peer.algorithms.sim import FunctionOracle, Links, random_graph, ring
-from tests.test_dmsgd import F64, Schedule, grad, initial, lsq, max_err, simulate
+from tests.sim_harness import F64, Schedule, grad, initial, lsq, max_err, simulate
 
 GRAPH = random_graph(6, 0.4, seed=3)
 

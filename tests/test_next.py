@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import pydantic
 import pytest
@@ -12,58 +10,11 @@ import torch
 
 from peer.algorithms.base import NeighbourView, payload_floats
 from peer.algorithms.mixing import mixing_matrix
-from peer.algorithms.next import (
-    LocalStep,
-    Next,
-    NextParams,
-    NextPushsum,
-    NextPushsumParams,
-    block_bounds,
-    num_agents,
-    soft,
-)
-from peer.algorithms.pushsum import network_mass
+from peer.algorithms.next import LocalStep, Next, NextParams, block_bounds, num_agents, soft
+from peer.algorithms.next_pushsum import NextPushsum, NextPushsumParams
 from peer.algorithms.sim import FunctionOracle, Links, Simulation, ring
 from peer.errors import ConfigError
-
-AGENTS = 8  # I, the number of agents
-F64 = torch.float64
-
-
-# ------------------------------------------------------------------------------------------------ problems
-@dataclass
-class LeastSquares:
-    """g_i(w) = ||A_i w − b_i||², heterogeneous across agents."""
-
-    a: dict[str, torch.Tensor]
-    b: dict[str, torch.Tensor]
-
-    @staticmethod
-    def make(ids: Sequence[str], d: int = 6, m: int = 10, seed: int = 0, sparse: bool = False) -> LeastSquares:
-        gen = torch.Generator().manual_seed(seed)
-        w_true = torch.randn(d, generator=gen, dtype=F64)
-        if sparse:
-            w_true[d // 2 :] = 0.0
-        a, b = {}, {}
-        for k, i in enumerate(ids):
-            a[i] = torch.randn(m, d, generator=gen, dtype=F64) * (1 + 0.3 * k)
-            b[i] = a[i] @ w_true + 0.5 * torch.randn(m, generator=gen, dtype=F64) + (0.0 if sparse else 0.5 * k)
-        return LeastSquares(a, b)
-
-    def grad(self, i: str, w: torch.Tensor) -> torch.Tensor:
-        return 2.0 * self.a[i].T @ (self.a[i] @ w - self.b[i])
-
-    def lipschitz(self, i: str) -> float:
-        return 2.0 * float(torch.linalg.matrix_norm(self.a[i], 2)) ** 2
-
-    def ridge_optimum(self, lam: float, ids: Sequence[str] | None = None) -> torch.Tensor:
-        ids = list(ids or self.a)
-        d = self.a[ids[0]].shape[1]
-        h = sum(2.0 * self.a[i].T @ self.a[i] for i in ids) + 2.0 * lam * torch.eye(d, dtype=F64)
-        return torch.linalg.solve(h, sum(2.0 * self.a[i].T @ self.b[i] for i in ids))  # type: ignore[arg-type]
-
-    def oracle(self, i: str, lr: float = 0.01) -> FunctionOracle:
-        return FunctionOracle(lambda w: (0.0, self.grad(i, w)), lr_fn=lambda k: lr)
+from tests.next_problems import AGENTS, F64, LeastSquares, departure, rel_err, run
 
 
 class GaussNewton(FunctionOracle):
@@ -78,34 +29,12 @@ class GaussNewton(FunctionOracle):
         return a @ x - self.problem.b[self.i], a
 
 
-def rel_err(xs: dict[str, torch.Tensor], w_star: torch.Tensor, ids: Sequence[str] | None = None) -> float:
-    ids = list(ids or xs)
-    return max(float(torch.linalg.vector_norm(xs[i] - w_star)) for i in ids) / float(w_star.norm())
-
-
 def next_params(problem: LeastSquares, i: str, **kw: object) -> NextParams:
     base: dict[str, object] = dict(
         step="next", tau=AGENTS * problem.lipschitz(i), alpha0=0.5, epsilon=1e-2, regularizer="l2", lam=0.5
     )
     base.update(kw)
     return NextParams(**base, retransmit_s=0.01)  # type: ignore[arg-type]
-
-
-def run(
-    algos: dict[str, Next] | dict[str, NextPushsum],
-    oracles: dict[str, FunctionOracle],
-    adj: object,
-    iterations: int,
-    drop: float = 0.0,
-    hook: Callable[[Simulation, str], None] | None = None,
-    d: int = 6,
-    seed: int = 1,
-) -> Simulation:
-    x0 = {i: torch.zeros(d, dtype=F64) for i in algos}
-    sim = Simulation(
-        dict(algos), x0, oracles, adj, links=Links(drop=drop, duplicate=0.05), seed=seed, after_advance=hook
-    )  # type: ignore[arg-type]
-    return sim.run(iterations=iterations)
 
 
 def run_next(problem: LeastSquares, adj: object, iterations: int, drop: float = 0.0, **kw: object) -> Simulation:
@@ -163,29 +92,6 @@ def test_tracking_invariant_holds_at_every_iteration() -> None:
     assert checked[:60] == list(range(60))  # iteration 0 (initialization) included
 
 
-def test_pushsum_tracking_invariant_holds_with_the_mass_in_flight() -> None:
-    adj = ring(AGENTS)
-    problem = LeastSquares.make(list(adj))
-    count = [0]
-
-    def invariant(sim: Simulation, node: str) -> None:
-        # Σ_i Y_i + Σ_links (σ − ρ) = Σ_i ∇g_i(w_i) at every instant, however much mass is in flight.
-        algos = sim.algorithms
-        mass, _ = network_mass({i: a.sums for i, a in algos.items()})  # type: ignore[attr-defined,misc]
-        gsum = sum(a.g for a in algos.values() if a.g is not None)  # type: ignore[attr-defined]
-        scale = max(float(a.g.norm()) for a in algos.values() if a.g is not None)  # type: ignore[attr-defined]
-        assert float((mass["tracker"] - gsum).norm()) <= 1e-9 * scale
-        count[0] += 1
-
-    algos = {i: NextPushsum(NextPushsumParams(**_pushsum_kw(problem, i)), i) for i in adj}
-    run(algos, {i: problem.oracle(i) for i in adj}, adj, 40, drop=0.3, hook=invariant)
-    assert count[0] >= 40 * AGENTS
-
-
-def _pushsum_kw(problem: LeastSquares, i: str) -> dict[str, object]:
-    return dict(step="next", tau=AGENTS * problem.lipschitz(i), alpha0=0.5, epsilon=1e-2, regularizer="l2", lam=0.5)
-
-
 # ------------------------------------------------------------------------------------------ 2 ridge optimum
 def test_ridge_reaches_the_closed_form_optimum() -> None:
     adj = ring(AGENTS)
@@ -214,15 +120,6 @@ def test_lossy_run_equals_lossless_run_and_the_synchronous_reference() -> None:
     ref = reference_next(problem, adj, 120, lam=0.5)
     for k, i in enumerate(sorted(adj)):
         assert torch.allclose(lossless.x[i], ref[k], rtol=0, atol=1e-12)
-
-
-def test_pushsum_reaches_the_ridge_optimum_under_drop() -> None:
-    adj = ring(AGENTS)
-    problem = LeastSquares.make(list(adj))
-    algos = {i: NextPushsum(NextPushsumParams(**_pushsum_kw(problem, i)), i) for i in adj}
-    sim = run(algos, {i: problem.oracle(i) for i in adj}, adj, 300, drop=0.2)
-    err = rel_err(sim.x, problem.ridge_optimum(0.5))
-    assert err < 1e-8, err  # measured 8.5e-11 (3e-14 from 400 iterations on)
 
 
 # -------------------------------------------------------------------------------------------------- 3 lasso
@@ -375,26 +272,6 @@ def test_time_varying_graph_of_two_disconnected_halves() -> None:
     assert err < 1e-12, err  # measured 5e-16 (1e-10 at 400 iterations)
 
 
-# ----------------------------------------------------------------------------------- churn: tracker restart
-def departure(ids: list[str], at_iteration: int) -> tuple[Callable[[str, int], list[str]], Callable[..., None]]:
-    """n7 leaves a ring when the first node completes `at_iteration`: the shells of n0, n6 (and n7) forget the
-    link, the membership drops n7, and from then on views show a 7-ring plus a lonely n7."""
-    before, after = ring(len(ids)), {**ring(len(ids) - 1), ids[-1]: []}
-    left = [False]
-
-    def adjacency(node: str, iteration: int) -> list[str]:
-        return after[node] if left[0] else before[node]
-
-    def hook(sim: Simulation, node: str) -> None:
-        if not left[0] and sim.algorithms[node].iteration == at_iteration:
-            left[0] = True
-            sim.members = frozenset(ids[:-1])
-            for a, b in (("n0", "n7"), ("n6", "n7"), ("n7", "n0"), ("n7", "n6")):
-                sim.algorithms[a].forget(b)
-
-    return adjacency, hook
-
-
 def test_departure_restarts_the_trackers_and_reaches_the_remaining_optimum() -> None:
     ids = [f"n{k}" for k in range(AGENTS)]
     rest = ids[:-1]
@@ -423,25 +300,6 @@ def test_departure_restarts_the_trackers_and_reaches_the_remaining_optimum() -> 
     assert len(after_wave) > 300 and max(after_wave) < 1e-9  # measured ~1e-13; 65 before the departure
     err = rel_err(sim.x, problem.ridge_optimum(0.5, rest), rest)
     assert err < 1e-10, err  # measured 1.5e-15
-
-
-def test_pushsum_departure_restarts_the_trackers_and_reaches_the_remaining_optimum() -> None:
-    ids = [f"n{k}" for k in range(AGENTS)]
-    rest = ids[:-1]
-    adjacency, depart = departure(ids, 40)
-    problem = LeastSquares.make(ids)
-    algos = {i: NextPushsum(NextPushsumParams(**_pushsum_kw(problem, i)), i) for i in ids}
-    oracles = {i: problem.oracle(i) for i in ids}
-    x0 = {i: torch.zeros(6, dtype=F64) for i in ids}
-    sim = Simulation(dict(algos), x0, oracles, adjacency, links=Links(drop=0.1), after_advance=depart, seed=4)  # type: ignore[arg-type]
-    sim.run(iterations=300)
-    assert all(algos[i].restarts >= 1 and algos[i].epoch == algos["n0"].epoch for i in rest)
-    mass, weight = network_mass({i: algos[i].sums for i in rest})  # type: ignore[misc]
-    assert weight == pytest.approx(len(rest), abs=1e-12)  # the epoch restarted the weights: Σ φ = I again
-    gsum = sum(algos[i].g for i in rest)
-    assert float((mass["tracker"] - gsum).norm()) < 1e-9 * float(gsum.norm())  # type: ignore[union-attr]
-    err = rel_err(sim.x, problem.ridge_optimum(0.5, rest), rest)
-    assert err < 1e-8, err
 
 
 def test_link_outage_restarts_the_trackers_and_still_reaches_the_optimum() -> None:
@@ -536,27 +394,3 @@ def test_number_of_agents() -> None:
     assert num_agents(NeighbourView("a", {"b": 1}, frozenset({"a", "b", "c"})), 7) == 3
     assert num_agents(NeighbourView("a", {"b": 1}), 7) == 7
     assert num_agents(NeighbourView("a", {"b": 1}), 0) == 2
-
-
-def test_next_pushsum_waits_for_mass_when_its_weight_collapsed_and_repeats_its_sums() -> None:
-    """After pushing its mass away, a node iterates again only once mass came back (or after max_wait_s), and
-    while it waits it repeats its latest running sums, so a lost message is recovered without new mass."""
-    from peer.algorithms.base import NeighbourView as View
-    from peer.algorithms.next import NextPushsum, NextPushsumParams
-    from peer.algorithms.sim import FunctionOracle
-
-    algo = NextPushsum(NextPushsumParams(max_wait_s=1.0, resend_s=0.05), "a")
-    view = View("a", {"b": 2, "c": 2}, frozenset({"a", "b", "c"}))
-    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    oracle = FunctionOracle(lambda w: (0.0, w - 1.0), lr_fn=lambda k: 0.1)
-    algo.start(x, 0.0, view)
-    assert algo.ready(0.0, view)
-    algo.advance(x, oracle, 0.0, view)
-    first = algo.sends(0.0)
-    assert {s.to for s in first} == {"b", "c"}
-    assert algo.sums is not None and algo.sums.weight == pytest.approx(1 / 3)
-    assert not algo.ready(0.5, view) and algo.waits == 1  # nothing came back yet
-    again = algo.sends(0.06)  # the latest sums, repeated
-    assert [s.payload for s in again] == [s.payload for s in sorted(first, key=lambda s: s.to)]
-    assert algo.sends(0.07) == []  # not more often than resend_s
-    assert algo.ready(1.0, view)  # max_wait_s: never stuck

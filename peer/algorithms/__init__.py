@@ -12,7 +12,8 @@ from peer.algorithms.dssfn import Dssfn
 from peer.algorithms.dssfn_admm import DssfnParams
 from peer.algorithms.isolated import Isolated, NoneParams
 from peer.algorithms.local_sgd import LocalSgd, LocalSgdParams
-from peer.algorithms.next import Next, NextParams, NextPushsum, NextPushsumParams
+from peer.algorithms.next import Next, NextParams
+from peer.algorithms.next_pushsum import NextPushsum, NextPushsumParams
 from peer.algorithms.sgp import Sgp, SgpParams
 from peer.errors import UnknownNameError
 

@@ -1,0 +1,73 @@
+"""The fast status client: a long-lived probe subprocess inside a namespace that answers GetStatus requests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import threading
+from typing import Any
+
+from peer.tools.testbed.common import TestbedError
+from peer.tools.testbed.process import _pdeathsig
+
+# A status client that runs inside a namespace and answers one request per stdin line. It uses the generated
+# stubs directly: `peer status` imports torch (via peer.config), ~1.5 s per call, too slow for polling.
+_PROBE_SRC = r"""
+import json, sys
+import grpc
+from google.protobuf.json_format import MessageToDict
+from peer.v1 import gossip_pb2, gossip_pb2_grpc
+print(json.dumps({"ok": True, "probe": "ready"}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        with grpc.insecure_channel(req["address"], options=[("grpc.enable_http_proxy", 0)]) as ch:
+            stub = gossip_pb2_grpc.GossipServiceStub(ch)
+            resp = stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=req["timeout"])
+        out = {"ok": True, "status": MessageToDict(
+            resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)}
+    except grpc.RpcError as exc:
+        out = {"ok": False, "error": f"{exc.code().name}: {exc.details()}"}
+    print(json.dumps(out), flush=True)
+"""
+
+
+class _Probe:
+    """One long-lived status client inside one namespace; requests are serialized by a lock."""
+
+    def __init__(self, ns: str, python: str, env: dict[str, str]) -> None:
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *_pdeathsig(), python, "-c", _PROBE_SRC],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        self._read()  # the "ready" line: imports done
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise TestbedError(f"status probe exited ({self.proc.poll()})")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def query(self, address: str, timeout_s: float) -> dict[str, Any]:
+        with self.lock:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"address": address, "timeout": timeout_s}) + "\n")
+            self.proc.stdin.flush()
+            return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
