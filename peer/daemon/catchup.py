@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from peer.errors import PayloadError, SendError
-from peer.net.codec import ReceiveLimits
+from peer.net.assembler import ReceiveLimits
 from peer.v1 import gossip_pb2
 
 if TYPE_CHECKING:

@@ -37,9 +37,11 @@ from peer.learn.data import load_dataset, local_partition, partition_summary
 from peer.learn.models import build_model, num_params, schema_fingerprint
 from peer.learn.training import LocalTrainer, select_device
 from peer.logs import OnceLogger, node_logger
-from peer.net.codec import Envelope, Received, ReceiveLimits, encode
+from peer.net.assembler import Received, ReceiveLimits
 from peer.net.discovery import MdnsDiscovery, resolve_interfaces
+from peer.net.encoder import encode
 from peer.net.transport import Client, Server, start_server
+from peer.net.wire import Envelope
 from peer.v1 import gossip_pb2
 
 

@@ -1,6 +1,6 @@
 """grpc.aio server and client for `peer.v1.GossipService`. The one place where gRPC errors are mapped.
 
-Server: Hello, Push (client-streaming, validated by `peer.net.codec.Assembler`), GetStatus, plus grpc.health.v1.
+Server: Hello, Push (client-streaming, validated by `peer.net.assembler.Assembler`), GetStatus, plus grpc.health.v1.
 Client: one long-lived channel per neighbour address, a deadline on every call, keepalive and message limits
 derived from the same `GossipConfig` as the server's so that both sides agree.
 """
@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from peer.config import GossipConfig
 from peer.errors import PayloadError, StartupError
-from peer.net.codec import Assembler, Received, ReceiveLimits
+from peer.net.assembler import Assembler, Received, ReceiveLimits
 from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME, map_rpc_error
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
