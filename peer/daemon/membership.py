@@ -20,7 +20,7 @@ from peer.config import PeerConfig
 from peer.core.gossip import GossipCore
 from peer.errors import PeerError, SendError, StartupError
 from peer.logs import OnceLogger
-from peer.net.discovery import Candidate, StaticPeers
+from peer.net.addresses import Candidate, StaticPeers
 from peer.net.transport import Client
 from peer.v1 import gossip_pb2
 
