@@ -13,7 +13,7 @@
         └── CorruptPayloadError    bad SHA-256, truncated, NaN/Inf, a header that contradicts itself,
                                    bad framing                                       -> INVALID_ARGUMENT
 
-Transport failures (gRPC status codes on the client side) are mapped in one place, `peer.net.transport`,
+Transport failures (gRPC status codes on the client side) are mapped in one place, `peer.net.rpc_errors`,
 into `SendError`, which is a PeerError too.
 """
 

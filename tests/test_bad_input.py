@@ -42,7 +42,7 @@ from peer.errors import CheckpointError, StartupError
 from peer.learn.data import DATASET_NAMES
 from peer.learn.models import MODEL_NAMES
 from peer.net.encoder import encode, iter_requests
-from peer.net.transport import start_server
+from peer.net.server import start_server
 from peer.net.wire import Envelope, Payload
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 

@@ -21,7 +21,7 @@ from peer.core.gossip import GossipCore
 from peer.errors import PeerError, SendError, StartupError
 from peer.logs import OnceLogger
 from peer.net.addresses import Candidate, StaticPeers
-from peer.net.transport import Client
+from peer.net.client import Client
 from peer.v1 import gossip_pb2
 
 DUPLICATE_PREFIX = "duplicate node id"

@@ -38,10 +38,11 @@ from peer.learn.models import build_model, num_params, schema_fingerprint
 from peer.learn.training import LocalTrainer, select_device
 from peer.logs import OnceLogger, node_logger
 from peer.net.assembler import Received, ReceiveLimits
+from peer.net.client import Client
 from peer.net.encoder import encode
 from peer.net.interfaces import resolve_interfaces
 from peer.net.mdns import MdnsDiscovery
-from peer.net.transport import Client, Server, start_server
+from peer.net.server import Server, start_server
 from peer.net.wire import Envelope
 from peer.v1 import gossip_pb2
 

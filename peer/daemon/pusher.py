@@ -28,8 +28,8 @@ from peer.core.gossip import GossipCore, retry_delay, should_retry
 from peer.daemon.metrics import Counters
 from peer.errors import SendError
 from peer.logs import OnceLogger
+from peer.net.client import Client
 from peer.net.encoder import encode, iter_requests
-from peer.net.transport import Client
 from peer.net.wire import Envelope
 
 Encoded = tuple[Any, list[bytes], int]  # (PushHeader, chunks, total bytes)
