@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing
 from typing import Any, cast
 
 import grpc
 
 from peer.config import GossipConfig
 from peer.net.assembler import Assembler, Received, ReceiveLimits
-from peer.net.rpc_errors import map_rpc_error
+from peer.net.rpc_errors import guarded, guarded_stream
 from peer.net.server import channel_options
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
@@ -33,10 +34,7 @@ class Client:
         return gossip_pb2_grpc.GossipServiceStub(ch)
 
     async def _call(self, what: str, fn: Callable[[], Any]) -> object:
-        try:
-            return await cast(Awaitable[object], fn())
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, what) from None
+        return await guarded(what, cast(Callable[[], Awaitable[object]], fn))
 
     async def hello(
         self, address: str, request: gossip_pb2.HelloRequest, *, timeout_s: float | None = None
@@ -83,16 +81,17 @@ class Client:
         """Download and validate a peer's current model (catch-up). PayloadError if it fails validation."""
         stub = self._stub(address)
         asm = Assembler(limits, peer=address)
-        try:
-            stream = cast(AsyncIterator[gossip_pb2.FetchStateResponse], stub.FetchState(request, timeout=timeout_s))
+
+        def call() -> AsyncIterator[gossip_pb2.FetchStateResponse]:
+            return cast(AsyncIterator[gossip_pb2.FetchStateResponse], stub.FetchState(request, timeout=timeout_s))
+
+        async with aclosing(guarded_stream(f"fetch state from {address}", call)) as stream:
             async for msg in stream:
                 body = msg.WhichOneof("body")
                 if body == "header":
                     asm.on_header(msg.header)
                 else:
                     asm.on_chunk(msg.chunk)  # an empty message is a framing error; the assembler says so
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, f"fetch state from {address}") from None
         if asm.total_bytes > (1 << 20):
             return await asyncio.to_thread(asm.finish)
         return asm.finish()
