@@ -58,7 +58,7 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from peer.learn.evaluate import evaluate_state_dir
+    from peer.tools.evaluate import evaluate_state_dir
 
     result = evaluate_state_dir(args.state_dir)
     if args.json:

@@ -15,7 +15,7 @@
         └── IdentityError          a claimed node id that contradicts the caller's certificate
                                                                                      -> PERMISSION_DENIED
 
-Transport failures (gRPC status codes on the client side) are mapped in one place, `peer.net.transport`,
+Transport failures (gRPC status codes on the client side) are mapped in one place, `peer.net.rpc_errors`,
 into `SendError`, which is a PeerError too.
 """
 

@@ -41,8 +41,9 @@ from peer.daemon.node import Node
 from peer.errors import CheckpointError, StartupError
 from peer.learn.data import DATASET_NAMES
 from peer.learn.models import MODEL_NAMES
-from peer.net.codec import Envelope, Payload, encode, iter_requests
-from peer.net.transport import start_server
+from peer.net.encoder import encode, iter_requests
+from peer.net.server import start_server
+from peer.net.wire import Envelope, Payload
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 pytestmark = pytest.mark.timeout(60)

@@ -267,7 +267,9 @@ def test_params_are_validated() -> None:
 def test_messages_pass_the_daemon_codec_against_the_manifest(compressor: str) -> None:
     """float32 round messages (a delta, and the reset of a restored node) survive encode → schema check against
     `expected_by_kind` → decode, and the receiver accepts them."""
-    from peer.net.codec import Assembler, Envelope, ReceiveLimits, encode
+    from peer.net.assembler import Assembler, ReceiveLimits
+    from peer.net.encoder import encode
+    from peer.net.wire import Envelope
     from peer.v1 import gossip_pb2
 
     p = ChocoParams(compressor=compressor)

@@ -1,4 +1,4 @@
-"""peer.net.codec: round trips and every rejection, without sockets; plus the generated-code checks."""
+"""peer.net.{wire,encoder,assembler}: round trips and every rejection, without sockets; plus generated-code checks."""
 
 from __future__ import annotations
 
@@ -13,18 +13,9 @@ import torch
 
 from peer import PROTOCOL_VERSION
 from peer.errors import CorruptPayloadError, PayloadError, PayloadTooLargeError, SchemaMismatchError
-from peer.net.codec import (
-    MIB,
-    Assembler,
-    Envelope,
-    Payload,
-    Received,
-    ReceiveLimits,
-    decode_header_envelope,
-    encode,
-    iter_requests,
-    tensor_manifest,
-)
+from peer.net.assembler import Assembler, Received, ReceiveLimits
+from peer.net.encoder import encode, iter_requests
+from peer.net.wire import MIB, Envelope, Payload, decode_header_envelope, tensor_manifest
 from peer.v1 import gossip_pb2
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,14 +16,9 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from peer.errors import ConfigError, StartupError
-from peer.net.discovery import (
-    SERVICE_TYPE,
-    Candidate,
-    MdnsDiscovery,
-    StaticPeers,
-    parse_address,
-    resolve_interfaces,
-)
+from peer.net.addresses import Candidate, StaticPeers, parse_address
+from peer.net.interfaces import resolve_interfaces
+from peer.net.mdns import SERVICE_TYPE, MdnsDiscovery
 
 LOOPBACK = "127.0.0.1"
 PROTO = "peer.v1"
@@ -144,12 +139,12 @@ class _IgnoreLines(logging.Handler):
 @pytest.mark.asyncio
 @pytest.mark.timeout(30)
 async def test_incompatible_schema_is_not_proposed(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="peer.net.discovery")
+    caplog.set_level(logging.DEBUG, logger="peer.net.mdns")
     schema = uid("schema")
     good = make_nodes(3, schema)
     bad = Node(uid("bad"), 41099, uid("other-schema"))
     handler = _IgnoreLines(bad.node_id, [n.node_id for n in good])
-    logging.getLogger("peer.net.discovery").addHandler(handler)
+    logging.getLogger("peer.net.mdns").addHandler(handler)
     try:
         async with running([*good, bad]):
             for n in good:
@@ -163,7 +158,7 @@ async def test_incompatible_schema_is_not_proposed(caplog: pytest.LogCaptureFixt
             # The bad node, in turn, proposes none of the good ones.
             assert not bad.probe.candidates
     finally:
-        logging.getLogger("peer.net.discovery").removeHandler(handler)
+        logging.getLogger("peer.net.mdns").removeHandler(handler)
 
     for n in good:
         lines = [

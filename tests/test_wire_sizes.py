@@ -2,7 +2,7 @@
 
 Each step-mode algorithm runs a few iterations on a 4-node ring in the in-memory network, with float32 model
 tensors as in the daemon. Every message it sends must carry exactly the number of values the spec gives
-(P = number of model parameters), and must pass the receiver's real schema check (`peer.net.codec`) with the
+(P = number of model parameters), and must pass the receiver's real schema check (`peer.net.assembler`) with the
 algorithm's own `expected_by_kind`, so the daemon can never reject a well-formed message of its own kind.
 """
 
@@ -17,7 +17,9 @@ import torch
 from peer.algorithms import REGISTRY, Algorithm, Send, create
 from peer.algorithms.base import payload_floats
 from peer.algorithms.sim import FunctionOracle, Simulation, ring
-from peer.net.codec import Assembler, Envelope, ReceiveLimits, encode, iter_requests
+from peer.net.assembler import Assembler, ReceiveLimits
+from peer.net.encoder import encode, iter_requests
+from peer.net.wire import Envelope
 
 P = 40
 Q = 3  # dssfn: classes

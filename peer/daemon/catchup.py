@@ -16,8 +16,8 @@ import torch
 from peer.core.events import Effect, FetchDone, Input, StartCatchUp
 from peer.daemon.metrics import Counters
 from peer.errors import PayloadError, SendError
-from peer.net.codec import ReceiveLimits
-from peer.net.transport import Client
+from peer.net.assembler import ReceiveLimits
+from peer.net.client import Client
 from peer.v1 import gossip_pb2
 
 

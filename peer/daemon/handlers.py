@@ -20,7 +20,9 @@ from peer.daemon.metrics import Counters
 from peer.daemon.worker import TrainingWorker
 from peer.errors import IdentityError, PayloadError, SchemaMismatchError
 from peer.logs import OnceLogger
-from peer.net.codec import Envelope, Received, ReceiveLimits, encode
+from peer.net.assembler import Received, ReceiveLimits
+from peer.net.encoder import encode
+from peer.net.wire import Envelope
 from peer.v1 import gossip_pb2
 
 
@@ -38,7 +40,7 @@ class DaemonFacts:
 
 
 class RpcHandlers:
-    """Implements `peer.net.transport.Handlers` for one daemon."""
+    """Implements `peer.net.server.Handlers` for one daemon."""
 
     def __init__(
         self,

@@ -21,8 +21,8 @@ from peer.core.events import (
     SayHello,
 )
 from peer.errors import SendError
-from peer.net.discovery import Candidate
-from peer.net.transport import Client
+from peer.net.addresses import Candidate
+from peer.net.client import Client
 from peer.v1 import gossip_pb2
 
 Dispatch = Callable[[Input], list[Effect]]

@@ -39,9 +39,12 @@ from peer.errors import PeerError, StartupError
 from peer.learn.data import Dataset
 from peer.learn.training import LocalTrainer
 from peer.logs import OnceLogger, node_logger
-from peer.net.codec import Envelope, ReceiveLimits
-from peer.net.discovery import MdnsDiscovery, resolve_interfaces
-from peer.net.transport import Client, Server, start_server
+from peer.net.assembler import ReceiveLimits
+from peer.net.client import Client
+from peer.net.interfaces import resolve_interfaces
+from peer.net.mdns import MdnsDiscovery
+from peer.net.server import Server, start_server
+from peer.net.wire import Envelope
 
 # The longest the clock sleeps between Ticks even when nothing is due (a safety net, not a schedule).
 MAX_TICK_S = 1.0

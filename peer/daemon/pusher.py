@@ -28,8 +28,9 @@ from peer.core.faults import FaultInjector
 from peer.core.gossip import GossipCore
 from peer.daemon.metrics import Counters
 from peer.errors import SendError
-from peer.net.codec import Envelope, encode, iter_requests
-from peer.net.transport import Client
+from peer.net.client import Client
+from peer.net.encoder import encode, iter_requests
+from peer.net.wire import Envelope
 
 Encoded = tuple[Any, list[bytes], int]  # (PushHeader, chunks, total bytes)
 

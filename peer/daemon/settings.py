@@ -7,7 +7,7 @@ from peer.core.backoff import BreakerPolicy
 from peer.core.catchup import CatchUpSettings
 from peer.core.peers import LivenessPolicy
 from peer.core.settings import CoreSettings, Identity
-from peer.net.discovery import StaticPeers
+from peer.net.addresses import StaticPeers
 
 
 def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool) -> CoreSettings:

@@ -9,7 +9,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME, map_rpc_error
+from peer.errors import SendError
+from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME, blocking_call, guarded
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 
@@ -17,11 +18,26 @@ async def fetch_status(address: str, *, timeout_s: float = 5.0) -> dict[str, Any
     # A bare channel: `peer status` must answer fast, so it imports neither torch nor the config tree.
     async with grpc.aio.insecure_channel(address, options=[NO_PROXY]) as channel:
         stub = gossip_pb2_grpc.GossipServiceStub(channel)
-        try:
-            resp = await stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, f"status of {address}") from None
+        resp = await guarded(
+            f"status of {address}", lambda: stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=timeout_s)
+        )
     return MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def probe_status(address: str, timeout_s: float) -> dict[str, Any]:
+    """Blocking status query for the testbed's long-lived probe: {"ok": True, "status": {...}} (the dict of
+    `fetch_status`) or {"ok": False, "error": "CODE: details"}. Imports stay light (no torch), for fast polling."""
+
+    def get_status() -> gossip_pb2.GetStatusResponse:
+        with grpc.insecure_channel(address, options=[NO_PROXY]) as channel:
+            stub = gossip_pb2_grpc.GossipServiceStub(channel)
+            return stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=timeout_s)
+
+    resp, error = blocking_call(get_status)
+    if resp is None:
+        return {"ok": False, "error": error}
+    status = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return {"ok": True, "status": status}
 
 
 def _age(ms: Any) -> str:
@@ -58,8 +74,11 @@ async def check_health(address: str, *, timeout_s: float = 3.0) -> tuple[bool, s
     async with grpc.aio.insecure_channel(address, options=[NO_PROXY]) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            resp = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
-        except grpc.RpcError as exc:
-            return False, str(map_rpc_error(exc, f"health of {address}"))
+            resp = await guarded(
+                f"health of {address}",
+                lambda: stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s),
+            )
+        except SendError as exc:
+            return False, str(exc)
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     return resp.status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {name}"

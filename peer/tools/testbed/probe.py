@@ -11,25 +11,15 @@ from typing import Any
 from peer.tools.testbed.common import TestbedError
 from peer.tools.testbed.process import _pdeathsig
 
-# A status client that runs inside a namespace and answers one request per stdin line. It uses the generated
-# stubs directly: `peer status` imports torch (via peer.config), ~1.5 s per call, too slow for polling.
+# A status client that runs inside a namespace and answers one request per stdin line. It imports only
+# `peer.tools.status` (no torch): `peer status` imports torch (via peer.config), ~1.5 s per call, too slow for polling.
 _PROBE_SRC = r"""
 import json, sys
-import grpc
-from google.protobuf.json_format import MessageToDict
-from peer.v1 import gossip_pb2, gossip_pb2_grpc
+from peer.tools.status import probe_status
 print(json.dumps({"ok": True, "probe": "ready"}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
-    try:
-        with grpc.insecure_channel(req["address"], options=[("grpc.enable_http_proxy", 0)]) as ch:
-            stub = gossip_pb2_grpc.GossipServiceStub(ch)
-            resp = stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=req["timeout"])
-        out = {"ok": True, "status": MessageToDict(
-            resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)}
-    except grpc.RpcError as exc:
-        out = {"ok": False, "error": f"{exc.code().name}: {exc.details()}"}
-    print(json.dumps(out), flush=True)
+    print(json.dumps(probe_status(req["address"], req["timeout"])), flush=True)
 """
 
 

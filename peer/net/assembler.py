@@ -1,4 +1,4 @@
-"""Flat named tensors <-> a chunked Push stream, and every check made on what arrives.
+"""Every check made on an arriving Push stream, and its reassembly into a validated payload.
 
 Pure: no sockets, clocks or grpc calls; the servicer feeds `Assembler` one stream message at a time.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,36 +16,21 @@ import torch
 from peer import PROTOCOL_VERSION
 from peer.algorithms.base import Payload
 from peer.errors import CorruptPayloadError, PayloadError, PayloadTooLargeError, SchemaMismatchError
+from peer.net.wire import (
+    _BY_WIRE,
+    _KIND_NAMES,
+    MIB,
+    Envelope,
+    Manifest,
+    _DType,
+    _encoding_name,
+    _hex,
+    _show,
+    decode_header_envelope,
+)
 from peer.v1 import gossip_pb2
 
-__all__ = [
-    "MIB",
-    "Assembler",
-    "Envelope",
-    "Payload",
-    "ReceiveLimits",
-    "Received",
-    "decode_header_envelope",
-    "encode",
-    "iter_requests",
-    "tensor_manifest",
-]
-
-MIB = 1 << 20
-Manifest = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype name such as "float32")
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """Who sent a payload and how to reach them; carried in the PushHeader."""
-
-    sender_id: str
-    schema_fingerprint: str
-    algorithm: str
-    incarnation: int
-    sender_degree: int
-    sender_address: str
-    sent_unix_ms: int
+__all__ = ["Assembler", "ReceiveLimits", "Received"]
 
 
 @dataclass(frozen=True)
@@ -68,166 +53,6 @@ class ReceiveLimits:
     expected_tensors: Manifest | None = None  # None: any names and shapes (the fingerprint still binds)
     # A kind may list several accepted manifests (e.g. dSSFN's layer 0 and later layers differ in shape).
     expected_by_kind: Mapping[str, Manifest | Sequence[Manifest]] | None = None
-
-
-@dataclass(frozen=True)
-class _DType:
-    name: str
-    wire: gossip_pb2.DType.ValueType
-    torch_dtype: torch.dtype
-    np_wire: np.dtype  # little-endian wire layout; bfloat16 travels as its int16 bit pattern
-    is_float: bool
-
-
-_DTYPES = (
-    _DType("float32", gossip_pb2.DTYPE_FLOAT32, torch.float32, np.dtype("<f4"), True),
-    _DType("float16", gossip_pb2.DTYPE_FLOAT16, torch.float16, np.dtype("<f2"), True),
-    _DType("bfloat16", gossip_pb2.DTYPE_BFLOAT16, torch.bfloat16, np.dtype("<i2"), True),
-    _DType("float64", gossip_pb2.DTYPE_FLOAT64, torch.float64, np.dtype("<f8"), True),
-    _DType("int8", gossip_pb2.DTYPE_INT8, torch.int8, np.dtype("i1"), False),
-    _DType("int32", gossip_pb2.DTYPE_INT32, torch.int32, np.dtype("<i4"), False),
-    _DType("int64", gossip_pb2.DTYPE_INT64, torch.int64, np.dtype("<i8"), False),
-    _DType("uint8", gossip_pb2.DTYPE_UINT8, torch.uint8, np.dtype("u1"), False),
-)
-_BY_WIRE = {d.wire: d for d in _DTYPES}
-_BY_TORCH = {d.torch_dtype: d for d in _DTYPES}
-
-_KINDS: dict[str, gossip_pb2.PayloadKind.ValueType] = {
-    "state": gossip_pb2.PAYLOAD_KIND_STATE,
-    "delta": gossip_pb2.PAYLOAD_KIND_DELTA,
-    "token": gossip_pb2.PAYLOAD_KIND_TOKEN,
-    "admm": gossip_pb2.PAYLOAD_KIND_ADMM,
-    "push_sum": gossip_pb2.PAYLOAD_KIND_PUSH_SUM,
-    "momentum_state": gossip_pb2.PAYLOAD_KIND_MOMENTUM_STATE,
-    "tracker": gossip_pb2.PAYLOAD_KIND_TRACKER,
-}
-_KIND_NAMES = {v: k for k, v in _KINDS.items()}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    spec = _BY_TORCH.get(dtype)
-    return spec.name if spec else str(dtype).removeprefix("torch.")
-
-
-def tensor_manifest(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> Manifest:
-    """name -> (shape, dtype name) for `ReceiveLimits.expected_tensors`."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    return {name: (tuple(t.shape), _dtype_name(t.dtype)) for name, t in state.items()}
-
-
-def _wire_bytes(name: str, tensor: torch.Tensor) -> tuple[_DType, memoryview]:
-    """A zero-copy byte view of a tensor in wire layout (a copy only for GPU or non-contiguous tensors)."""
-    spec = _BY_TORCH.get(tensor.dtype)
-    if spec is None:
-        names = ", ".join(d.name for d in _DTYPES)
-        raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be sent; supported: {names}")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if spec.torch_dtype is torch.bfloat16:
-        flat = flat.view(torch.int16)  # numpy has no bfloat16; the bit pattern is what travels
-    # A no-op on little-endian hosts; a big-endian host pays one byte-swapping copy here.
-    arr = flat.numpy().astype(spec.np_wire, copy=False)
-    return spec, arr.view(np.uint8).data
-
-
-def _cut(views: list[memoryview], chunk_bytes: int) -> list[bytes]:
-    """Concatenate the views and cut into chunks, copying each byte exactly once."""
-    chunks: list[bytes] = []
-    parts: list[memoryview] = []
-    room = chunk_bytes
-    for view in views:
-        pos = 0
-        while pos < view.nbytes:
-            take = min(room, view.nbytes - pos)
-            parts.append(view[pos : pos + take])
-            pos += take
-            room -= take
-            if room == 0:
-                chunks.append(b"".join(parts))
-                parts, room = [], chunk_bytes
-    if parts:
-        chunks.append(b"".join(parts))
-    return chunks
-
-
-def encode(
-    envelope: Envelope, payload: Payload, *, chunk_bytes: int = MIB
-) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
-    """Header plus chunks for one payload. The chunks are a snapshot: the tensors may change afterwards.
-
-    Encode once and stream the same result to every neighbour. The sender does not check finiteness;
-    every receiver does.
-    """
-    if chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    kind = _KINDS.get(payload.kind)
-    if kind is None:
-        raise ValueError(f"unknown payload kind {payload.kind!r}; valid kinds: {', '.join(_KINDS)}")
-    header = gossip_pb2.PushHeader(
-        sender_id=envelope.sender_id,
-        schema_fingerprint=envelope.schema_fingerprint,
-        algorithm=envelope.algorithm,
-        protocol_version=PROTOCOL_VERSION,
-        incarnation=envelope.incarnation,
-        seq=payload.seq,
-        step=payload.step,
-        round=payload.round,
-        kind=kind,
-        encoding=gossip_pb2.ENCODING_RAW,
-        scalars=payload.scalars,
-        sender_degree=envelope.sender_degree,
-        sender_address=envelope.sender_address,
-        sent_unix_ms=envelope.sent_unix_ms,
-    )
-    digest = hashlib.sha256()
-    views: list[memoryview] = []
-    offset = 0
-    for name, tensor in payload.tensors.items():
-        spec, view = _wire_bytes(name, tensor)
-        # encoding stays ENCODING_UNSPECIFIED per tensor: it inherits the header's RAW.
-        header.tensors.add(name=name, dtype=spec.wire, shape=tensor.shape, offset=offset, nbytes=view.nbytes)
-        digest.update(view)
-        views.append(view)
-        offset += view.nbytes
-    header.total_bytes = offset
-    header.sha256 = digest.digest()
-    return header, _cut(views, chunk_bytes)
-
-
-def iter_requests(header: gossip_pb2.PushHeader, chunks: Iterable[bytes]) -> Iterator[gossip_pb2.PushRequest]:
-    """The Push stream: the header, then the chunks numbered from 0. Lazy, so it can be replayed per peer."""
-    yield gossip_pb2.PushRequest(header=header)
-    for index, data in enumerate(chunks):
-        yield gossip_pb2.PushRequest(chunk=gossip_pb2.Chunk(index=index, data=data))
-
-
-def decode_header_envelope(header: gossip_pb2.PushHeader) -> Envelope:
-    """The sender identity and routing facts of a header (no validation)."""
-    return Envelope(
-        sender_id=header.sender_id,
-        schema_fingerprint=header.schema_fingerprint,
-        algorithm=header.algorithm,
-        incarnation=header.incarnation,
-        sender_degree=header.sender_degree,
-        sender_address=header.sender_address,
-        sent_unix_ms=header.sent_unix_ms,
-    )
-
-
-def _show(text: str, limit: int = 64) -> str:
-    """A peer-supplied string fit for a log line: cut short, quoted if empty or unprintable."""
-    cut = text if len(text) <= limit else text[:limit] + "..."
-    return cut if cut and cut.isprintable() else repr(cut)
-
-
-def _hex(digest: bytes) -> str:
-    return digest.hex()[:12] + ".." if digest else "(empty)"
-
-
-def _encoding_name(value: int) -> str:
-    try:
-        return gossip_pb2.Encoding.Name(value)  # type: ignore[arg-type]
-    except ValueError:
-        return f"unknown encoding {value}"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Peer discovery: register and browse `_peer._tcp.local.` over mDNS, plus a static-address fallback.
+"""Peer discovery over mDNS: register and browse `_peer._tcp.local.` (static peers: `peer.net.addresses`).
 
 Discovery only *proposes* candidates; the daemon verifies each one with a gRPC Hello. mDNS is not a liveness
 signal: a crashed peer's records linger in other caches for at least 1125 s, so eviction is the job of the
@@ -10,13 +10,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import ifaddr
 from zeroconf import (
     BadTypeInNameException,
     DNSQuestionType,
@@ -29,6 +26,8 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from peer.errors import ConfigError, StartupError
+from peer.net.addresses import Candidate
+from peer.net.interfaces import resolve_interfaces
 
 SERVICE_TYPE = "_peer._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
@@ -38,113 +37,6 @@ RESERVED_TXT_KEYS = frozenset({"node_id", "proto", "schema", "port"})
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A peer worth dialling. Nothing here is verified until the gRPC Hello succeeds."""
-
-    node_id: str | None  # None for static peers (unknown until Hello)
-    address: str  # "host:port", IPv6 hosts in brackets
-    source: Literal["mdns", "static"]
-    protocol_version: str | None = None
-    schema_fingerprint: str | None = None
-    # The peer's whole TXT record (mDNS only), e.g. a `degree` it re-announces with update_txt.
-    # Compared but not hashed, so a Candidate stays hashable; treat it as read-only.
-    txt: Mapping[str, str] = field(default_factory=dict, hash=False)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Address and interface parsing (pure)
-# ---------------------------------------------------------------------------------------------------------
-
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
-
-
-def parse_address(text: str, *, field: str) -> tuple[str, int]:
-    """Parse "host:port" or "[v6]:port" into (host, port); the host comes back without brackets.
-
-    The port must be 1..65535; 0 ("pick a free port") is allowed only for a listen address, i.e. when
-    `field` is "listen" or ends in ".listen". Raises ConfigError naming `field`.
-    """
-    allow_zero = field == "listen" or field.endswith(".listen")
-    if not isinstance(text, str) or not text or text != text.strip():
-        raise ConfigError(f"expected 'host:port', got {text!r}", field=field)
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1 : close + 2] != ":":
-            raise ConfigError(f"expected '[ipv6]:port', got {text!r}", field=field)
-        host, port_text = text[1:close], text[close + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"{host!r} in {text!r} is not an IPv6 address", field=field) from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ConfigError(f"expected 'host:port', got {text!r}", field=field)
-        if ":" in host:
-            raise ConfigError(f"an IPv6 address needs brackets, e.g. '[{host}]:{port_text}', got {text!r}", field=field)
-        if not _HOSTNAME_RE.match(host):
-            raise ConfigError(f"{host!r} in {text!r} is not a valid host name or IPv4 address", field=field)
-    if not port_text.isascii() or not port_text.isdigit():
-        raise ConfigError(f"port {port_text!r} in {text!r} is not a number", field=field)
-    port = int(port_text)
-    low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        raise ConfigError(f"port {port} in {text!r} is outside {low}..65535", field=field)
-    return host, port
-
-
-def format_address(host: str, port: int) -> str:
-    """Inverse of parse_address: brackets IPv6 hosts."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _available_interfaces() -> dict[str, list[str]]:
-    """Interface name -> its IPv4 addresses, as the OS reports them (netlink on Linux)."""
-    return {
-        adapter.name: [ip.ip for ip in adapter.ips if ip.is_IPv4 and isinstance(ip.ip, str)]
-        for adapter in ifaddr.get_adapters()
-    }
-
-
-def resolve_interfaces(interfaces: list[str]) -> list[str]:
-    """Map each entry (an IPv4 address or an interface name) to IPv4 addresses, in order, without repeats.
-
-    Raises ConfigError(field="discovery.interfaces") listing the available interfaces when an entry is an
-    unknown name, a name with no IPv4 address, an address no local interface holds, or an IPv6 address.
-    """
-    fld = "discovery.interfaces"
-    available = _available_interfaces()
-
-    def listing() -> str:
-        return ", ".join(f"{name} ({', '.join(ips) or 'no IPv4'})" for name, ips in available.items())
-
-    if not interfaces:
-        raise ConfigError(f"no interfaces given; name at least one of: {listing()}", field=fld)
-    local_ips = {ip for ips in available.values() for ip in ips}
-    resolved: list[str] = []
-    for entry in interfaces:
-        try:
-            addr = ipaddress.ip_address(entry)
-        except ValueError:
-            addr = None
-        if addr is not None:
-            if addr.version != 4:
-                # zeroconf cannot listen on ::1 and we run it IPv4-only (one A record per peer).
-                raise ConfigError(f"{entry!r} is IPv6; only IPv4 is supported; available: {listing()}", field=fld)
-            if entry not in local_ips:
-                raise ConfigError(f"no local interface has address {entry!r}; available: {listing()}", field=fld)
-            ips = [entry]
-        elif entry in available:
-            ips = available[entry]
-            if not ips:
-                raise ConfigError(f"interface {entry!r} has no IPv4 address; available: {listing()}", field=fld)
-        else:
-            raise ConfigError(f"unknown interface {entry!r}; available: {listing()}", field=fld)
-        resolved.extend(ip for ip in ips if ip not in resolved)
-    return resolved
-
-
 def _validate_txt(txt: Mapping[str, str]) -> None:
     for key, value in txt.items():
         if key in RESERVED_TXT_KEYS:
@@ -152,45 +44,6 @@ def _validate_txt(txt: Mapping[str, str]) -> None:
         # RFC 6763 §6.1: each key=value string is at most 255 bytes.
         if not key or "=" in key or len(f"{key}={value}".encode()) > 255:
             raise ValueError(f"bad TXT entry {key!r}={value!r} (empty key, '=' in key, or over 255 bytes)")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Static peers
-# ---------------------------------------------------------------------------------------------------------
-
-
-class StaticPeers:
-    """Fallback: yields a Candidate for each configured "host:port" (validated: ConfigError(field=
-    "discovery.static_peers") for a malformed or repeated entry). The node id stays None until Hello."""
-
-    def __init__(self, addresses: list[str], on_candidate: Callable[[Candidate], None]) -> None:
-        fld = "discovery.static_peers"
-        self._candidates: list[Candidate] = []
-        seen: set[str] = set()
-        for i, text in enumerate(addresses):
-            try:
-                host, port = parse_address(text, field=fld)
-            except ConfigError as exc:
-                raise ConfigError(f"entry {i}: {str(exc).removeprefix(f'{fld}: ')}", field=fld) from None
-            address = format_address(host, port)
-            if address in seen:
-                raise ConfigError(f"entry {i}: {text!r} is listed twice", field=fld)
-            seen.add(address)
-            self._candidates.append(Candidate(node_id=None, address=address, source="static"))
-        self._on_candidate = on_candidate
-
-    def candidates(self) -> list[Candidate]:
-        return list(self._candidates)
-
-    def propose(self) -> None:
-        """Hand every static candidate to on_candidate (the daemon may call this again to retry)."""
-        for candidate in self._candidates:
-            self._on_candidate(candidate)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# mDNS
-# ---------------------------------------------------------------------------------------------------------
 
 
 class MdnsDiscovery:

@@ -1,25 +1,24 @@
-"""grpc.aio server and client for `peer.v1.GossipService`. The one place where gRPC errors are mapped.
+"""grpc.aio server for `peer.v1.GossipService`, and the options both ends of a gossip channel use.
 
-Server: Hello, Push (client-streaming, validated by `peer.net.codec.Assembler`), GetStatus, plus grpc.health.v1.
-Client: one long-lived channel per neighbour address, a deadline on every call, keepalive and message limits
-derived from the same `GossipConfig` as the server's so that both sides agree.
+Serves Hello, Push (client-streaming, validated by `peer.net.assembler.Assembler`), GetStatus and FetchState,
+plus grpc.health.v1. Keepalive and message limits derive from `GossipConfig`, the same as the client's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from peer.config import GossipConfig
 from peer.errors import PayloadError, StartupError
-from peer.net.codec import Assembler, Received, ReceiveLimits
-from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME, map_rpc_error
+from peer.net.assembler import Assembler, Received, ReceiveLimits
+from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
                 elif body == "chunk":
                     asm.on_chunk(req.chunk)
                 else:
-                    asm.on_chunk(gossip_pb2.Chunk())  # an empty message is a framing error; let codec say so
+                    asm.on_chunk(gossip_pb2.Chunk())  # an empty message is a framing error; let the assembler say so
             # Hashing is incremental; decoding and the finiteness check touch every byte: off the loop when big.
             if asm.total_bytes > (1 << 20):
                 received = await asyncio.to_thread(asm.finish)
@@ -157,93 +156,3 @@ async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Se
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     return Server(server, hs, port)
-
-
-class Client:
-    """Outgoing calls. One channel per address, closed when the peer leaves or moves."""
-
-    def __init__(self, cfg: GossipConfig) -> None:
-        self.cfg = cfg
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _stub(self, address: str) -> gossip_pb2_grpc.GossipServiceStub:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=channel_options(self.cfg))
-            self._channels[address] = ch
-        return gossip_pb2_grpc.GossipServiceStub(ch)
-
-    async def _call(self, what: str, fn: Callable[[], Any]) -> object:
-        try:
-            return await cast(Awaitable[object], fn())
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, what) from None
-
-    async def hello(
-        self, address: str, request: gossip_pb2.HelloRequest, *, timeout_s: float | None = None
-    ) -> gossip_pb2.HelloResponse:
-        stub = self._stub(address)
-        timeout = timeout_s if timeout_s is not None else self.cfg.rpc_timeout_s
-        result = await self._call(f"hello to {address}", lambda: stub.Hello(request, timeout=timeout))
-        assert isinstance(result, gossip_pb2.HelloResponse)
-        return result
-
-    async def status(self, address: str) -> gossip_pb2.GetStatusResponse:
-        stub = self._stub(address)
-        result = await self._call(
-            f"status of {address}",
-            lambda: stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=self.cfg.rpc_timeout_s),
-        )
-        assert isinstance(result, gossip_pb2.GetStatusResponse)
-        return result
-
-    def push_timeout(self, total_bytes: int) -> float:
-        """Base deadline plus the time the payload takes at the slowest bandwidth we accept."""
-        return self.cfg.rpc_timeout_s + total_bytes / self.cfg.min_bandwidth_bytes_per_s
-
-    async def push(
-        self, address: str, requests: Iterable[gossip_pb2.PushRequest], total_bytes: int, peer_id: str
-    ) -> gossip_pb2.PushResponse:
-        stub = self._stub(address)
-
-        async def gen() -> AsyncIterator[gossip_pb2.PushRequest]:
-            for r in requests:
-                yield r
-
-        result = await self._call(
-            f"push to {peer_id} at {address}",
-            # wait_for_ready rides out short link flaps; the deadline still bounds the whole exchange.
-            lambda: stub.Push(gen(), timeout=self.push_timeout(total_bytes), wait_for_ready=True),  # type: ignore[arg-type]
-        )
-        assert isinstance(result, gossip_pb2.PushResponse)
-        return result
-
-    async def fetch_state(
-        self, address: str, request: gossip_pb2.FetchStateRequest, limits: ReceiveLimits, *, timeout_s: float
-    ) -> Received:
-        """Download and validate a peer's current model (catch-up). PayloadError if it fails validation."""
-        stub = self._stub(address)
-        asm = Assembler(limits, peer=address)
-        try:
-            stream = cast(AsyncIterator[gossip_pb2.FetchStateResponse], stub.FetchState(request, timeout=timeout_s))
-            async for msg in stream:
-                body = msg.WhichOneof("body")
-                if body == "header":
-                    asm.on_header(msg.header)
-                else:
-                    asm.on_chunk(msg.chunk)  # an empty message is a framing error; the codec says so
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, f"fetch state from {address}") from None
-        if asm.total_bytes > (1 << 20):
-            return await asyncio.to_thread(asm.finish)
-        return asm.finish()
-
-    async def forget(self, address: str) -> None:
-        ch = self._channels.pop(address, None)
-        if ch is not None:
-            await ch.close()
-
-    async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for ch in channels:
-            await ch.close()
