@@ -118,14 +118,27 @@ class TrainConfig(_Section):
     optimizer: Literal["sgd", "adam"] = "sgd"
     device: str = "auto"
     steps_per_round: int = Field(1, ge=1)
-    round_interval_s: float = Field(0.0, ge=0, description="minimum seconds per round; paces fast CPUs")
-    wait_for_neighbors_s: float = Field(0.0, ge=0, description="bounded wait for the first neighbours")
+    max_steps_without_merge: int | None = Field(
+        None,
+        ge=0,
+        description="local steps a peer may take since it last merged fresh neighbour state before it waits "
+        "for one (bounded by pace_max_wait_s); unset = the algorithm's default, 0 = never wait",
+    )
+    pace_max_wait_s: float = Field(
+        2.0, gt=0, description="longest wait for fresh neighbour state once max_steps_without_merge is reached"
+    )
+    round_interval_s: float = Field(0.0, ge=0, description="optional minimum seconds per round (off by default)")
+    wait_for_neighbors_s: float = Field(10.0, ge=0, description="bounded wait for the first neighbours")
     seed: int = 0
-    torch_threads: int = Field(0, ge=0, description="intra-op threads for torch; 0 keeps torch's default")
+    torch_threads: int = Field(
+        0, ge=0, description="intra-op threads for torch; 0 = auto (1 for a small model on the CPU, else torch's)"
+    )
 
 
 class GossipConfig(_Section):
-    interval_s: float = Field(0.1, gt=0)
+    interval_s: float = Field(
+        0.0, ge=0, description="minimum seconds between pushes to one neighbour; 0 = as fast as the link carries them"
+    )
     rpc_timeout_s: float = Field(5.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     backoff_base_s: float = Field(0.5, gt=0)

@@ -126,6 +126,10 @@ class Algorithm(abc.ABC):
     # Step-mode algorithms that train something other than the model's flat parameters (dSSFN) set this;
     # the shell then reports `result_state()` instead of the parameters.
     trains_own_model: ClassVar[bool] = False
+    # Default of `train.max_steps_without_merge` (see peer.core.pacing): local steps this algorithm may take
+    # since it last took in fresh neighbour state. 0 = never wait: round-synchronous (P1) algorithms are already
+    # held to one round of drift by their barrier, and `none` has no neighbours to wait for.
+    default_max_steps_without_merge: ClassVar[int] = 0
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         self.params = params

@@ -86,6 +86,7 @@ class Cdl(Algorithm):
     name: ClassVar[str] = "cdl"
     params_type: ClassVar[type[AlgoParams]] = CdlParams
     provenance: ClassVar[str] = "reconstructed (spec v1)"
+    default_max_steps_without_merge: ClassVar[int] = 1
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         super().__init__(params, node_id)

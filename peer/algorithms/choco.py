@@ -63,7 +63,7 @@ class ChocoParams(SyncParams):
     gamma: float = Field(0.2, gt=0.0, le=1.0, description="consensus step size γ; lower it for sparser compressors")
     seed: int = Field(0, ge=0, description="seed of the random compressors (randk, qsgd), mixed with the node id")
     momentum: float = Field(
-        0.0, ge=0.0, lt=1.0, description="local heavy-ball momentum on the half-step (as dpsgd's `momentum`)"
+        0.9, ge=0.0, lt=1.0, description="local heavy-ball momentum on the half-step (as dpsgd's `momentum`)"
     )
 
     @field_validator("compressor")

@@ -49,6 +49,7 @@ class Digest(Algorithm):
     name: ClassVar[str] = "digest"
     params_type: ClassVar[type[AlgoParams]] = DigestParams
     provenance: ClassVar[str] = "reconstructed (spec v1)"
+    default_max_steps_without_merge: ClassVar[int] = 16
     owns_local_update: ClassVar[bool] = True
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:

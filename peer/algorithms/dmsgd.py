@@ -169,6 +169,7 @@ class DmsgdAsync(Algorithm):
     params_type: ClassVar[type[AlgoParams]] = DmsgdAsyncParams
     provenance: ClassVar[str] = "reconstructed (spec v1)"
     owns_local_update: ClassVar[bool] = True
+    default_max_steps_without_merge: ClassVar[int] = 1
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         super().__init__(params, node_id)

@@ -45,6 +45,7 @@ class NextPushsum(Algorithm):
     name: ClassVar[str] = "next_pushsum"
     params_type: ClassVar[type[AlgoParams]] = NextPushsumParams
     provenance: ClassVar[str] = "reconstructed (spec v1)"
+    default_max_steps_without_merge: ClassVar[int] = 1
     owns_local_update: ClassVar[bool] = True
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:

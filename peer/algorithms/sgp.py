@@ -56,6 +56,7 @@ class Sgp(Algorithm):
     name: ClassVar[str] = "sgp"
     params_type: ClassVar[type[AlgoParams]] = SgpParams
     provenance: ClassVar[str] = "standard"
+    default_max_steps_without_merge: ClassVar[int] = 1
     owns_local_update: ClassVar[bool] = True
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:

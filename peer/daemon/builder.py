@@ -50,10 +50,9 @@ def build(cfg: PeerConfig, *, reset: bool, counters: Counters, log: logging.Logg
         len(y),
         partition_summary(y, [np.arange(len(y))])[0] if len(y) else {},
     )
-    if cfg.train.torch_threads:
-        torch.set_num_threads(cfg.train.torch_threads)
     device = select_device(cfg.train.device)
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed=cfg.model.seed).to(device)
+    torch.set_num_threads(intra_op_threads(cfg.train.torch_threads, model, device))
     t = cfg.train
     trainer = LocalTrainer(
         model,
@@ -109,3 +108,18 @@ def _restore(cfg: PeerConfig, built: Built, state: dict[str, Any], counters: Cou
         raise CheckpointError(f"checkpoint {path} does not match this model: {exc}") from exc
     counters.restore(state.get("counters", {}))
     built.state_saved_unix_s = float(state.get("saved_unix_s", 0.0))
+
+
+# Below this many parameters, intra-op parallelism costs more than it saves (thread wake-ups dwarf the tiny
+# matrix products), and several daemons on one host would fight over the cores.
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+def intra_op_threads(configured: int, model: torch.nn.Module, device: torch.device) -> int:
+    """`train.torch_threads`, where 0 (auto) is 1 thread for a small model on the CPU, else torch's default."""
+    if configured:
+        return configured
+    params = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu" and params < SMALL_MODEL_PARAMS:
+        return 1
+    return torch.get_num_threads()

@@ -218,6 +218,8 @@ class Node:
             slowdown=cfg.faults.slowdown,
         )
         self.worker.view = self.core.view()
+        if not cfg.discovery.mdns and not cfg.discovery.static_peers:
+            self.worker.neighbours_ready.set()  # no way to find anyone: waiting for neighbours would be pointless
         self.client = Client(cfg.gossip)
         self.pusher = Pusher(
             cfg,
@@ -401,6 +403,7 @@ class Node:
         )
         try:
             extra.update({f"algo_{k}": v for k, v in self.built.algorithm.metrics().items()})
+            extra.update(self.worker.pacer.metrics())
         except RuntimeError:  # a dict resized by the training thread mid-read: next time
             pass
         record = metrics_record(event, self.cfg.node_id, self._started, self.core.neighbours(), self.counters, extra)

@@ -33,6 +33,8 @@ from peer.net.encoder import encode, iter_requests
 from peer.net.wire import Envelope
 
 Encoded = tuple[Any, list[bytes], int]  # (PushHeader, chunks, total bytes)
+# How often the mix-mode loop looks again at neighbours it could not push to (breaker open, backing off).
+RETRY_POLL_S = 0.05
 
 
 class Pusher:
@@ -148,9 +150,10 @@ class Pusher:
         await self._mix_mode_loop(tg)
 
     async def _mix_mode_loop(self, tg: asyncio.TaskGroup) -> None:
-        """Push each new payload as soon as it is published (a stale copy at the receiver slows consensus),
-        but no more often than `gossip.interval_s` per neighbour. Also wakes every interval to retry neighbours
-        that were skipped (breaker open, push in flight)."""
+        """Push each new payload to every neighbour as soon as the previous push to it finished (latest wins:
+        a state that was superseded while a push was in flight is never sent), so pushes follow training
+        rounds and are limited by what each link carries. `gossip.interval_s` > 0 adds a minimum spacing.
+        Also wakes every RETRY_POLL_S to retry neighbours that were skipped (breaker open)."""
         interval = self.cfg.gossip.interval_s
         while not self.stopping():
             started = time.monotonic()
@@ -163,10 +166,11 @@ class Pusher:
                     for j in due:
                         self.in_flight.add(j)
                         tg.create_task(self.push(j, payload.seq, encoded))
-            await self.sleep(interval - (time.monotonic() - started))
+            if interval > 0:
+                await self.sleep(interval - (time.monotonic() - started))
             if not self.outbox_event.is_set():
                 try:
-                    await asyncio.wait_for(self.outbox_event.wait(), timeout=interval)
+                    await asyncio.wait_for(self.outbox_event.wait(), timeout=max(interval, RETRY_POLL_S))
                 except TimeoutError:
                     pass
 
@@ -219,6 +223,8 @@ class Pusher:
                 return
         finally:
             self.in_flight.discard(node_id)
+            if self.outbox is not None and self.outbox.seq > seq:
+                self.outbox_event.set()  # a newer state waits for this link
 
     async def _survives_faults(self, node_id: str, seq: int | None) -> bool:
         """Injected faults (`faults:` config): an outage fails the push as a dead link would (so backoff and

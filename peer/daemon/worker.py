@@ -20,6 +20,7 @@ import torch
 
 from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload, Send
 from peer.config import TrainConfig
+from peer.core.pacing import GO, PaceDecision, Pacer, PacingSettings
 from peer.daemon.metrics import Counters
 from peer.learn.oracle import TrainerOracle
 from peer.learn.training import LocalTrainer, scheduled_lr
@@ -28,10 +29,20 @@ from peer.learn.training import LocalTrainer, scheduled_lr
 # timers; new messages and acknowledgements wake it at once.
 STEP_MODE_POLL_S = 0.02
 PROGRESS_REPORT_S = 0.01
+# After local training, mix-mode rounds run when fresh state arrives, and at least this often (so a state of
+# ours that a neighbour lost is sent again).
+CONSENSUS_IDLE_S = 0.5
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return scheduled_lr(cfg.lr, cfg.lr_schedule, step, total_steps)
+
+
+def pacing_settings(cfg: TrainConfig, algorithm: Algorithm) -> PacingSettings:
+    bound = cfg.max_steps_without_merge
+    if bound is None:
+        bound = algorithm.default_max_steps_without_merge
+    return PacingSettings(max_steps=bound, max_wait_s=cfg.pace_max_wait_s, min_wait_s=min(0.05, cfg.pace_max_wait_s))
 
 
 class TrainingWorker:
@@ -84,6 +95,7 @@ class TrainingWorker:
         self._last_snapshot = -math.inf
         self.params_at_done: torch.Tensor | None = None  # step mode: the model when local training finished
         self._first_step_at: float | None = None
+        self.pacer = Pacer(pacing_settings(train_cfg, algorithm))
 
     @property
     def done(self) -> bool:
@@ -102,18 +114,43 @@ class TrainingWorker:
         # Catch-up is bounded by catchup.wait_s on the shell's side; here we only wait for its verdict.
         while not self.catchup_done.is_set() and not self.stop.is_set():
             self.catchup_done.wait(0.1)
+        self.pacer.restart_at(self.trainer.step_count)
         if self.algorithm.owns_local_update:
             self._run_step_mode()
             return
         while not self.stop.is_set():
             started = time.monotonic()
+            if self.done:
+                # Consensus only: mix when fresh state arrives, and at least every CONSENSUS_IDLE_S.
+                self._wait_for_messages(max(CONSENSUS_IDLE_S, self.consensus_interval_s))
+                self.round()
+                continue
+            decision = self._pace(started)
+            if not decision.go:
+                self._wait_for_messages(decision.wait_s)
+                self.round(local_steps=False)  # take in what arrived (or note the missed deadline), then ask again
+                continue
             self.round()
-            interval = self.cfg.round_interval_s * self.slowdown if not self.done else self.consensus_interval_s
-            remaining = interval - (time.monotonic() - started)
+            remaining = self.cfg.round_interval_s * self.slowdown - (time.monotonic() - started)
             if remaining > 0:
                 self.stop.wait(remaining)
 
-    def round(self) -> None:
+    def _pace(self, now: float) -> PaceDecision:
+        if self.done:
+            return GO
+        return self.pacer.decide(self.trainer.step_count, now, self.view.degrees.keys())
+
+    def _wait_for_messages(self, timeout_s: float) -> None:
+        """Sleep until a message (or an acknowledgement) arrives, the timeout passes, or the daemon stops."""
+        self.wake.clear()
+        if not self.inbox and not self.acks and not self.stop.is_set():
+            self.wake.wait(timeout_s)
+
+    def _took_in(self, msg: InMessage, now: float) -> None:
+        """A neighbour's message was accepted: it is merged before our next local step."""
+        self.pacer.took_in(msg.sender, msg.payload.step, self.trainer.step_count, msg.received_at)
+
+    def round(self, local_steps: bool = True) -> None:
         """One round: local steps (while epochs remain), merge what arrived, publish, checkpoint if asked."""
         trainer = self.trainer
         loss = float("nan")
@@ -123,7 +160,7 @@ class TrainingWorker:
             # Rejoin the cluster's schedule (learning rate, epochs left) instead of retraining alone.
             trainer.step_count = max(trainer.step_count, min(self.total_steps, round(epoch * trainer.steps_per_epoch)))
             trainer.epoch = trainer.step_count // trainer.steps_per_epoch
-        if not self.done:
+        if local_steps and not self.done:
             if self._first_step_at is None:
                 self._first_step_at = time.monotonic()
             for _ in range(self.cfg.steps_per_round):
@@ -145,10 +182,19 @@ class TrainingWorker:
         now = time.monotonic()
         dropped = 0
         while self.forget:
-            self.algorithm.forget(self.forget.popleft())
+            gone = self.forget.popleft()
+            self.algorithm.forget(gone)
+            self.pacer.forget(gone)
+        took_in = 0
         while self.inbox:
-            if not self.algorithm.on_message(self.inbox.popleft(), now):
+            msg = self.inbox.popleft()
+            if self.algorithm.on_message(msg, now):
+                took_in += 1
+                self._took_in(msg, now)
+            else:
                 dropped += 1
+        if not local_steps and not took_in:
+            return  # a pacing wait that ended with nothing new: nothing to mix or to publish
         x = trainer.get_flat()
         mixed = self.algorithm.mix(x, now, self.view)
         if mixed is not x:
@@ -205,7 +251,8 @@ class TrainingWorker:
             interval = self.consensus_interval_s if finished else self.cfg.round_interval_s * self.slowdown
             # Pacing never holds up a neighbour that already waits for our next round (P1).
             paced = now - last_advance < interval and not algo.neighbours_waiting()
-            may_advance = not (finished and algo.trains_own_model) and not paced
+            decision = self._pace(now) if not finished else GO
+            may_advance = not (finished and algo.trains_own_model) and not paced and decision.go
             advanced = False
             if may_advance and algo.ready(now, self.view):
                 started = time.monotonic()
@@ -223,7 +270,9 @@ class TrainingWorker:
                 self.on_checkpoint(self.state())
             if not advanced:
                 wait = STEP_MODE_POLL_S
-                if may_advance is False and not (finished and algo.trains_own_model):
+                if not decision.go:
+                    wait = min(wait, decision.wait_s)
+                elif may_advance is False and not (finished and algo.trains_own_model):
                     wait = min(wait, max(0.0, interval - (time.monotonic() - last_advance)))
                 self.wake.wait(wait)
 
@@ -236,12 +285,17 @@ class TrainingWorker:
             self.adopt.clear()
             self.log.info("catch-up ignored: %s keeps its own state once started", algo.name)
         while self.forget:
-            algo.forget(self.forget.popleft())
+            gone = self.forget.popleft()
+            algo.forget(gone)
+            self.pacer.forget(gone)
         while self.acks:
             to, key = self.acks.popleft()
             algo.on_ack(to, key, now)
         while self.inbox:
-            if not algo.on_message(self.inbox.popleft(), now):
+            msg = self.inbox.popleft()
+            if algo.on_message(msg, now):
+                self._took_in(msg, now)
+            else:
                 dropped += 1
         if dropped:
             self.counters.add(dropped_stale=dropped)

@@ -10,41 +10,14 @@ from typing import Any
 
 from peer.errors import ConfigError
 
-# Calibrated on a shared 2-core CPU (digits, shards:2, 4 peers, ring, cdl, mlp; seeds 0-4): about 22 s of
-# training, 40-50 s in all, decentralized accuracy within 1.4 points of centralized (about 97%) and 55-60
-# points above local-only. The ring's gap comes from mixing neighbour copies that are up to a round old, so
-# the gossip interval is kept well below the round interval. Anything else: the config defaults, or `--set`.
+# What makes a run a demo, and nothing else: how many peers, which built-in data, how long, and snapshots for
+# the plot. Every training and gossip setting is the daemon's own default (`peer run` gets the same), which
+# tests/test_demo_defaults.py checks.
 DEFAULT_PEERS = 4
 DEFAULT_EPOCHS = 60.0
 DEFAULT_TIMEOUT_S = 300.0
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "batch_size": 32,
-    "lr": 0.2,
-    "lr_schedule": "cosine",
-    "momentum": 0.9,
-    "steps_per_round": 1,
-    "round_interval_s": 0.03,
-    "wait_for_neighbors_s": 15.0,
-    "torch_threads": 1,  # N peers share the CPU; one intra-op thread each is fastest for these tiny models
-}
-# Push soon after each round so that neighbours mix a copy at most about one round old.
-GOSSIP_DEFAULTS: dict[str, Any] = {"interval_s": 0.005}
 METRICS_DEFAULTS: dict[str, Any] = {"interval_s": 0.5, "snapshot_interval_s": 0.5}
 CHECKPOINT_DEFAULTS: dict[str, Any] = {"interval_s": 5.0}
-
-# Per-algorithm demo settings (dotted keys, applied before `--set`). P1 algorithms are paced by their round
-# barrier, so the demo's round pacing (meant to let asynchronous gossip keep up) only slows them down.
-ALGORITHM_DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dpsgd": {"train.round_interval_s": 0.0},
-    "dmsgd": {"train.round_interval_s": 0.0},
-    # Like local_sgd: the momentum-SGD reference is only matched with the same local heavy ball.
-    "choco": {"train.round_interval_s": 0.0, "algorithm.momentum": 0.9},
-    "next": {"train.round_interval_s": 0.0},
-    "dssfn": {"train.round_interval_s": 0.0},
-    # Plain local SGD falls ~3.4 points short of the momentum-SGD centralized reference here; with the same
-    # local heavy ball as the reference (train.momentum) it matches it.
-    "local_sgd": {"train.round_interval_s": 0.0, "algorithm.momentum": 0.9},
-}
 
 # Keys the demo owns for each peer; `--set` may not change them.
 PROTECTED_KEYS = frozenset(
@@ -166,18 +139,15 @@ def peer_config(args: argparse.Namespace, index: int, work_dir: Path, cluster: s
             "seed": args.seed,
         },
         "model": {"name": args.model, "seed": args.seed},
-        "train": {**TRAIN_DEFAULTS, "epochs": args.epochs, "seed": args.seed},
-        "gossip": dict(GOSSIP_DEFAULTS),
+        "train": {"epochs": args.epochs, "seed": args.seed},
         "checkpoint": dict(CHECKPOINT_DEFAULTS),
         "metrics": dict(METRICS_DEFAULTS),
     }
     if n == 1:
-        raw["train"]["wait_for_neighbors_s"] = 0.0  # nobody to wait for
+        raw["discovery"]["mdns"] = False  # a demo of one: nobody to find (the daemon then waits for no one)
     faults = faults_for_peer(getattr(args, "faults", "") or "", f"peer-{index}", n)
     if faults:
         raw["faults"] = {"seed": args.seed, **faults}
-    for key, value in ALGORITHM_DEMO_DEFAULTS.get(args.algorithm, {}).items():
-        _set_dotted(raw, key, value)
     for key, value in parse_overrides(list(args.set or [])):
         if key in PROTECTED_KEYS or any(key.startswith(p + ".") for p in PROTECTED_KEYS):
             raise ConfigError(f"the demo sets {key} for each peer itself", source="--set", field=key)

@@ -13,6 +13,8 @@ from peer.tools.launcher import DemoError
 if TYPE_CHECKING:
     import numpy as np
 
+    from peer.learn.reference import Reference
+
 SNAPSHOT_BIN_S = 1.0
 
 
@@ -194,12 +196,15 @@ def ssfn_layer_errors(cfgs: Sequence[Any]) -> list[float]:
     return worst
 
 
-def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[float]]:
-    """(centralized accuracy, local-only accuracy of each partition). For dSSFN the references are SSFN trained
-    with the exact layer solver: centralized equivalence is that algorithm's claim."""
+def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[Reference, list[float]]:
+    """(centralized reference, local-only accuracy of each partition). The centralized model is trained with its
+    own tuned learning rate (`peer.learn.reference`); local-only models with the peers' own settings. For dSSFN
+    the references are SSFN trained with the exact layer solver: centralized equivalence is that algorithm's
+    claim (no tuning: the solver has no learning rate)."""
     import numpy as np
 
     from peer.learn.data import load_dataset, local_partition
+    from peer.learn.reference import PUBLISHED, Reference, tuned_reference
     from peer.learn.training import evaluate
 
     c0 = cfgs[0]
@@ -221,16 +226,38 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[float, list[
             return ssfn.train_centralized(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y), q, scfg)
 
         central_ssfn = _ssfn_accuracy(fit(x_all, y_all), ds.x_test, ds.y_test)
-        return central_ssfn, [_ssfn_accuracy(fit(x, y), ds.x_test, ds.y_test) for x, y in parts]
-    central = train_reference(x_all, y_all, c0, ds.input_shape, ds.num_classes, seed=c0.train.seed, device=device)
-    central_acc = evaluate(central, ds.x_test, ds.y_test)[0]
+        return Reference(central_ssfn, 0.0, "ok"), [_ssfn_accuracy(fit(x, y), ds.x_test, ds.y_test) for x, y in parts]
     local = []
     for cfg, (x, y) in zip(cfgs, parts, strict=True):
         # The peer's own minibatch seed, as in peer.daemon.node.
         seed = cfg.train.seed + 1000 * cfg.data.partition_index
         model = train_reference(x, y, cfg, ds.input_shape, ds.num_classes, seed=seed, device=device)
         local.append(evaluate(model, ds.x_test, ds.y_test)[0])
-    return central_acc, local
+    t = c0.train
+    recipe = {
+        "model_name": c0.model.name,
+        "input_shape": ds.input_shape,
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "momentum": t.momentum,
+        "weight_decay": t.weight_decay,
+        "optimizer": t.optimizer,
+        "lr_schedule": t.lr_schedule,
+        "model_seed": c0.model.seed,
+    }
+    central = tuned_reference(
+        x_all,
+        y_all,
+        ds.x_test,
+        ds.y_test,
+        recipe=recipe,
+        num_classes=ds.num_classes,
+        seed=t.seed,
+        device=device,
+        local_only=float(np.mean(local)),
+        published=PUBLISHED.get((c0.data.dataset, c0.model.name)) if c0.data.path is None else None,
+    )
+    return central, local
 
 
 def snapshot_curves(cfgs: Sequence[Any], bin_s: float = SNAPSHOT_BIN_S) -> dict[str, list[float]]:
