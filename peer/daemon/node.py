@@ -33,6 +33,7 @@ from peer.daemon.handlers import DaemonFacts, RpcHandlers
 from peer.daemon.membership import DiscoveryInputs, HelloCaller
 from peer.daemon.metrics import Counters, MetricsLog, metrics_record
 from peer.daemon.pusher import Pusher
+from peer.daemon.refusals import Refusals
 from peer.daemon.settings import core_settings
 from peer.daemon.worker import TrainingWorker
 from peer.errors import PeerError, StartupError
@@ -65,6 +66,7 @@ class Node:
         self.log = node_logger("peer.daemon.node", cfg.node_id)
         self.once = OnceLogger(self.log)
         self.counters = Counters()
+        self.refusals = Refusals(self.counters, self.log, cfg.log.refusal_interval_s)
         self.rng = random.Random(f"{cfg.node_id}-{time.time_ns()}")  # jitter only; never affects the math
         # Wall-clock time with a shared origin, so that both ends of a flapping link see the same outages.
         self.faults = FaultInjector(cfg.faults, node_id=cfg.node_id, start_s=_hour_start(time.time()))
@@ -138,6 +140,8 @@ class Node:
                         self.once.warning(e.key, "%s", e.message)
                     else:
                         self.log.log(logging.getLevelName(e.level.upper()), "%s", e.message)
+                case ev.Refused():
+                    self.refusals.refuse(e.reason, e.source, e.message)
                 case ev.ClearLog():
                     self.once.forget(e.key)
                 case _:
@@ -252,6 +256,7 @@ class Node:
             self.me,
             self._envelope,
             self.once,
+            self.refusals,
         )
         self.fetcher = CatchUpFetcher(
             client=self.client,
