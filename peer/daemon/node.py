@@ -66,7 +66,6 @@ class Node:
         self.log = node_logger("peer.daemon.node", cfg.node_id)
         self.once = OnceLogger(self.log)
         self.counters = Counters()
-        self.refusals = Refusals(self.counters, self.log, cfg.log.refusal_interval_s)
         self.rng = random.Random(f"{cfg.node_id}-{time.time_ns()}")  # jitter only; never affects the math
         # Wall-clock time with a shared origin, so that both ends of a flapping link see the same outages.
         self.faults = FaultInjector(cfg.faults, node_id=cfg.node_id, start_s=_hour_start(time.time()))
@@ -74,6 +73,7 @@ class Node:
         self.ready = asyncio.Event()
         self.trained = asyncio.Event()  # set once train.epochs are done (the daemon keeps mixing after that)
         self.changes = Changes()  # notified when the view changes, the trainer reports progress, metrics are written
+        self.refusals = Refusals(self.counters, self.log, cfg.log.refusal_interval_s, self._notify)
         self.address = ""
         self.state_dir = Path(cfg.state_dir)
         self.metrics = MetricsLog(self.state_dir / "metrics.jsonl")
