@@ -150,6 +150,12 @@ class GossipConfig(_Section):
     keepalive_time_s: float = Field(30.0, gt=0)
     keepalive_timeout_s: float = Field(10.0, gt=0)
     reconnect_backoff_max_s: float = Field(3.0, gt=0)
+    stream_idle_s: float = Field(10.0, gt=0, description="a Push stream silent this long is closed")
+    max_streams: int = Field(64, ge=1, description="open Push streams, from all peers together")
+    max_streams_per_peer: int = Field(8, ge=1, description="open Push streams from one source host")
+    max_fetches: int = Field(2, ge=1, description="FetchState downloads served at once")
+    requests_per_s_per_peer: float = Field(50.0, gt=0, description="GetStatus and FetchState calls per source host")
+    request_burst: int = Field(100, ge=1, description="... in bursts of at most this many")
 
     @model_validator(mode="after")
     def _check(self) -> GossipConfig:
@@ -164,6 +170,10 @@ class MembershipConfig(_Section):
     probe_evicted_max_s: float = Field(10.0, gt=0, description="evicted members are re-probed at most this far apart")
     topology_seed: int = Field(0, description="seed of random-regular graphs; the same on every peer")
     topology_period_s: float = Field(1.0, gt=0, description="how long each graph of a time-varying topology lasts")
+    max_peers: int = Field(256, ge=1, description="records in the peer table (evicted peers included)")
+    max_pending_hellos: int = Field(64, ge=1, description="admission and duplicate-id checks in flight at once")
+    hello_rate_per_s: float = Field(50.0, gt=0, description="Hellos accepted per source host per second")
+    hello_burst: int = Field(100, ge=1, description="... in bursts of at most this many")
 
 
 class CatchupConfig(_Section):
@@ -187,6 +197,9 @@ class MetricsConfig(_Section):
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_lines: bool = False
+    refusal_interval_s: float = Field(
+        60.0, gt=0, description="refused input is logged once per source and reason per interval, with a count"
+    )
 
 
 # A discriminated union over every registered algorithm's parameter block, keyed by `algorithm.name`.

@@ -12,8 +12,11 @@
         ├── PayloadTooLargeError   over the configured size (declared or actual)     -> RESOURCE_EXHAUSTED
         ├── CorruptPayloadError    bad SHA-256, truncated, NaN/Inf, a header that contradicts itself,
         │                          bad framing                                       -> INVALID_ARGUMENT
-        └── IdentityError          a claimed node id that contradicts the caller's certificate
-                                                                                     -> PERMISSION_DENIED
+        ├── IdentityError          a claimed node id that contradicts the caller's certificate
+        │                                                                            -> PERMISSION_DENIED
+        ├── UndecodableError       bytes that do not parse as the request message    -> INVALID_ARGUMENT
+        ├── RateLimitedError       too many requests or open streams from one source -> RESOURCE_EXHAUSTED
+        └── StalledStreamError     a Push stream idle too long, or past its deadline -> DEADLINE_EXCEEDED
 
 Transport failures (gRPC status codes on the client side) are mapped in one place, `peer.net.rpc_errors`,
 into `SendError`, which is a PeerError too.
@@ -98,6 +101,24 @@ class IdentityError(PayloadError):
     """The sender claims a node id that its authenticated identity (TLS certificate) contradicts."""
 
     status = "PERMISSION_DENIED"
+
+
+class UndecodableError(PayloadError):
+    """The request's bytes do not parse as the message the RPC takes."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class RateLimitedError(PayloadError):
+    """Refused before any work: the source sent too many requests, or holds too many open streams."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class StalledStreamError(PayloadError):
+    """A Push stream sent nothing for the idle limit, or outlived the deadline its declared size allows."""
+
+    status = "DEADLINE_EXCEEDED"
 
 
 class SendError(PeerError):

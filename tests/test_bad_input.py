@@ -85,10 +85,19 @@ def tiny_npz(path: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- a real receiving daemon
 class FakeNeighbour(gossip_pb2_grpc.GossipServiceServicer):
-    """The gRPC server behind the bad sender's advertised address, so the victim can push back to it."""
+    """The gRPC server behind the bad sender's advertised address, so the victim can greet it (a peer joins only
+    once its address answers the victim's Hello) and push back to it."""
 
     def __init__(self) -> None:
         self.pushes = 0
+        self.answer: gossip_pb2.HelloResponse | None = None  # set once the victim's fingerprint is known
+
+    async def Hello(  # noqa: N802 - gRPC method name
+        self, request: gossip_pb2.HelloRequest, context: grpc.aio.ServicerContext
+    ) -> gossip_pb2.HelloResponse:
+        if self.answer is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not ready")
+        return self.answer
 
     async def Push(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[gossip_pb2.PushRequest], context: grpc.aio.ServicerContext
@@ -172,6 +181,16 @@ async def victim(tmp_path: Path) -> AsyncIterator[Victim]:
         await asyncio.wait_for(node.ready.wait(), timeout=20)
         # Training is one step: from then on the parameters change only by mixing what arrives.
         await node.wait_for(lambda: node.counters.training_done and node.counters.rounds >= 2, 10, "training done")
+        neighbour.answer = gossip_pb2.HelloResponse(
+            node_id=EVIL,
+            protocol_version=PROTOCOL_VERSION,
+            schema_fingerprint=node.fingerprint,
+            algorithm=node.algorithm.name,
+            degree=1,
+            address=f"127.0.0.1:{evil_port}",
+            incarnation=INCARNATION,
+            accepted=True,
+        )
         channel = grpc.aio.insecure_channel(node.address)
         yield Victim(node, gossip_pb2_grpc.GossipServiceStub(channel), f"127.0.0.1:{evil_port}")
     finally:

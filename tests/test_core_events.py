@@ -76,14 +76,27 @@ def of(effects: list[Effect], kind: type) -> list:  # type: ignore[type-arg]
     return [e for e in effects if isinstance(e, kind)]
 
 
+def answer(c: GossipCore, out: list[Effect], now: float, *, incarnation: int = 1) -> list[Effect]:
+    """Answer the core's join Hellos as the peers they were meant for (admission needs our own Hello answered)."""
+    effects: list[Effect] = []
+    for hello in of(out, SayHello):
+        assert hello.purpose == "join" and hello.node_id is not None
+        peer = info(hello.node_id, incarnation=incarnation, address=hello.address)
+        effects += c.handle(HelloAnswered(hello.address, "join", peer, True, "", now))
+    return effects
+
+
 def test_a_received_state_from_unknown_departed_old_and_fresh_senders() -> None:
     c = core()
     started(c)
-    # Unknown sender: the push proves it alive and compatible (the codec checked it): it joins, and is delivered.
+    # Unknown sender: delivered (the codec checked it; algorithms mix members only), but it joins only once its
+    # address answers our own Hello.
     out = c.handle(push("a", 1, 1.0))
     assert of(out, Deliver) == [Deliver("a", 1, 2, 1.0)]
-    assert c.neighbours() == ["a"] and of(out, ViewChanged)
+    assert c.neighbours() == [] and of(out, SayHello) == [SayHello("10.0.0.97:7000", "join", 5.0, "a")]
     assert of(out, Reply) == [Reply(True)]
+    out = answer(c, out, 1.1)
+    assert c.neighbours() == ["a"] and of(out, ViewChanged)
     # Same incarnation again: heard from, no new view.
     out = c.handle(push("a", 1, 2.0))
     assert of(out, Deliver) and not of(out, ViewChanged) and c.peers["a"].last_seen == 2.0
@@ -93,9 +106,11 @@ def test_a_received_state_from_unknown_departed_old_and_fresh_senders() -> None:
     # A push of that departed incarnation still in flight is accepted on the wire but never delivered or re-added.
     out = c.handle(push("a", 1, 3.1))
     assert not of(out, Deliver) and "a" not in c.peers and of(out, Reply)[0].accepted
-    # A fresh incarnation is welcome again.
+    # A fresh incarnation is welcome again (once it answers).
     out = c.handle(push("a", 2, 4.0))
-    assert of(out, Deliver) and c.peers["a"].incarnation == 2
+    assert of(out, Deliver) and "a" not in c.peers
+    answer(c, out, 4.1, incarnation=2)
+    assert c.peers["a"].incarnation == 2
     # An old incarnation after a restart: the restarted peer is recognised, its old state is forgotten.
     c.handle(push("a", 3, 5.0, address="10.0.0.97:7001"))
     assert c.peers["a"].incarnation == 3
@@ -113,7 +128,7 @@ def test_a_push_that_contradicts_the_certificate_changes_nothing() -> None:
     out = c.handle(HelloReceived(info("a"), "ipv4:10.0.0.97:4000", 1.0, identity="mallory"))
     assert of(out, Reply)[0].status == "PERMISSION_DENIED" and "a" not in c.peers
     out = c.handle(push("a", 1, 2.0, identity="a"))
-    assert of(out, Deliver) and "a" in c.peers
+    assert of(out, Deliver) and of(out, SayHello)
 
 
 def test_stale_peer_catch_up_decision() -> None:
@@ -171,8 +186,11 @@ def test_hello_in_admits_compatible_peers_and_refuses_others() -> None:
     c = core()
     started(c)
     out = c.handle(HelloReceived(info("a", address="0.0.0.0:7000"), "ipv4:10.1.2.3:4000", 1.0))
-    assert of(out, Reply) == [Reply(True)]
-    assert c.peers["a"].address == "10.1.2.3:7000"  # an unspecified advertised host: dial the caller's IP
+    assert of(out, Reply) == [Reply(True)] and "a" not in c.peers
+    # An unspecified advertised host: dial the caller's IP; the peer joins when that answers.
+    assert of(out, SayHello) == [SayHello("10.1.2.3:7000", "join", 5.0, "a")]
+    answer(c, out, 1.1)
+    assert c.peers["a"].address == "10.1.2.3:7000"
     out = c.handle(HelloReceived(info("x", schema_fingerprint="other"), "ipv4:10.1.2.4:4000", 1.0))
     assert not of(out, Reply)[0].accepted and "schema fingerprint" in of(out, Reply)[0].reason
     assert "x" not in c.peers
@@ -181,9 +199,15 @@ def test_hello_in_admits_compatible_peers_and_refuses_others() -> None:
 def test_duplicate_node_id_the_later_daemon_gives_way() -> None:
     c = core()
     started(c)
+    # A Hello claiming our id is answered with a refusal and checked by dialling the claimed address; only a
+    # daemon with our id and another incarnation answering there counts.
     older = c.handle(HelloReceived(info("b", incarnation=50), "ipv4:10.0.0.5:4000", 1.0))
-    assert of(older, Reply)[0].reason.startswith(DUPLICATE_PREFIX) and of(older, Fatal)
+    assert of(older, Reply)[0].reason.startswith(DUPLICATE_PREFIX) and not of(older, Fatal)
+    assert of(older, SayHello) == [SayHello("10.0.0.98:7000", "verify", 5.0, "b")]
+    confirmed = c.handle(HelloAnswered("10.0.0.98:7000", "verify", info("b", incarnation=50), False, "dup", 1.5))
+    assert of(confirmed, Fatal)
     newer = c.handle(HelloReceived(info("b", incarnation=500), "ipv4:10.0.0.5:4000", 1.0))
+    newer += c.handle(HelloAnswered("10.0.0.98:7000", "verify", info("b", incarnation=500), False, "dup", 1.5))
     assert not of(newer, Fatal) and of(newer, Log)
     answer = HelloAnswered("10.0.0.5:7000", "join", info("b", incarnation=50), False, f"{DUPLICATE_PREFIX} 'b'", 2.0)
     assert of(c.handle(answer), Fatal)
@@ -217,7 +241,7 @@ def test_static_peers_are_redialled_until_they_answer() -> None:
 def test_heartbeats_evict_after_misses_and_readmit_on_answer() -> None:
     c = core()
     started(c)
-    c.handle(push("a", 1, 0.0))
+    answer(c, c.handle(push("a", 1, 0.0)), 0.0)
     probes = of(c.handle(Tick(2.0, 1e9, Progress())), SayHello)
     assert probes == [SayHello("10.0.0.97:7000", "heartbeat", 2.0, "a")]
     assert not of(c.handle(Tick(2.1, 1e9, Progress())), SayHello)  # one probe in flight at a time
@@ -236,7 +260,7 @@ def test_heartbeats_evict_after_misses_and_readmit_on_answer() -> None:
 def test_send_outcomes_drive_the_breaker_and_warnings() -> None:
     c = core(topology="full")
     started(c)
-    c.handle(push("a", 1, 0.0))
+    answer(c, c.handle(push("a", 1, 0.0)), 0.0)
     assert c.sends_due(0.0, 1) == ["a"]
     c.handle(SendFailed("a", "UNAVAILABLE", 0.1, detail="push to a: UNAVAILABLE"))
     out = c.handle(SendFailed("a", "UNAVAILABLE", 0.2, detail="push to a: UNAVAILABLE"))
@@ -261,7 +285,7 @@ def test_a_time_varying_topology_changes_graph_on_the_shared_clock() -> None:
     c = core(topology="one-peer-exponential", topology_period_s=1.0)
     started(c, 0.0)
     for n in "acdefgh":
-        c.handle(push(n, 1, 0.0))
+        answer(c, c.handle(push(n, 1, 0.0)), 0.0)
     first = c.neighbours()
     wall = 1e9 + 0.5
     c.handle(Tick(0.5, wall, Progress()))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from peer.core.events import StateReceived
+from peer import PROTOCOL_VERSION
+from peer.core.events import HelloAnswered, PeerInfo, StateReceived
 from peer.daemon import checkpoint
 from peer.daemon.metrics import read as read_metrics
 from peer.daemon.node import Node
@@ -127,9 +128,11 @@ async def test_unreachable_neighbour_is_skipped_without_stalling_training(tmp_pa
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     try:
-        # As if both had pushed to a: the core admits a sender whose push passed the codec's checks.
+        # As if the dead peer had answered a's Hello before it died (a peer joins once its address answers), and
+        # b had pushed to a (a then greets b, which answers and joins).
         now = time.monotonic()
-        a.dispatch(StateReceived("zz-dead", 1, 1, dead, "", now))
+        dead_info = PeerInfo("zz-dead", PROTOCOL_VERSION, a.fingerprint, a.algorithm.name, 1, dead, 1)
+        a.dispatch(HelloAnswered(dead, "join", dead_info, True, "", now))
         a.dispatch(StateReceived(b.cfg.node_id, b.incarnation, 1, b.address, "", now))
         step0 = a.trainer.step_count
         await until(

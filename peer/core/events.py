@@ -15,7 +15,9 @@ from typing import Literal
 
 from peer.core.view import NeighbourView
 
-Purpose = Literal["join", "heartbeat"]
+# join: admit the peer at that address; heartbeat: a member's liveness probe; verify: check a claim that our node
+# id is in use at that address (the claim counts only if a daemon with our id and another incarnation answers).
+Purpose = Literal["join", "heartbeat", "verify"]
 Level = Literal["debug", "info", "warning", "error"]
 
 
@@ -278,6 +280,16 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """Remote input was refused and changed nothing: count it under `reason`, and log `message` unless the same
+    `source` was refused for the same reason within the log interval."""
+
+    reason: str
+    source: str
+    message: str
+
+
+@dataclass(frozen=True)
 class ClearLog:
     """The condition behind a keyed Log cleared: warn afresh next time."""
 
@@ -297,5 +309,6 @@ Effect = (
     | WriteMetrics
     | Fatal
     | Log
+    | Refused
     | ClearLog
 )

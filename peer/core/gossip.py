@@ -15,7 +15,11 @@ Theory of operation.
            (heartbeats, pushes), never from mDNS, whose caches keep a crashed peer for >= 1125 s; a neighbour
            whose breaker is open is skipped, never waited on; one success closes the breaker; any sign of life
            re-admits an evicted peer; a claim that contradicts the caller's authenticated identity changes
-           nothing.
+           nothing. Admission: a peer enters the table only once its address answered our own Hello; the table
+           holds at most `admission.max_peers` records; verification Hellos in flight are bounded and expire;
+           Hellos are rate-limited per source host. No remote claim stops this daemon: a Hello saying our node
+           id is in use elsewhere is checked by dialling that address, and acts only if a daemon with our id and
+           another incarnation answers there (`Refused` otherwise, which changes nothing).
 No clocks, sockets or global randomness: `now` comes with every input and an `random.Random` with the core.
 """
 
@@ -26,6 +30,7 @@ import random
 from peer.core import events as ev
 from peer.core import topology as topo
 from peer.core.addresses import reachable_address
+from peer.core.admission import RateLimiter, clip, source_of
 from peer.core.catchup import CatchUpPolicy, Fetch, Finish
 from peer.core.peers import PeerRecord, PeerTable
 from peer.core.settings import DUPLICATE_PREFIX, CoreSettings
@@ -43,7 +48,10 @@ class GossipCore:
         self.address = ""
         self.progress = ev.Progress()
         self.departed: dict[str, int] = {}  # incarnations that said goodbye: their late pushes must not re-add them
-        self.hellos_in_flight: set[str] = set()  # addresses
+        self.hellos_in_flight: dict[str, float] = {}  # join Hellos: address -> since (bounded, expiring)
+        self.verifying: dict[str, float] = {}  # duplicate-id checks: address -> since (bounded, expiring)
+        a = s.admission
+        self.hello_limiter = RateLimiter(a.hello_rate_per_s, a.hello_burst, a.max_sources)
         self.heartbeats_in_flight: set[str] = set()  # node ids
         self.evictions = 0
         self.readmissions = 0
@@ -91,11 +99,12 @@ class GossipCore:
     def incompatibility(self, info: ev.PeerInfo) -> str:
         me = self.me
         if info.protocol_version != me.protocol_version:
-            return f"protocol {info.protocol_version!r} != ours {me.protocol_version!r}"
+            return f"protocol {clip(repr(info.protocol_version), 80)} != ours {me.protocol_version!r}"
         if info.schema_fingerprint != me.schema_fingerprint:
-            return f"schema fingerprint {info.schema_fingerprint} != ours {me.schema_fingerprint} (a different model?)"
+            theirs = clip(info.schema_fingerprint, 80)
+            return f"schema fingerprint {theirs} != ours {me.schema_fingerprint} (a different model?)"
         if info.algorithm != me.algorithm:
-            return f"algorithm {info.algorithm!r} != ours {me.algorithm!r}"
+            return f"algorithm {clip(repr(info.algorithm), 80)} != ours {me.algorithm!r}"
         return ""
 
     # ------------------------------------------------------------------------------------------- inputs
@@ -163,6 +172,10 @@ class GossipCore:
 
     def _tick(self, now: float, wall: float, out: list[ev.Effect]) -> None:
         s = self.settings
+        ttl = s.admission.pending_ttl_s
+        for pending in (self.hellos_in_flight, self.verifying):
+            for address in [a for a, since in pending.items() if now - since >= ttl]:
+                del pending[address]
         if self.time_varying:
             r = topo.round_index_at(wall, s.topology_period_s)
             self._timers["topology"] = now + ((r + 1) * s.topology_period_s - wall)
@@ -173,7 +186,7 @@ class GossipCore:
             known = {r.address for r in self.table.peers.values() if not r.evicted}
             for address in s.static_peers:
                 if address not in known:
-                    self._say_hello(address, None, out)
+                    self._say_hello(address, None, now, out)
         timeout = min(s.rpc_timeout_s, s.liveness.heartbeat_interval_s)
         for node_id in self.table.heartbeats_due(now, self.heartbeats_in_flight):
             self.heartbeats_in_flight.add(node_id)
@@ -203,12 +216,19 @@ class GossipCore:
         rec = self.table.peers.get(e.node_id) if e.node_id else None
         if rec is not None and rec.address == e.address and not rec.evicted and rec.misses == 0:
             return
-        self._say_hello(e.address, e.node_id, out)
+        self._say_hello(e.address, e.node_id, e.now, out)
 
-    def _say_hello(self, address: str, node_id: str | None, out: list[ev.Effect]) -> None:
-        if address in self.hellos_in_flight or address == self.address:
+    def _pending_full(self) -> bool:
+        return len(self.hellos_in_flight) + len(self.verifying) >= self.settings.admission.max_pending
+
+    def _say_hello(self, address: str, node_id: str | None, now: float, out: list[ev.Effect]) -> None:
+        if address in self.hellos_in_flight or address == self.address or not address:
             return
-        self.hellos_in_flight.add(address)
+        if self._pending_full():
+            msg = f"not dialling {clip(address, 80)}: {len(self.hellos_in_flight)} Hellos already in flight"
+            out.append(ev.Refused("pending_full", "join", msg))
+            return
+        self.hellos_in_flight[address] = now
         out.append(ev.SayHello(address, "join", self.settings.rpc_timeout_s, node_id))
 
     def _goodbye(self, e: ev.CandidateGone, out: list[ev.Effect]) -> None:
@@ -222,35 +242,70 @@ class GossipCore:
     # ---------------------------------------------------------------------------------------------- hello
     def _hello_received(self, e: ev.HelloReceived, out: list[ev.Effect]) -> None:
         info = e.info
+        source = source_of(e.transport_peer)
+        if not self.hello_limiter.allow(source, e.now):
+            msg = f"too many Hellos from {source}: refused"
+            out += [ev.Refused("hello_rate", source, msg), ev.Reply(False, msg, "RESOURCE_EXHAUSTED")]
+            return
         if e.identity is not None and e.identity != info.node_id:
             out.append(self._impostor(info.node_id, e.identity, "hello"))
             return
+        address = reachable_address(info.address, e.transport_peer)
         if info.node_id == self.me.node_id:
             if info.incarnation != self.me.incarnation:
                 out.append(ev.Reply(False, f"{DUPLICATE_PREFIX} {info.node_id!r}: already in use at {self.address}"))
-                self._duplicate(info.incarnation, reachable_address(info.address, e.transport_peer), out)
+                self._verify_duplicate(address, source, e.now, out)
             else:
                 out.append(ev.Reply(True))
             return
         problem = self.incompatibility(info)
         if problem:
-            out.append(
-                ev.Log(
-                    "warning",
-                    f"ignoring hello from {info.node_id} at {info.address}: {problem}",
-                    ("incompatible", info.node_id),
-                )
-            )
-            out.append(ev.Reply(False, problem))
+            msg = f"ignoring hello from {clip(repr(info.node_id), 80)} at {clip(info.address, 80)}: {problem}"
+            out += [ev.Refused("incompatible", source, msg), ev.Reply(False, problem)]
             return
-        self.catchup.report(info.node_id, info.step, info.epoch)
-        address = reachable_address(info.address, e.transport_peer)
-        self._peer_up(info.node_id, address, info.degree, info.incarnation, "hello-in", e.now, out)
+        rec = self.table.peers.get(info.node_id)
+        if rec is not None and rec.incarnation == info.incarnation and rec.address == address:
+            # A member we admitted, greeting from the address we confirmed: alive.
+            self.catchup.report(info.node_id, info.step, info.epoch)
+            self._peer_up(info.node_id, address, info.degree, info.incarnation, "hello-in", e.now, out)
+        else:
+            # Admission: the peer joins once its address answers our own Hello (HelloAnswered).
+            self._say_hello(address, info.node_id, e.now, out)
         out.append(ev.Reply(True))
 
+    def _verify_duplicate(self, address: str, source: str, now: float, out: list[ev.Effect]) -> None:
+        """A Hello says our node id is in use at `address`: dial it, and act only on what answers there."""
+        where = clip(address, 80)
+        if not address or address == self.address:
+            out.append(ev.Refused("duplicate_unverified", source, f"a claim of our node id points at {where}"))
+            return
+        if address in self.verifying:
+            return
+        if self._pending_full():
+            msg = f"not checking a claim of our node id at {where}: too many checks in flight"
+            out.append(ev.Refused("pending_full", source, msg))
+            return
+        self.verifying[address] = now
+        timeout = self.settings.rpc_timeout_s
+        out.append(ev.SayHello(address, "verify", timeout, self.me.node_id))
+
     def _hello_answered(self, e: ev.HelloAnswered, out: list[ev.Effect]) -> None:
+        if e.purpose == "verify":
+            self.verifying.pop(e.address, None)
+            info = e.info
+            if e.identity is not None and e.identity != info.node_id:
+                out.append(self._impostor(info.node_id, e.identity, "hello answer"))
+            elif info.node_id == self.me.node_id and info.incarnation != self.me.incarnation:
+                self._duplicate(info.incarnation, e.address, out)
+            else:
+                msg = (
+                    f"refused a claim that our node id is in use at {clip(e.address, 80)}: "
+                    f"{clip(repr(info.node_id), 80)} (incarnation {info.incarnation}) answers there"
+                )
+                out.append(ev.Refused("duplicate_unverified", e.address, msg))
+            return
         if e.purpose == "join":
-            self.hellos_in_flight.discard(e.address)
+            self.hellos_in_flight.pop(e.address, None)
             self._apply_answer(e, "hello", out)
             return
         assert e.node_id is not None
@@ -273,30 +328,41 @@ class GossipCore:
             out.append(self._impostor(info.node_id, e.identity, "hello answer"))
             return False
         if not e.accepted:
-            if e.reason.startswith(DUPLICATE_PREFIX):
+            # We dialled this address ourselves: a daemon there with our id and another incarnation is real.
+            mine = info.node_id == self.me.node_id and info.incarnation != self.me.incarnation
+            if mine and e.reason.startswith(DUPLICATE_PREFIX):
                 self._duplicate(info.incarnation, e.address, out)
             else:
-                msg = f"peer {info.node_id} at {e.address} refused us: {e.reason}"
+                msg = f"peer {clip(info.node_id, 80)} at {e.address} refused us: {clip(e.reason)}"
                 out.append(ev.Log("warning", msg, ("hello", e.address)))
             return False
+        if info.node_id == self.me.node_id:
+            return False  # ourselves, or a twin that accepts us: never a member
         problem = self.incompatibility(info)
         if problem:
-            msg = f"ignoring peer {info.node_id} at {e.address}: {problem}"
+            msg = f"ignoring peer {clip(info.node_id, 80)} at {e.address}: {problem}"
             out.append(ev.Log("warning", msg, ("incompatible", info.node_id)))
             if self.table.peer_gone(info.node_id) is not None:
                 self._view_changed(e.now, out)
             return False
-        self.catchup.report(info.node_id, info.step, info.epoch)
         # The address we dialled is known to work from here; the one the peer advertises may not be (NAT, a
         # container bridge, a 0.0.0.0 listener).
         self._peer_up(info.node_id, e.address, info.degree, info.incarnation, source, e.now, out)
+        if info.node_id not in self.table.peers:
+            return False  # the table is full
+        self.catchup.report(info.node_id, info.step, info.epoch)
         self._decide_catchup(e.now, out)
         return True
 
     def _hello_failed(self, e: ev.HelloFailed, out: list[ev.Effect]) -> None:
+        if e.purpose == "verify":
+            self.verifying.pop(e.address, None)
+            msg = f"refused a claim that our node id is in use at {clip(e.address, 80)}: nothing answers ({e.code})"
+            out.append(ev.Refused("duplicate_unverified", e.address, msg))
+            return
         if e.purpose == "join":
-            self.hellos_in_flight.discard(e.address)
-            out.append(ev.Log("debug", f"hello to {e.address} failed: {e.detail}"))
+            self.hellos_in_flight.pop(e.address, None)
+            out.append(ev.Log("debug", f"hello to {e.address} failed: {clip(e.detail)}"))
             return
         assert e.node_id is not None
         self.heartbeats_in_flight.discard(e.node_id)
@@ -338,7 +404,11 @@ class GossipCore:
             out.append(ev.Reply(True, "sent before its goodbye"))
             return
         rec = self.table.peers.get(e.sender_id)
-        if (rec is None or rec.incarnation != e.incarnation) and e.address:
+        if rec is None and e.address:
+            # Delivered (the algorithm mixes members only), but the sender joins once its address answers us.
+            address = reachable_address(e.address, e.transport_peer) if e.transport_peer else e.address
+            self._say_hello(address, e.sender_id, e.now, out)
+        elif rec is not None and rec.incarnation != e.incarnation and e.address:
             address = reachable_address(e.address, e.transport_peer) if e.transport_peer else e.address
             self._peer_up(e.sender_id, address, e.degree, e.incarnation, "push", e.now, out)
         else:
@@ -357,6 +427,8 @@ class GossipCore:
     ) -> None:
         if self.departed.get(node_id) == incarnation:
             return
+        if node_id not in self.table.peers and not self._make_room(node_id, out):
+            return
         self.departed.pop(node_id, None)  # a new incarnation is welcome
         upd = self.table.peer_up(node_id, address, degree, incarnation, now, source)
         if upd.new:
@@ -368,6 +440,22 @@ class GossipCore:
         if upd.old_address:
             out.append(ev.CloseChannel(upd.old_address))
         self._view_changed(now, out)
+
+    def _make_room(self, node_id: str, out: list[ev.Effect]) -> bool:
+        """The table is bounded: a full table gives up its longest-evicted record, or refuses the newcomer."""
+        peers = self.table.peers
+        if len(peers) < self.settings.admission.max_peers:
+            return True
+        evicted = [r for r in peers.values() if r.evicted]
+        if not evicted:
+            msg = f"peer table full ({len(peers)} peers): not admitting {clip(node_id, 80)}"
+            out.append(ev.Refused("table_full", "table", msg))
+            return False
+        oldest = min(evicted, key=lambda r: r.evicted_at)
+        self.table.peer_gone(oldest.node_id)
+        self.catchup.progress.pop(oldest.node_id, None)
+        out += [ev.Log("info", f"forgot evicted peer {oldest.node_id} to make room"), ev.Forget(oldest.node_id)]
+        return True
 
     def _readmitted(self, node_id: str, now: float, out: list[ev.Effect]) -> None:
         self.readmissions += 1

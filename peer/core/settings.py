@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from peer.core.admission import AdmissionSettings
 from peer.core.backoff import BreakerPolicy
 from peer.core.catchup import CatchUpSettings
 from peer.core.peers import LivenessPolicy
@@ -33,6 +34,7 @@ class CoreSettings:
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     catchup: CatchUpSettings = field(default_factory=CatchUpSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     cluster: str = "default"
     static_peers: tuple[str, ...] = ()
     hello_retry_s: float = 2.0

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 from peer import PROTOCOL_VERSION
 from peer.algorithms import Algorithm, InMessage, Payload
+from peer.core.admission import clip, source_of, valid_node_id
 from peer.core.events import Deliver, Effect, HelloReceived, Input, PeerInfo, Reply, StateReceived
 from peer.core.gossip import GossipCore
 from peer.daemon.membership import hello_response, info_of
 from peer.daemon.metrics import Counters
+from peer.daemon.refusals import Refusals
 from peer.daemon.worker import TrainingWorker
-from peer.errors import IdentityError, PayloadError, SchemaMismatchError
+from peer.errors import CorruptPayloadError, IdentityError, PayloadError, RateLimitedError, SchemaMismatchError
 from peer.logs import OnceLogger
 from peer.net.assembler import Received, ReceiveLimits
 from peer.net.encoder import encode
@@ -53,6 +55,7 @@ class RpcHandlers:
         me: Callable[[], PeerInfo],
         envelope: Callable[[], Envelope],
         once: OnceLogger,
+        refusals: Refusals,
     ) -> None:
         self.facts = facts
         self.core = core
@@ -63,10 +66,16 @@ class RpcHandlers:
         self.me = me
         self.envelope = envelope
         self.once = once
+        self.refusals = refusals
 
     def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse:
+        if not valid_node_id(request.node_id):
+            self.refused("bad_node_id", peer, f"hello with node_id {clip(repr(request.node_id), 80)}")
+            raise CorruptPayloadError(f"node_id {clip(repr(request.node_id), 80)} is not a valid node id")
         effects = self.dispatch(HelloReceived(info_of(request), peer, time.monotonic()))
         reply = next((e for e in effects if isinstance(e, Reply)), Reply(False, "no answer"))
+        if reply.status == "RESOURCE_EXHAUSTED":
+            raise RateLimitedError(reply.reason)
         return hello_response(self.me(), reply.accepted, reply.reason)
 
     def receive_limits(self) -> ReceiveLimits:
@@ -96,14 +105,12 @@ class RpcHandlers:
 
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
         self.counters.add(rejected_messages=1)
-        self.once.warning(
-            ("reject", sender, type(error).__name__),
-            "rejected a push from %s (%s): %s [%s]",
-            sender,
-            peer,
-            error,
-            error.status,
-        )
+        who = clip(sender, 80)
+        message = f"rejected a push from {who} ({clip(peer, 80)}): {clip(error)} [{error.status}]"
+        self.refusals.refuse(f"push_{error.status.lower()}", f"{who}/{type(error).__name__}", message)
+
+    def refused(self, reason: str, peer: str, message: str) -> None:
+        self.refusals.refuse(reason, source_of(peer), f"refused a request from {clip(peer, 80)}: {message}")
 
     def status(self) -> gossip_pb2.GetStatusResponse:
         c = self.counters.snapshot()
@@ -142,13 +149,17 @@ class RpcHandlers:
             )
             resp.info[f"neighbour.{row.node_id}"] = "yes" if row.neighbour else "no"
         resp.info["provenance"] = self.algorithm.provenance
+        for reason, n in sorted(c["rejected"].items()):
+            resp.info[f"rejected.{reason}"] = str(n)
         return resp
 
     async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
+        if request.node_id and not valid_node_id(request.node_id):
+            raise CorruptPayloadError(f"fetch with node_id {clip(repr(request.node_id), 80)}: not a valid node id")
         if request.schema_fingerprint != self.facts.fingerprint:
             raise SchemaMismatchError(
-                f"fetch from {request.node_id!r} refused: schema fingerprint {request.schema_fingerprint} != ours "
-                f"{self.facts.fingerprint}"
+                f"fetch from {clip(repr(request.node_id), 80)} refused: schema fingerprint "
+                f"{clip(request.schema_fingerprint, 80)} != ours {self.facts.fingerprint}"
             )
         params = self.worker.latest_params
         payload = Payload("state", {"params": params}, seq=self.counters.seq, step=self.worker.trainer.step_count)

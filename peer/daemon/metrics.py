@@ -34,6 +34,7 @@ class Counters:
     readmissions: int = 0
     training_done: bool = False
     training_s: float = 0.0  # wall time from the first local step of this run to the last one
+    rejected: dict[str, int] = field(default_factory=dict)  # refused remote input, by reason
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
@@ -41,9 +42,15 @@ class Counters:
             for name, value in deltas.items():
                 setattr(self, name, getattr(self, name) + value)
 
+    def reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+            out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+            out["rejected"] = dict(self.rejected)
+            return out
 
     def restore(self, saved: dict[str, Any]) -> None:
         for name in ("step", "epoch", "seq", "rounds", "mixes", "bytes_sent", "bytes_received"):

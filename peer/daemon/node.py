@@ -33,6 +33,7 @@ from peer.daemon.handlers import DaemonFacts, RpcHandlers
 from peer.daemon.membership import DiscoveryInputs, HelloCaller
 from peer.daemon.metrics import Counters, MetricsLog, metrics_record
 from peer.daemon.pusher import Pusher
+from peer.daemon.refusals import Refusals
 from peer.daemon.settings import core_settings
 from peer.daemon.worker import TrainingWorker
 from peer.errors import PeerError, StartupError
@@ -72,6 +73,7 @@ class Node:
         self.ready = asyncio.Event()
         self.trained = asyncio.Event()  # set once train.epochs are done (the daemon keeps mixing after that)
         self.changes = Changes()  # notified when the view changes, the trainer reports progress, metrics are written
+        self.refusals = Refusals(self.counters, self.log, cfg.log.refusal_interval_s, self._notify)
         self.address = ""
         self.state_dir = Path(cfg.state_dir)
         self.metrics = MetricsLog(self.state_dir / "metrics.jsonl")
@@ -138,6 +140,8 @@ class Node:
                         self.once.warning(e.key, "%s", e.message)
                     else:
                         self.log.log(logging.getLevelName(e.level.upper()), "%s", e.message)
+                case ev.Refused():
+                    self.refusals.refuse(e.reason, e.source, e.message)
                 case ev.ClearLog():
                     self.once.forget(e.key)
                 case _:
@@ -254,6 +258,7 @@ class Node:
             self.me,
             self._envelope,
             self.once,
+            self.refusals,
         )
         self.fetcher = CatchUpFetcher(
             client=self.client,

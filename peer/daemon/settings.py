@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from peer.config import PeerConfig
+from peer.core.admission import AdmissionSettings
 from peer.core.backoff import BreakerPolicy
 from peer.core.catchup import CatchUpSettings
 from peer.core.peers import LivenessPolicy
@@ -29,6 +30,14 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
             wait_s=cfg.catchup.wait_s,
             mid_run=mid_run_catchup,
             can_fetch=cfg.discovery.mdns or bool(cfg.discovery.static_peers),
+        ),
+        admission=AdmissionSettings(
+            max_peers=cfg.membership.max_peers,
+            max_pending=cfg.membership.max_pending_hellos,
+            pending_ttl_s=max(30.0, 2 * cfg.gossip.rpc_timeout_s),
+            hello_rate_per_s=cfg.membership.hello_rate_per_s,
+            hello_burst=cfg.membership.hello_burst,
+            log_interval_s=cfg.log.refusal_interval_s,
         ),
         cluster=cfg.discovery.cluster,
         static_peers=tuple(c.address for c in static),

@@ -2,27 +2,51 @@
 
 Serves Hello, Push (client-streaming, validated by `peer.net.assembler.Assembler`), GetStatus and FetchState,
 plus grpc.health.v1. Keepalive and message limits derive from `GossipConfig`, the same as the client's.
+Hostile input is refused cheaply and with a deliberate status: bytes that do not parse get INVALID_ARGUMENT (not
+gRPC's UNKNOWN and a traceback), GetStatus and FetchState are rate-limited per source host, Push streams are
+bounded per source and in total and closed when idle or past the deadline their declared size allows, and no
+status detail echoes more than `peer.core.admission.MAX_ECHO_CHARS` characters of input.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from peer.config import GossipConfig
-from peer.errors import PayloadError, StartupError
+from peer.core.admission import RateLimiter, StreamSlots, clip, source_of, stream_deadline_s
+from peer.errors import PayloadError, RateLimitedError, StalledStreamError, StartupError, UndecodableError
 from peer.net.assembler import Assembler, Received, ReceiveLimits
 from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 log = logging.getLogger(__name__)
 _ENVELOPE_SLACK = 1 << 20  # room for the header's manifest on top of one chunk
+M = TypeVar("M")
+
+
+class Undecodable:
+    """What a request deserializer yields for bytes that do not parse, so the servicer can answer
+    INVALID_ARGUMENT itself (a raising deserializer makes gRPC answer UNKNOWN and log a traceback)."""
+
+    def __init__(self, message_type: str) -> None:
+        self.message_type = message_type
+
+
+def _lenient(parse: Callable[[bytes], M], name: str) -> Callable[[bytes], M | Undecodable]:
+    def deserialize(data: bytes) -> M | Undecodable:
+        try:
+            return parse(data)
+        except Exception:  # protobuf's DecodeError, or any other way the bytes fail to parse
+            return Undecodable(name)
+
+    return deserialize
 
 
 def channel_options(cfg: GossipConfig) -> list[tuple[str, int | str]]:
@@ -68,29 +92,61 @@ class Handlers(Protocol):
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None: ...
     def status(self) -> gossip_pb2.GetStatusResponse: ...
     async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]: ...
+    def refused(self, reason: str, peer: str, message: str) -> None: ...
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: PayloadError) -> NoReturn:
+    await context.abort(grpc.StatusCode[exc.status], clip(str(exc)))
+    raise AssertionError("unreachable: abort raises")
 
 
 class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
-    def __init__(self, handlers: Handlers) -> None:
+    def __init__(self, handlers: Handlers, cfg: GossipConfig) -> None:
         self.handlers = handlers
+        self.cfg = cfg
+        self.requests = RateLimiter(cfg.requests_per_s_per_peer, cfg.request_burst, max_keys=1024)
+        self.streams = StreamSlots(cfg.max_streams, cfg.max_streams_per_peer)
+        self.fetches = 0  # FetchState calls being served
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, reason: str, exc: PayloadError) -> NoReturn:
+        self.handlers.refused(reason, context.peer(), str(exc))
+        await _abort(context, exc)
+
+    async def _check(self, request: object, context: grpc.aio.ServicerContext, limited: bool) -> None:
+        if isinstance(request, Undecodable):
+            error = UndecodableError(f"the request does not parse as {request.message_type}")
+            await self._refuse(context, "undecodable", error)
+        if limited and not self.requests.allow(source_of(context.peer()), asyncio.get_running_loop().time()):
+            await self._refuse(context, "request_rate", RateLimitedError("too many requests from this source"))
 
     async def Hello(  # noqa: N802 - gRPC method name
         self, request: gossip_pb2.HelloRequest, context: grpc.aio.ServicerContext
     ) -> gossip_pb2.HelloResponse:
-        return self.handlers.hello(request, context.peer())
+        await self._check(request, context, limited=False)  # the core rate-limits Hellos itself
+        try:
+            return self.handlers.hello(request, context.peer())
+        except PayloadError as exc:
+            await _abort(context, exc)
 
     async def GetStatus(  # noqa: N802
         self, request: gossip_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> gossip_pb2.GetStatusResponse:
+        await self._check(request, context, limited=True)
         return self.handlers.status()
 
     async def FetchState(  # noqa: N802
         self, request: gossip_pb2.FetchStateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gossip_pb2.FetchStateResponse]:
+        await self._check(request, context, limited=True)
+        if self.fetches >= self.cfg.max_fetches:
+            await self._refuse(context, "fetch_busy", RateLimitedError("too many model downloads in progress"))
+        self.fetches += 1
         try:
             header, chunks = await self.handlers.fetch_state(request)
         except PayloadError as exc:
-            await context.abort(grpc.StatusCode[exc.status], str(exc))
+            await _abort(context, exc)
+        finally:
+            self.fetches -= 1
         yield gossip_pb2.FetchStateResponse(header=header)
         for i, data in enumerate(chunks):
             yield gossip_pb2.FetchStateResponse(chunk=gossip_pb2.Chunk(index=i, data=data))
@@ -98,15 +154,54 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
     async def Push(  # noqa: N802
         self, request_iterator: AsyncIterator[gossip_pb2.PushRequest], context: grpc.aio.ServicerContext
     ) -> gossip_pb2.PushResponse:
-        limits = self.handlers.receive_limits()
-        asm = Assembler(limits, peer=context.peer())
-        sender = "?"
+        source = source_of(context.peer())
+        why = self.streams.acquire(source)
+        if why:
+            await self._refuse(context, "streams", RateLimitedError(why))
         try:
-            async for req in request_iterator:
+            return await self._push(request_iterator, context)
+        finally:
+            self.streams.release(source)
+
+    async def _next(self, iterator: AsyncIterator[M], deadline: float) -> M | None:
+        """The stream's next message, None at its end; StalledStreamError when the sender goes quiet for the
+        idle limit, or the stream outlives its deadline."""
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
+        wait = min(self.cfg.stream_idle_s, left)
+        if wait <= 0:
+            raise StalledStreamError(f"push still incomplete at its deadline ({self.cfg.rpc_timeout_s:.0f} s + size)")
+        try:
+            return await asyncio.wait_for(anext(iterator), wait)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if wait < self.cfg.stream_idle_s:
+                raise StalledStreamError("push still incomplete at the deadline its declared size allows") from None
+            raise StalledStreamError(f"push stalled: nothing received for {wait:g} s") from None
+
+    async def _push(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> gossip_pb2.PushResponse:
+        limits = self.handlers.receive_limits()
+        peer = context.peer()
+        asm = Assembler(limits, peer=peer)
+        sender = "?"
+        cfg = self.cfg
+        # Until the header declares a size, the stream has the base deadline; then the client's own formula.
+        start = asyncio.get_running_loop().time()
+        deadline = start + cfg.rpc_timeout_s
+        iterator = aiter(request_iterator)
+        try:
+            while (req := await self._next(iterator, deadline)) is not None:
+                if isinstance(req, Undecodable):
+                    raise UndecodableError(f"a stream message does not parse as {req.message_type}")
                 body = req.WhichOneof("body")
                 if body == "header":
                     sender = req.header.sender_id or "?"
                     asm.on_header(req.header)
+                    size = stream_deadline_s(asm.total_bytes, cfg.rpc_timeout_s, cfg.min_bandwidth_bytes_per_s)
+                    deadline = start + size
                 elif body == "chunk":
                     asm.on_chunk(req.chunk)
                 else:
@@ -116,11 +211,41 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
                 received = await asyncio.to_thread(asm.finish)
             else:
                 received = asm.finish()
-            self.handlers.deliver(received, context.peer())
+            self.handlers.deliver(received, peer)
         except PayloadError as exc:
-            self.handlers.rejected(sender, exc, context.peer())
-            await context.abort(grpc.StatusCode[exc.status], str(exc))
+            del asm  # the partial buffer goes now, not when the aborted call is collected
+            self.handlers.rejected(sender, exc, peer)
+            await _abort(context, exc)
         return gossip_pb2.PushResponse(accepted=True, bytes_received=received.nbytes)
+
+
+def _add_servicer(servicer: GossipServicer, server: grpc.aio.Server) -> None:
+    """Like the generated `add_GossipServiceServicer_to_server`, with deserializers that never raise."""
+    pb = gossip_pb2
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Hello": grpc.unary_unary_rpc_method_handler(
+            servicer.Hello,
+            request_deserializer=_lenient(pb.HelloRequest.FromString, "peer.v1.HelloRequest"),
+            response_serializer=pb.HelloResponse.SerializeToString,
+        ),
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push,
+            request_deserializer=_lenient(pb.PushRequest.FromString, "peer.v1.PushRequest"),
+            response_serializer=pb.PushResponse.SerializeToString,
+        ),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStatus,
+            request_deserializer=_lenient(pb.GetStatusRequest.FromString, "peer.v1.GetStatusRequest"),
+            response_serializer=pb.GetStatusResponse.SerializeToString,
+        ),
+        "FetchState": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchState,
+            request_deserializer=_lenient(pb.FetchStateRequest.FromString, "peer.v1.FetchStateRequest"),
+            response_serializer=pb.FetchStateResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 @dataclass
@@ -128,6 +253,7 @@ class Server:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
+    servicer: GossipServicer
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
@@ -137,7 +263,8 @@ class Server:
 async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Server:
     """Bind and start. A port in use or a bad address raises StartupError naming the address."""
     server = grpc.aio.server(options=server_options(cfg))
-    gossip_pb2_grpc.add_GossipServiceServicer_to_server(GossipServicer(handlers), server)
+    servicer = GossipServicer(handlers, cfg)
+    _add_servicer(servicer, server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     host, _, port_text = listen.rpartition(":")
@@ -155,4 +282,4 @@ async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Se
     await server.start()
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
-    return Server(server, hs, port)
+    return Server(server, hs, port, servicer)
