@@ -64,10 +64,20 @@ class RpcHandlers:
         self.envelope = envelope
         self.once = once
 
-    def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse:
-        effects = self.dispatch(HelloReceived(info_of(request), peer, time.monotonic()))
+    def hello(
+        self, request: gossip_pb2.HelloRequest, peer: str, identity: str | None = None
+    ) -> gossip_pb2.HelloResponse | PayloadError:
+        effects = self.dispatch(HelloReceived(info_of(request), peer, time.monotonic(), identity))
         reply = next((e for e in effects if isinstance(e, Reply)), Reply(False, "no answer"))
+        if reply.status == "PERMISSION_DENIED":
+            return self._impostor(request.node_id, peer, reply.reason)
         return hello_response(self.me(), reply.accepted, reply.reason)
+
+    def _impostor(self, claimed: str, peer: str, reason: str) -> IdentityError:
+        """A claim that contradicts the caller's certificate: counted, logged once per peer, refused."""
+        self.counters.add(rejected_messages=1)
+        self.once.warning(("impostor", peer), "refused %s (%s): %s [PERMISSION_DENIED]", claimed, peer, reason)
+        return IdentityError(reason)
 
     def receive_limits(self) -> ReceiveLimits:
         f = self.facts
@@ -80,15 +90,18 @@ class RpcHandlers:
             expected_by_kind=self.algorithm.expected_by_kind(f.num_params),
         )
 
-    def deliver(self, received: Received, peer: str = "") -> None:
+    def deliver(self, received: Received, peer: str = "", identity: str | None = None) -> None:
         env = received.envelope
-        self.counters.add(bytes_received=received.nbytes, messages_received=1)
         now = time.monotonic()
-        event = StateReceived(env.sender_id, env.incarnation, env.sender_degree, env.sender_address, peer, now)
+        event = StateReceived(
+            env.sender_id, env.incarnation, env.sender_degree, env.sender_address, peer, now, identity
+        )
         effects = self.dispatch(event)
+        if any(isinstance(e, Reply) and e.status == "PERMISSION_DENIED" for e in effects):
+            # The servicer's `rejected` counts and logs it (once per sender).
+            raise IdentityError(next(e.reason for e in effects if isinstance(e, Reply)))
+        self.counters.add(bytes_received=received.nbytes, messages_received=1)
         for e in effects:
-            if isinstance(e, Reply) and e.status == "PERMISSION_DENIED":
-                raise IdentityError(e.reason)
             if isinstance(e, Deliver):
                 msg = InMessage(env.sender_id, env.incarnation, env.sender_degree, received.payload, now)
                 self.worker.inbox.append(msg)
@@ -144,7 +157,15 @@ class RpcHandlers:
         resp.info["provenance"] = self.algorithm.provenance
         return resp
 
-    async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
+    async def fetch_state(
+        self, request: gossip_pb2.FetchStateRequest, identity: str | None = None
+    ) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
+        if identity is not None and identity != request.node_id:
+            raise self._impostor(
+                request.node_id,
+                f"fetch by {identity}",
+                f"fetch claims node id {request.node_id!r} but the certificate says {identity!r}",
+            )
         if request.schema_fingerprint != self.facts.fingerprint:
             raise SchemaMismatchError(
                 f"fetch from {request.node_id!r} refused: schema fingerprint {request.schema_fingerprint} != ours "

@@ -19,6 +19,7 @@ from peer.config import GossipConfig
 from peer.errors import PayloadError, StartupError
 from peer.net.assembler import Assembler, Received, ReceiveLimits
 from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME
+from peer.net.tls import Credentials, identity_of
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,22 @@ def server_options(cfg: GossipConfig) -> list[tuple[str, int | str]]:
 
 
 class Handlers(Protocol):
-    """What the daemon provides to the servicer. Each method is quick and never blocks the loop."""
+    """What the daemon provides to the servicer. Each method is quick and never blocks the loop.
 
-    def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse: ...
+    `identity` is the caller's node id from its verified client certificate (None without TLS): a claimed node id
+    that contradicts it is refused with PERMISSION_DENIED (IdentityError).
+    """
+
+    def hello(
+        self, request: gossip_pb2.HelloRequest, peer: str, identity: str | None
+    ) -> gossip_pb2.HelloResponse | PayloadError: ...
     def receive_limits(self) -> ReceiveLimits: ...
-    def deliver(self, received: Received, peer: str) -> None: ...
+    def deliver(self, received: Received, peer: str, identity: str | None) -> None: ...
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None: ...
     def status(self) -> gossip_pb2.GetStatusResponse: ...
-    async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]: ...
+    async def fetch_state(
+        self, request: gossip_pb2.FetchStateRequest, identity: str | None
+    ) -> tuple[gossip_pb2.PushHeader, list[bytes]]: ...
 
 
 class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
@@ -77,7 +86,11 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
     async def Hello(  # noqa: N802 - gRPC method name
         self, request: gossip_pb2.HelloRequest, context: grpc.aio.ServicerContext
     ) -> gossip_pb2.HelloResponse:
-        return self.handlers.hello(request, context.peer())
+        answer = self.handlers.hello(request, context.peer(), identity_of(context))
+        if isinstance(answer, PayloadError):
+            await context.abort(grpc.StatusCode[answer.status], str(answer))
+        assert isinstance(answer, gossip_pb2.HelloResponse)
+        return answer
 
     async def GetStatus(  # noqa: N802
         self, request: gossip_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -88,7 +101,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
         self, request: gossip_pb2.FetchStateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gossip_pb2.FetchStateResponse]:
         try:
-            header, chunks = await self.handlers.fetch_state(request)
+            header, chunks = await self.handlers.fetch_state(request, identity_of(context))
         except PayloadError as exc:
             await context.abort(grpc.StatusCode[exc.status], str(exc))
         yield gossip_pb2.FetchStateResponse(header=header)
@@ -116,7 +129,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
                 received = await asyncio.to_thread(asm.finish)
             else:
                 received = asm.finish()
-            self.handlers.deliver(received, context.peer())
+            self.handlers.deliver(received, context.peer(), identity_of(context))
         except PayloadError as exc:
             self.handlers.rejected(sender, exc, context.peer())
             await context.abort(grpc.StatusCode[exc.status], str(exc))
@@ -134,8 +147,11 @@ class Server:
         await self.server.stop(grace_s)
 
 
-async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Server:
-    """Bind and start. A port in use or a bad address raises StartupError naming the address."""
+async def start_server(
+    listen: str, cfg: GossipConfig, handlers: Handlers, credentials: Credentials | None = None
+) -> Server:
+    """Bind and start (mutual TLS with `credentials`, else plaintext). A port in use or a bad address raises
+    StartupError naming the address."""
     server = grpc.aio.server(options=server_options(cfg))
     gossip_pb2_grpc.add_GossipServiceServicer_to_server(GossipServicer(handlers), server)
     hs = health.aio.HealthServicer()
@@ -145,7 +161,10 @@ async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Se
     # taken would quietly listen on [::1]:P alone, beside the other daemon. Bind the IPv4 loopback only.
     bind = f"127.0.0.1:{port_text}" if host == "localhost" else listen
     try:
-        port = server.add_insecure_port(bind)
+        if credentials is not None:
+            port = server.add_secure_port(bind, credentials.server_credentials())
+        else:
+            port = server.add_insecure_port(bind)
     except RuntimeError as exc:
         raise StartupError(
             f"cannot listen on {listen}: the port is in use or the address is not on this host ({exc})"
