@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from peer.tools.status import fetch_status, format_status
 
-    status = asyncio.run(fetch_status(args.address, timeout_s=args.timeout))
+    status = asyncio.run(fetch_status(args.address, timeout_s=args.timeout, tls=_tls_files(args)))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
@@ -83,9 +83,40 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from peer.tools.status import check_health
 
-    ok, text = asyncio.run(check_health(args.addr, timeout_s=args.timeout))
+    ok, text = asyncio.run(check_health(args.addr, timeout_s=args.timeout, tls=_tls_files(args)))
     print(text)
     return 0 if ok else 1
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from peer.tools import certs
+
+    if args.action == "init":
+        path = certs.init_ca(args.dir, days=args.days or 3650, force=args.force)
+        print(f"cluster CA written: {path} and {path.with_suffix('.key')} (keep the key secret; it signs members)")
+    else:
+        cert, key = certs.issue(args.dir, args.node_id, days=args.days or 365, ips=args.ip)
+        print(f"certificate for {args.node_id}: {cert}, key {key} (0600)")
+        keys = f"security.ca_file={args.dir}/ca.pem --set security.cert_file={cert} --set security.key_file={key}"
+        print(f"  --set {keys}")
+    return 0
+
+
+def _tls_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca", help="cluster CA certificate (a daemon with mutual TLS needs --ca, --cert and --key)")
+    p.add_argument("--cert", help="a certificate issued by the cluster CA (`peer certs issue`)")
+    p.add_argument("--key", help="its private key")
+
+
+def _tls_files(args: argparse.Namespace) -> Any:
+    from peer.net.tls import TlsFiles
+
+    given = [args.ca, args.cert, args.key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError("give all of --ca, --cert and --key, or none", source="command line")
+    return TlsFiles(args.ca, args.cert, args.key)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -120,12 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("address", metavar="HOST:PORT")
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=5.0)
+    _tls_arguments(s)
     s.set_defaults(fn=cmd_status)
 
     h = sub.add_parser("health", help="gRPC health check (exit 0 when serving); for container health checks")
     h.add_argument("--addr", required=True, metavar="HOST:PORT")
     h.add_argument("--timeout", type=float, default=3.0)
+    _tls_arguments(h)
     h.set_defaults(fn=cmd_health)
+
+    c = sub.add_parser("certs", help="mutual TLS: create a cluster CA, issue node certificates")
+    csub = c.add_subparsers(dest="action", required=True)
+    ci = csub.add_parser("init", help="create DIR/ca.pem and DIR/ca.key")
+    ci.add_argument("dir", metavar="DIR")
+    ci.add_argument("--force", action="store_true", help="replace an existing CA (every node needs new certificates)")
+    ci.add_argument("--days", type=int, default=0, help="validity (default 3650)")
+    cs = csub.add_parser("issue", help="write DIR/NODE_ID.pem and DIR/NODE_ID.key, signed by DIR's CA")
+    cs.add_argument("dir", metavar="DIR")
+    cs.add_argument("node_id", metavar="NODE_ID")
+    cs.add_argument("--days", type=int, default=0, help="validity (default 365)")
+    cs.add_argument("--ip", action="append", default=[], help="also name this IP address (repeatable)")
+    c.set_defaults(fn=cmd_certs)
 
     i = sub.add_parser("init-config", help="print an annotated default config")
     i.set_defaults(fn=cmd_init_config)

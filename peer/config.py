@@ -39,7 +39,8 @@ def _check_hostport(value: str, *, allow_port_zero: bool) -> str:
 class DiscoveryConfig(_Section):
     mdns: bool = True
     cluster: str = Field("default", min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
-    interfaces: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    # None: follow `listen` (loopback -> 127.0.0.1; an address -> its interface; 0.0.0.0 -> every interface up).
+    interfaces: list[str] | None = None
     static_peers: list[str] = Field(default_factory=list)
     hello_retry_s: float = Field(2.0, gt=0)
 
@@ -194,6 +195,29 @@ class MetricsConfig(_Section):
     snapshot_interval_s: float = Field(0.0, ge=0, description="write flat-parameter snapshots (0 = off)")
 
 
+class SecurityConfig(_Section):
+    """Mutual TLS. All three files or none; off loopback they are required unless `insecure` is set."""
+
+    ca_file: str | None = Field(None, description="the cluster CA certificate (`peer certs init DIR`)")
+    cert_file: str | None = Field(None, description="this node's certificate (`peer certs issue DIR NODE_ID`)")
+    key_file: str | None = Field(None, description="this node's private key")
+    insecure: bool = Field(False, description="allow plaintext gRPC off loopback (anyone who can reach the port)")
+
+    @model_validator(mode="after")
+    def _check(self) -> SecurityConfig:
+        given = {k: getattr(self, k) for k in ("ca_file", "cert_file", "key_file")}
+        missing = [f"security.{k}" for k, v in given.items() if not v]
+        if 0 < len(missing) < 3:
+            raise ValueError(
+                "set all of security.ca_file, security.cert_file and security.key_file; missing " + ", ".join(missing)
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca_file and self.cert_file and self.key_file)
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_lines: bool = False
@@ -222,6 +246,7 @@ class PeerConfig(_Section):
     faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
+    security: SecurityConfig = SecurityConfig()
     log: LogConfig = LogConfig()
 
     @field_validator("listen")
@@ -251,6 +276,21 @@ class PeerConfig(_Section):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+def check_security(cfg: PeerConfig, source: str | None = None) -> None:
+    """Off loopback, mutual TLS is required unless security.insecure is set (ConfigError naming the keys)."""
+    host = cfg.listen_host
+    loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    if not loopback and not cfg.security.tls and not cfg.security.insecure:
+        raise ConfigError(
+            f"listen {cfg.listen} is not loopback, so mutual TLS is required: create certificates with "
+            "`peer certs init DIR` and `peer certs issue DIR NODE_ID`, then set security.ca_file, "
+            "security.cert_file and security.key_file; or set security.insecure: true to accept anyone who can "
+            "reach the port",
+            source=source,
+            field="security.ca_file",
+        )
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -307,12 +347,14 @@ def validate(raw: dict[str, Any], *, source: str) -> PeerConfig:
         if name not in REGISTRY:
             raise UnknownNameError("algorithm", str(name), list(REGISTRY), field="algorithm.name", source=source)
     try:
-        return PeerConfig.model_validate(raw)
+        cfg = PeerConfig.model_validate(raw)
     except ValidationError as exc:
         text, field = _format_errors(exc)
         err = ConfigError(text, source=source)
         err.field = field
         raise err from None
+    check_security(cfg, source)
+    return cfg
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> PeerConfig:

@@ -173,6 +173,34 @@ def test_four_hosts_discover_over_mdns(testbed: Testbed) -> None:
     wait_for(lambda: all(int(tb.quick_status(i)["bytes_received"]) > 0 for i in range(N)), 10, "gossip traffic")
 
 
+# The plain defaults: only identity, listen, state_dir, the data keys and (from the testbed) the security keys.
+PLAIN: dict[str, Any] = {"data": {"dataset": "digits", "partition": "shards:2", "num_partitions": N}}
+
+
+def test_plain_defaults_discover_on_the_lan_with_mutual_tls(netns_ok: None, tmp_path: Path) -> None:
+    """No discovery keys: mDNS follows `listen` (h3 listens on 0.0.0.0, so every interface that is up), and every
+    daemon runs mutual TLS with the testbed's throwaway CA."""
+    tb = Testbed(unique("np"), N, tmp_path / "tb", PLAIN, host_overrides={N - 1: {"listen": "0.0.0.0:50051"}})
+    cfg = tb.host_config(0)
+    assert "discovery" not in cfg and set(cfg) == {"security", "data", "node_id", "listen", "state_dir"}
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        tb.up()
+        ready = start_all(tb)
+        assert [r["address"] for r in ready] == [f"198.18.0.{i + 1}:50051" for i in range(N)]
+        ready_at = [t for t in (tb.ready_at(i) for i in range(N)) if t is not None]
+        formed = wait_ring(tb, 30)
+        elapsed = max(formed.values()) - max(ready_at)
+        print(f"\nnetns plain defaults + mTLS: ring formed {elapsed:.2f} s after the last ready line")
+        assert elapsed <= DISCOVERY_BUDGET_S
+        wait_for(lambda: all(int(tb.quick_status(i)["bytes_received"]) > 0 for i in range(N)), 20, "gossip")
+    finally:
+        try:
+            tb.down()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def hold(tb: Testbed, seconds: float) -> None:
     """Keep a fault in place for `seconds`, checking all the while that no daemon died."""
     end = time.monotonic() + seconds

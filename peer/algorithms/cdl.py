@@ -36,6 +36,7 @@ from pydantic import Field
 
 from peer.algorithms.base import AlgoParams, Algorithm, InMessage, MixReport, NeighbourView, Payload
 from peer.algorithms.mixing import WEIGHT_RULES
+from peer.algorithms.robust import robust_received
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class CdlParams(AlgoParams):
     staleness_s: float = Field(10.0, gt=0.0, description="cached copies older than this are not mixed")
     staleness_rounds: int = Field(50, ge=1, description="… nor copies received more than this many rounds ago")
     reuse: bool = Field(False, description="mix a cached copy again in later rounds (until it goes stale)")
+    robust: Literal["none", "clip", "trimmed_mean", "median"] = Field(
+        "none", description="robust aggregation of neighbours' models (peer.algorithms.robust)"
+    )
+    trim: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share of values dropped at each end")
 
 
 def unit_weights(
@@ -133,11 +138,12 @@ class Cdl(Algorithm):
             self.last_report = MixReport((), tuple(stale), 1.0)
             return x
         alpha = self.edge_weights(view)
+        models = robust_received(x, {j: self.cache[j].params for j in used}, self.p.robust, self.p.trim)
         out = x.clone()
         total = 0.0
         for j in used:
             a = alpha[j]
-            out.add_(self.cache[j].params - x, alpha=a)
+            out.add_(models[j] - x, alpha=a)
             self.cache[j].used = True
             total += a
         self.last_report = MixReport(tuple(used), tuple(stale), 1.0 - total)

@@ -14,12 +14,17 @@ import torch
 from pydantic import Field
 
 from peer.algorithms.base import AlgoParams, InMessage, Manifest, Oracle, Payload
+from peer.algorithms.robust import robust_received
 from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
 
 
 class DpsgdParams(SyncParams):
     name: Literal["dpsgd"] = "dpsgd"
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="local heavy-ball momentum on the gradient step")
+    robust: Literal["none", "clip", "trimmed_mean", "median"] = Field(
+        "none", description="robust aggregation of neighbours' models (peer.algorithms.robust)"
+    )
+    trim: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share of values dropped at each end")
 
 
 def mix(x: torch.Tensor, received: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -57,7 +62,8 @@ class Dpsgd(SynchronousAlgorithm):
         _, g = oracle.gradient(x)
         lr = oracle.lr()
         g = self.direction(g)
-        out = mix(x, {j: p.tensors["params"] for j, p in received.items()}, weights)
+        models = {j: p.tensors["params"] for j, p in received.items()}
+        out = mix(x, robust_received(x, models, self.p.robust, self.p.trim), weights)
         return out.add_(g, alpha=-lr)
 
     def on_message(self, msg: InMessage, now: float) -> bool:

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from peer.algorithms.base import AlgoParams, Oracle, Payload
 from peer.algorithms.dpsgd import Dpsgd, DpsgdParams, mix
+from peer.algorithms.robust import robust_received
 
 
 class LocalSgdParams(DpsgdParams):
@@ -46,7 +47,8 @@ class LocalSgd(Dpsgd):
     def update(
         self, x: torch.Tensor, received: dict[str, Payload], weights: dict[str, float], oracle: Oracle
     ) -> torch.Tensor:
-        out = mix(x, {j: p.tensors["params"] for j, p in received.items()}, weights)
+        models = {j: p.tensors["params"] for j, p in received.items()}
+        out = mix(x, robust_received(x, models, self.p.robust, self.p.trim), weights)
         y = x
         for t in range(self.h):
             _, g = oracle.gradient(y)

@@ -7,10 +7,11 @@ consensus model is poor (49% on digits where the paced run reaches 95%). With it
 style, counted in steps, whatever the ratio of compute speed to network speed). Stragglers and cut links cost
 the others at most a bounded wait:
 
-* **much slower neighbours are not waited for.** Each message carries the sender's step count; from them the
-  pacer estimates each neighbour's step rate and compares it with this peer's own compute rate (time spent
-  stepping, waits excluded). A neighbour below `slow_fraction` of it is merged whenever its state arrives, but
-  never waited for;
+* **much slower neighbours are not waited for.** Each message carries the sender's compute rate (steps per
+  second of time spent stepping, waits excluded; the scalar `RATE_SCALAR`), and the pacer compares it with its
+  own. Wall-clock progress would not do: a peer that waits for its neighbours progresses at their pace, so
+  every neighbour would look slow. A neighbour below `slow_fraction` of our compute rate is merged whenever its
+  state arrives, but never waited for;
 * **a wait has a deadline**, `wait_factor` times the usual gap between fresh messages (a moving average),
   clipped to [`min_wait_s`, `max_wait_s`]. A neighbour that misses it (a cut link, a stopped peer) is marked
   late and not waited for until it is heard from again, so a dead link costs one deadline, not one per step.
@@ -25,6 +26,8 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+# The payload scalar that carries the sender's compute rate (added by the training thread, ignored by algorithms).
+RATE_SCALAR = "_pace_steps_per_s"
 # Weight of the newest sample in the moving averages (gaps between messages, step rates).
 EWMA_WEIGHT = 0.2
 
@@ -54,9 +57,7 @@ def _ewma(old: float | None, new: float) -> float:
 @dataclass
 class _Neighbour:
     merged_at: int  # our step count when its fresh state was last taken in
-    step: int | None = None  # its own step count, from its last message
-    heard_at: float | None = None
-    rate: float | None = None  # its steps per second, from its messages
+    rate: float | None = None  # its compute rate (steps per second while stepping), from its last message
     late: bool = False  # missed a deadline: not awaited until heard from again
 
 
@@ -84,15 +85,15 @@ class Pacer:
             return self.s.max_wait_s
         return min(self.s.max_wait_s, max(self.s.min_wait_s, self.s.wait_factor * self.gap_s))
 
-    def took_in(self, sender: str, sender_step: int, step: int, now: float) -> None:
-        """Fresh state from `sender` (at its step `sender_step`) was accepted; it is merged before our `step`."""
+    def took_in(self, sender: str, sender_rate: float | None, step: int, now: float) -> None:
+        """Fresh state from `sender` (computing at `sender_rate` steps/s, if it says) was accepted; it is merged
+        before our local step `step`."""
         if self._last_fresh_at is not None:
             self.gap_s = _ewma(self.gap_s, max(0.0, now - self._last_fresh_at))
         self._last_fresh_at = now
         n = self.neighbours.setdefault(sender, _Neighbour(merged_at=step))
-        if n.step is not None and n.heard_at is not None and now > n.heard_at and sender_step >= n.step > 0:
-            n.rate = _ewma(n.rate, (sender_step - n.step) / (now - n.heard_at))
-        n.step, n.heard_at = sender_step, now
+        if sender_rate is not None and math.isfinite(sender_rate) and sender_rate > 0:
+            n.rate = sender_rate
         n.merged_at = step
         n.late = False
 

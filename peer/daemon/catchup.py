@@ -55,7 +55,9 @@ class CatchUpFetcher:
         request = gossip_pb2.FetchStateRequest(node_id=self.node_id, schema_fingerprint=self.fingerprint)
         timeout = self.client.push_timeout(self.expected_bytes)
         try:
-            received = await self.client.fetch_state(effect.address, request, self.limits, timeout_s=timeout)
+            received = await self.client.fetch_state(
+                effect.address, request, self.limits, timeout_s=timeout, node_id=effect.node_id
+            )
         except (SendError, PayloadError) as exc:
             self.log.warning("catch-up from %s failed: %s", effect.node_id, exc)
             return False

@@ -68,15 +68,25 @@ class RpcHandlers:
         self.once = once
         self.refusals = refusals
 
-    def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse:
+    def hello(
+        self, request: gossip_pb2.HelloRequest, peer: str, identity: str | None = None
+    ) -> gossip_pb2.HelloResponse:
         if not valid_node_id(request.node_id):
             self.refused("bad_node_id", peer, f"hello with node_id {clip(repr(request.node_id), 80)}")
             raise CorruptPayloadError(f"node_id {clip(repr(request.node_id), 80)} is not a valid node id")
-        effects = self.dispatch(HelloReceived(info_of(request), peer, time.monotonic()))
+        effects = self.dispatch(HelloReceived(info_of(request), peer, time.monotonic(), identity))
         reply = next((e for e in effects if isinstance(e, Reply)), Reply(False, "no answer"))
         if reply.status == "RESOURCE_EXHAUSTED":
             raise RateLimitedError(reply.reason)
+        if reply.status == "PERMISSION_DENIED":
+            raise self._impostor(request.node_id, peer, reply.reason)
         return hello_response(self.me(), reply.accepted, reply.reason)
+
+    def _impostor(self, claimed: str, peer: str, reason: str) -> IdentityError:
+        """A claim that contradicts the caller's certificate: counted, logged quietly, refused."""
+        self.counters.add(rejected_messages=1)
+        self.refused("impostor", peer, f"{clip(claimed, 80)}: {clip(reason)} [PERMISSION_DENIED]")
+        return IdentityError(clip(reason))
 
     def receive_limits(self) -> ReceiveLimits:
         f = self.facts
@@ -89,15 +99,18 @@ class RpcHandlers:
             expected_by_kind=self.algorithm.expected_by_kind(f.num_params),
         )
 
-    def deliver(self, received: Received, peer: str = "") -> None:
+    def deliver(self, received: Received, peer: str = "", identity: str | None = None) -> None:
         env = received.envelope
-        self.counters.add(bytes_received=received.nbytes, messages_received=1)
         now = time.monotonic()
-        event = StateReceived(env.sender_id, env.incarnation, env.sender_degree, env.sender_address, peer, now)
+        event = StateReceived(
+            env.sender_id, env.incarnation, env.sender_degree, env.sender_address, peer, now, identity
+        )
         effects = self.dispatch(event)
+        if any(isinstance(e, Reply) and e.status == "PERMISSION_DENIED" for e in effects):
+            # The servicer's `rejected` counts and logs it (once per sender).
+            raise IdentityError(next(e.reason for e in effects if isinstance(e, Reply)))
+        self.counters.add(bytes_received=received.nbytes, messages_received=1)
         for e in effects:
-            if isinstance(e, Reply) and e.status == "PERMISSION_DENIED":
-                raise IdentityError(e.reason)
             if isinstance(e, Deliver):
                 msg = InMessage(env.sender_id, env.incarnation, env.sender_degree, received.payload, now)
                 self.worker.inbox.append(msg)
@@ -153,9 +166,17 @@ class RpcHandlers:
             resp.info[f"rejected.{reason}"] = str(n)
         return resp
 
-    async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
+    async def fetch_state(
+        self, request: gossip_pb2.FetchStateRequest, identity: str | None = None
+    ) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
         if request.node_id and not valid_node_id(request.node_id):
             raise CorruptPayloadError(f"fetch with node_id {clip(repr(request.node_id), 80)}: not a valid node id")
+        if identity is not None and identity != request.node_id:
+            raise self._impostor(
+                clip(request.node_id, 80),
+                f"fetch by {identity}",
+                f"fetch claims node id {clip(repr(request.node_id), 80)} but the certificate says {identity!r}",
+            )
         if request.schema_fingerprint != self.facts.fingerprint:
             raise SchemaMismatchError(
                 f"fetch from {clip(repr(request.node_id), 80)} refused: schema fingerprint "

@@ -83,7 +83,9 @@ class HelloCaller:
 
     async def call(self, effect: SayHello) -> None:
         try:
-            resp = await self.client.hello(effect.address, hello_request(self.me()), timeout_s=effect.timeout_s)
+            resp = await self.client.hello(
+                effect.address, hello_request(self.me()), timeout_s=effect.timeout_s, node_id=effect.node_id
+            )
         except SendError as exc:
             self.dispatch(
                 HelloFailed(effect.address, effect.purpose, exc.code, str(exc), time.monotonic(), effect.node_id)
@@ -98,6 +100,8 @@ class HelloCaller:
                 resp.reason,
                 time.monotonic(),
                 node_id=effect.node_id,
+                # With TLS, a call made for a node id only succeeds if the server's certificate names that node.
+                identity=effect.node_id if self.client.verifies_server_identity else None,
             )
         )
 

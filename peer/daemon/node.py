@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from peer import PROTOCOL_VERSION
 from peer.algorithms import Algorithm
-from peer.config import PeerConfig
+from peer.config import PeerConfig, check_security
 from peer.core import events as ev
 from peer.core.faults import FaultInjector
 from peer.core.gossip import GossipCore
@@ -42,9 +42,10 @@ from peer.learn.training import LocalTrainer
 from peer.logs import OnceLogger, node_logger
 from peer.net.assembler import ReceiveLimits
 from peer.net.client import Client
-from peer.net.interfaces import resolve_interfaces
+from peer.net.interfaces import is_wildcard_host, mdns_interfaces
 from peer.net.mdns import MdnsDiscovery
 from peer.net.server import Server, start_server
+from peer.net.tls import Credentials, TlsFiles
 from peer.net.wire import Envelope
 
 # The longest the clock sleeps between Ticks even when nothing is due (a safety net, not a schedule).
@@ -85,6 +86,7 @@ class Node:
         self._pending: list[Coroutine[Any, Any, None]] = []  # tasks asked for before the TaskGroup exists
         self._server: Server | None = None
         self._mdns: MdnsDiscovery | None = None
+        self.credentials: Credentials | None = None
 
     # Read-only views of what the build made (tools, tests and the library API read them).
     @property
@@ -224,7 +226,7 @@ class Node:
         self.worker.view = self.core.view()
         if not cfg.discovery.mdns and not cfg.discovery.static_peers:
             self.worker.neighbours_ready.set()  # no way to find anyone: waiting for neighbours would be pointless
-        self.client = Client(cfg.gossip)
+        self.client = Client(cfg.gossip, self.credentials)
         self.pusher = Pusher(
             cfg,
             self.core,
@@ -280,18 +282,36 @@ class Node:
         )
 
     # ------------------------------------------------------------------------------------------------ run
+    def _load_credentials(self) -> Credentials | None:
+        sec = self.cfg.security
+        check_security(self.cfg)
+        if sec.tls:
+            assert sec.ca_file and sec.cert_file and sec.key_file
+            creds = Credentials(TlsFiles(sec.ca_file, sec.cert_file, sec.key_file), self.cfg.node_id)
+            self.log.info("mutual TLS: certificate %s, valid until %s", sec.cert_file, creds.material.not_after)
+            return creds
+        if sec.insecure:
+            self.log.warning(
+                "SECURITY: security.insecure is set: plaintext gRPC on %s; anyone who can reach this port can read "
+                "the model and push states into it",
+                self.cfg.listen,
+            )
+        return None
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.credentials = self._load_credentials()
         built = await asyncio.to_thread(build, self.cfg, reset=self.reset, counters=self.counters, log=self.log)
         self._assemble(built)
         if self.worker.done:
             self.trained.set()
-        self._server = await start_server(self.cfg.listen, self.cfg.gossip, self.handlers)
+        self._server = await start_server(self.cfg.listen, self.cfg.gossip, self.handlers, self.credentials)
         try:
             host = self.cfg.listen_host
-            if host in ("0.0.0.0", "::", ""):
+            interfaces = mdns_interfaces(host, self.cfg.discovery.interfaces)
+            if is_wildcard_host(host):
                 # Listening everywhere: advertise the first mDNS interface's address.
-                host = resolve_interfaces(self.cfg.discovery.interfaces)[0]
+                host = interfaces[0]
             elif host == "localhost":
                 host = "127.0.0.1"
             self.address = f"{host}:{self._server.port}"
@@ -300,7 +320,7 @@ class Node:
                     node_id=self.cfg.node_id,
                     port=self._server.port,
                     advertise_ip=host,
-                    interfaces=self.cfg.discovery.interfaces,
+                    interfaces=interfaces,
                     protocol_version=PROTOCOL_VERSION,
                     schema_fingerprint=built.fingerprint,
                     on_candidate=self.discovery.candidate,

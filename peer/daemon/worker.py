@@ -6,6 +6,7 @@ thread-safe inbox and a frozen neighbour view, and takes payloads and checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -20,7 +21,7 @@ import torch
 
 from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload, Send
 from peer.config import TrainConfig
-from peer.core.pacing import GO, PaceDecision, Pacer, PacingSettings
+from peer.core.pacing import GO, RATE_SCALAR, PaceDecision, Pacer, PacingSettings
 from peer.daemon.metrics import Counters
 from peer.learn.oracle import TrainerOracle
 from peer.learn.training import LocalTrainer, scheduled_lr
@@ -146,9 +147,16 @@ class TrainingWorker:
         if not self.inbox and not self.acks and not self.stop.is_set():
             self.wake.wait(timeout_s)
 
+    def _with_rate(self, payload: Payload) -> Payload:
+        """The payload with our compute rate, so that neighbours know whether to wait for us (peer.core.pacing)."""
+        rate = self.pacer.own_rate
+        if not self.pacer.enabled or rate is None:
+            return payload
+        return dataclasses.replace(payload, scalars={**payload.scalars, RATE_SCALAR: rate})
+
     def _took_in(self, msg: InMessage, now: float) -> None:
         """A neighbour's message was accepted: it is merged before our next local step."""
-        self.pacer.took_in(msg.sender, msg.payload.step, self.trainer.step_count, msg.received_at)
+        self.pacer.took_in(msg.sender, msg.payload.scalars.get(RATE_SCALAR), self.trainer.step_count, msg.received_at)
 
     def round(self, local_steps: bool = True) -> None:
         """One round: local steps (while epochs remain), merge what arrived, publish, checkpoint if asked."""
@@ -202,7 +210,7 @@ class TrainingWorker:
         self.latest_params = mixed
         payload = self.algorithm.outgoing(mixed, trainer.step_count)
         if payload is not None:
-            self.publish(payload)
+            self.publish(self._with_rate(payload))
         with self.counters.lock:
             self.counters.step = trainer.step_count
             self.counters.epoch = trainer.step_count / trainer.steps_per_epoch
@@ -303,6 +311,12 @@ class TrainingWorker:
     def _flush_sends(self) -> None:
         sends = self.algorithm.sends(time.monotonic())
         if sends:
+            if self.pacer.enabled and self.pacer.own_rate is not None:
+                stamped: dict[int, Payload] = {}  # one stamped copy per payload, so its encoding is still shared
+                sends = [
+                    dataclasses.replace(x, payload=stamped.setdefault(id(x.payload), self._with_rate(x.payload)))
+                    for x in sends
+                ]
             self.send(sends)
 
     def _after_iteration(self, loss: float, x: torch.Tensor) -> None:

@@ -16,37 +16,58 @@ from peer.config import GossipConfig
 from peer.net.assembler import Assembler, Received, ReceiveLimits
 from peer.net.rpc_errors import guarded, guarded_stream
 from peer.net.server import channel_options
+from peer.net.tls import Credentials, server_name_options
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 
 class Client:
-    """Outgoing calls. One channel per address, closed when the peer leaves or moves."""
+    """Outgoing calls. One channel per (address, expected node id), closed when the peer leaves or moves.
 
-    def __init__(self, cfg: GossipConfig) -> None:
+    With `credentials` every channel is mutual TLS: the server's certificate must come from the cluster CA and
+    name the node id we mean to reach (the cluster name when we do not know it yet, as for a static peer).
+    """
+
+    def __init__(self, cfg: GossipConfig, credentials: Credentials | None = None) -> None:
         self.cfg = cfg
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.credentials = credentials
+        self._channels: dict[tuple[str, str | None], grpc.aio.Channel] = {}
 
-    def _stub(self, address: str) -> gossip_pb2_grpc.GossipServiceStub:
-        ch = self._channels.get(address)
+    def _stub(self, address: str, node_id: str | None = None) -> gossip_pb2_grpc.GossipServiceStub:
+        key = (address, node_id if self.credentials is not None else None)
+        ch = self._channels.get(key)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=channel_options(self.cfg))
-            self._channels[address] = ch
+            if self.credentials is not None:
+                options = channel_options(self.cfg) + server_name_options(node_id)
+                ch = grpc.aio.secure_channel(address, self.credentials.channel_credentials(), options=options)
+            else:
+                ch = grpc.aio.insecure_channel(address, options=channel_options(self.cfg))
+            self._channels[key] = ch
         return gossip_pb2_grpc.GossipServiceStub(ch)
+
+    @property
+    def verifies_server_identity(self) -> bool:
+        """True when a call made with a node id only succeeds if the server's certificate names that node."""
+        return self.credentials is not None
 
     async def _call(self, what: str, fn: Callable[[], Any]) -> object:
         return await guarded(what, cast(Callable[[], Awaitable[object]], fn))
 
     async def hello(
-        self, address: str, request: gossip_pb2.HelloRequest, *, timeout_s: float | None = None
+        self,
+        address: str,
+        request: gossip_pb2.HelloRequest,
+        *,
+        timeout_s: float | None = None,
+        node_id: str | None = None,
     ) -> gossip_pb2.HelloResponse:
-        stub = self._stub(address)
+        stub = self._stub(address, node_id)
         timeout = timeout_s if timeout_s is not None else self.cfg.rpc_timeout_s
         result = await self._call(f"hello to {address}", lambda: stub.Hello(request, timeout=timeout))
         assert isinstance(result, gossip_pb2.HelloResponse)
         return result
 
-    async def status(self, address: str) -> gossip_pb2.GetStatusResponse:
-        stub = self._stub(address)
+    async def status(self, address: str, node_id: str | None = None) -> gossip_pb2.GetStatusResponse:
+        stub = self._stub(address, node_id)
         result = await self._call(
             f"status of {address}",
             lambda: stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=self.cfg.rpc_timeout_s),
@@ -61,7 +82,7 @@ class Client:
     async def push(
         self, address: str, requests: Iterable[gossip_pb2.PushRequest], total_bytes: int, peer_id: str
     ) -> gossip_pb2.PushResponse:
-        stub = self._stub(address)
+        stub = self._stub(address, peer_id)
 
         async def gen() -> AsyncIterator[gossip_pb2.PushRequest]:
             for r in requests:
@@ -76,10 +97,16 @@ class Client:
         return result
 
     async def fetch_state(
-        self, address: str, request: gossip_pb2.FetchStateRequest, limits: ReceiveLimits, *, timeout_s: float
+        self,
+        address: str,
+        request: gossip_pb2.FetchStateRequest,
+        limits: ReceiveLimits,
+        *,
+        timeout_s: float,
+        node_id: str | None = None,
     ) -> Received:
         """Download and validate a peer's current model (catch-up). PayloadError if it fails validation."""
-        stub = self._stub(address)
+        stub = self._stub(address, node_id)
         asm = Assembler(limits, peer=address)
 
         def call() -> AsyncIterator[gossip_pb2.FetchStateResponse]:
@@ -97,9 +124,10 @@ class Client:
         return asm.finish()
 
     async def forget(self, address: str) -> None:
-        ch = self._channels.pop(address, None)
-        if ch is not None:
-            await ch.close()
+        for key in [k for k in self._channels if k[0] == address]:
+            ch = self._channels.pop(key, None)
+            if ch is not None:
+                await ch.close()
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

@@ -1,8 +1,15 @@
-"""Local network interfaces: which IPv4 addresses mDNS may run on (ifaddr asks the OS)."""
+"""Local network interfaces: which IPv4 addresses mDNS may run on (ifaddr asks the OS).
+
+`mdns_interfaces` is the default that follows `listen`: loopback stays on 127.0.0.1, a specific address runs mDNS
+on that address's interface, and 0.0.0.0 on every non-loopback IPv4 interface that is up.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import socket
+import struct
 
 import ifaddr
 
@@ -15,6 +22,58 @@ def _available_interfaces() -> dict[str, list[str]]:
         adapter.name: [ip.ip for ip in adapter.ips if ip.is_IPv4 and isinstance(ip.ip, str)]
         for adapter in ifaddr.get_adapters()
     }
+
+
+_SIOCGIFFLAGS = 0x8913
+_IFF_UP = 0x1
+
+
+def _is_up(name: str) -> bool:
+    """Whether the interface is administratively up (Linux SIOCGIFFLAGS; True where that is unavailable)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            raw = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, struct.pack("256s", name.encode()[:15]))
+    except OSError:
+        return True
+    return bool(struct.unpack_from("H", raw, 16)[0] & _IFF_UP)
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost"."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_wildcard_host(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+def mdns_interfaces(listen_host: str, configured: list[str] | None) -> list[str]:
+    """Where mDNS runs, as IPv4 addresses. `configured` (discovery.interfaces) wins when given; otherwise it
+    follows `listen`'s host. Raises ConfigError(field="discovery.interfaces") when nothing fits."""
+    if configured is not None:
+        return resolve_interfaces(configured)
+    if is_loopback_host(listen_host):
+        return ["127.0.0.1"]
+    if is_wildcard_host(listen_host):
+        ips = [
+            ip
+            for name, addrs in _available_interfaces().items()
+            if _is_up(name)
+            for ip in addrs
+            if not ipaddress.ip_address(ip).is_loopback
+        ]
+        if not ips:
+            raise ConfigError(
+                "listen is 0.0.0.0 but no non-loopback IPv4 interface is up; name one in discovery.interfaces",
+                field="discovery.interfaces",
+            )
+        return list(dict.fromkeys(ips))
+    return resolve_interfaces([listen_host])
 
 
 def resolve_interfaces(interfaces: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from peer.core.admission import RateLimiter, StreamSlots, clip, source_of, strea
 from peer.errors import PayloadError, RateLimitedError, StalledStreamError, StartupError, UndecodableError
 from peer.net.assembler import Assembler, Received, ReceiveLimits
 from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME
+from peer.net.tls import Credentials, identity_of
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,20 @@ def server_options(cfg: GossipConfig) -> list[tuple[str, int | str]]:
 
 
 class Handlers(Protocol):
-    """What the daemon provides to the servicer. Each method is quick and never blocks the loop."""
+    """What the daemon provides to the servicer. Each method is quick and never blocks the loop.
 
-    def hello(self, request: gossip_pb2.HelloRequest, peer: str) -> gossip_pb2.HelloResponse: ...
+    `identity` is the caller's node id from its verified client certificate (None without TLS): a claimed node id
+    that contradicts it is refused with PERMISSION_DENIED (IdentityError).
+    """
+
+    def hello(self, request: gossip_pb2.HelloRequest, peer: str, identity: str | None) -> gossip_pb2.HelloResponse: ...
     def receive_limits(self) -> ReceiveLimits: ...
-    def deliver(self, received: Received, peer: str) -> None: ...
+    def deliver(self, received: Received, peer: str, identity: str | None) -> None: ...
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None: ...
     def status(self) -> gossip_pb2.GetStatusResponse: ...
-    async def fetch_state(self, request: gossip_pb2.FetchStateRequest) -> tuple[gossip_pb2.PushHeader, list[bytes]]: ...
+    async def fetch_state(
+        self, request: gossip_pb2.FetchStateRequest, identity: str | None
+    ) -> tuple[gossip_pb2.PushHeader, list[bytes]]: ...
     def refused(self, reason: str, peer: str, message: str) -> None: ...
 
 
@@ -124,7 +131,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
     ) -> gossip_pb2.HelloResponse:
         await self._check(request, context, limited=False)  # the core rate-limits Hellos itself
         try:
-            return self.handlers.hello(request, context.peer())
+            return self.handlers.hello(request, context.peer(), identity_of(context))
         except PayloadError as exc:
             await _abort(context, exc)
 
@@ -142,7 +149,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
             await self._refuse(context, "fetch_busy", RateLimitedError("too many model downloads in progress"))
         self.fetches += 1
         try:
-            header, chunks = await self.handlers.fetch_state(request)
+            header, chunks = await self.handlers.fetch_state(request, identity_of(context))
         except PayloadError as exc:
             await _abort(context, exc)
         finally:
@@ -211,7 +218,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
                 received = await asyncio.to_thread(asm.finish)
             else:
                 received = asm.finish()
-            self.handlers.deliver(received, peer)
+            self.handlers.deliver(received, peer, identity_of(context))
         except PayloadError as exc:
             del asm  # the partial buffer goes now, not when the aborted call is collected
             self.handlers.rejected(sender, exc, peer)
@@ -260,8 +267,11 @@ class Server:
         await self.server.stop(grace_s)
 
 
-async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Server:
-    """Bind and start. A port in use or a bad address raises StartupError naming the address."""
+async def start_server(
+    listen: str, cfg: GossipConfig, handlers: Handlers, credentials: Credentials | None = None
+) -> Server:
+    """Bind and start (mutual TLS with `credentials`, else plaintext). A port in use or a bad address raises
+    StartupError naming the address."""
     server = grpc.aio.server(options=server_options(cfg))
     servicer = GossipServicer(handlers, cfg)
     _add_servicer(servicer, server)
@@ -272,7 +282,10 @@ async def start_server(listen: str, cfg: GossipConfig, handlers: Handlers) -> Se
     # taken would quietly listen on [::1]:P alone, beside the other daemon. Bind the IPv4 loopback only.
     bind = f"127.0.0.1:{port_text}" if host == "localhost" else listen
     try:
-        port = server.add_insecure_port(bind)
+        if credentials is not None:
+            port = server.add_secure_port(bind, credentials.server_credentials())
+        else:
+            port = server.add_insecure_port(bind)
     except RuntimeError as exc:
         raise StartupError(
             f"cannot listen on {listen}: the port is in use or the address is not on this host ({exc})"

@@ -11,12 +11,29 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from peer.errors import SendError
 from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME, blocking_call, guarded
+from peer.net.tls import TlsFiles, load_material, server_name_options
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 
-async def fetch_status(address: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+def _tls(tls: TlsFiles | None) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    """Channel credentials and options: mutual TLS with a certificate of the cluster CA, else plaintext."""
+    if tls is None:
+        return None, [NO_PROXY]
+    m = load_material(tls)
+    creds = grpc.ssl_channel_credentials(root_certificates=m.ca, private_key=m.key, certificate_chain=m.cert)
+    return creds, [NO_PROXY, *server_name_options(None)]
+
+
+def _aio_channel(address: str, tls: TlsFiles | None) -> grpc.aio.Channel:
+    creds, options = _tls(tls)
+    if creds is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, creds, options=options)
+
+
+async def fetch_status(address: str, *, timeout_s: float = 5.0, tls: TlsFiles | None = None) -> dict[str, Any]:
     # A bare channel: `peer status` must answer fast, so it imports neither torch nor the config tree.
-    async with grpc.aio.insecure_channel(address, options=[NO_PROXY]) as channel:
+    async with _aio_channel(address, tls) as channel:
         stub = gossip_pb2_grpc.GossipServiceStub(channel)
         resp = await guarded(
             f"status of {address}", lambda: stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=timeout_s)
@@ -24,12 +41,17 @@ async def fetch_status(address: str, *, timeout_s: float = 5.0) -> dict[str, Any
     return MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def probe_status(address: str, timeout_s: float) -> dict[str, Any]:
+def probe_status(address: str, timeout_s: float, tls: TlsFiles | None = None) -> dict[str, Any]:
     """Blocking status query for the testbed's long-lived probe: {"ok": True, "status": {...}} (the dict of
     `fetch_status`) or {"ok": False, "error": "CODE: details"}. Imports stay light (no torch), for fast polling."""
+    creds, options = _tls(tls)
 
     def get_status() -> gossip_pb2.GetStatusResponse:
-        with grpc.insecure_channel(address, options=[NO_PROXY]) as channel:
+        if creds is None:
+            channel = grpc.insecure_channel(address, options=options)
+        else:
+            channel = grpc.secure_channel(address, creds, options=options)
+        with channel:
             stub = gossip_pb2_grpc.GossipServiceStub(channel)
             return stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=timeout_s)
 
@@ -69,9 +91,9 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def check_health(address: str, *, timeout_s: float = 3.0) -> tuple[bool, str]:
+async def check_health(address: str, *, timeout_s: float = 3.0, tls: TlsFiles | None = None) -> tuple[bool, str]:
     """True when the daemon's gossip service reports SERVING."""
-    async with grpc.aio.insecure_channel(address, options=[NO_PROXY]) as channel:
+    async with _aio_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             resp = await guarded(

@@ -90,6 +90,23 @@ class BedBase:
     def state_path_of(self, i: int) -> Path:
         return self.workdir / f"h{i}"
 
+    # -- certificates: a throwaway cluster CA per testbed (daemons run with mutual TLS) ---------------------
+    PROBE_ID = "testbed-probe"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.workdir / "pki"
+
+    def tls_files(self, node_id: str) -> dict[str, str]:
+        """`security` keys for `node_id` (a host's node id, or PROBE_ID); makes the CA and certificates once."""
+        from peer.tools.certs import make_cluster
+
+        if not (self.pki_dir / f"{self.PROBE_ID}.pem").exists():
+            make_cluster(self.pki_dir, [self.node_id(i) for i in range(self.n)] + [self.PROBE_ID])
+        d = self.pki_dir
+        ca = str(d / "ca.pem")
+        return {"ca_file": ca, "cert_file": str(d / f"{node_id}.pem"), "key_file": str(d / f"{node_id}.key")}
+
     def log_path(self, i: int) -> Path:
         return self.workdir / f"h{i}.log"
 

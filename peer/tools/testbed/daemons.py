@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from peer.tools.testbed.base import BedBase
-from peer.tools.testbed.common import TestbedError, _atomic_write, _tail, deep_merge, host_ip
+from peer.tools.testbed.common import TestbedError, _atomic_write, _tail, deep_merge
 from peer.tools.testbed.process import _Daemon, _pdeathsig, _proc_start_time
 
 
@@ -21,18 +21,16 @@ class DaemonsMixin(BedBase):
 
     # -- daemons ----------------------------------------------------------------------------------------
     def host_config(self, i: int) -> dict[str, Any]:
-        """Host i's `peer run` config: identity and discovery, then base_config, then host_overrides[i]."""
+        """Host i's `peer run` config: the plain defaults plus its identity, address, state_dir and certificate
+        (mDNS follows `listen`), then base_config, then host_overrides[i]."""
         self._check_index(i)
-        cfg = deep_merge(
-            {"discovery": {"mdns": True, "static_peers": []}, "train": {"device": "cpu"}}, self.base_config
-        )
+        cfg = deep_merge({"security": self.tls_files(self.node_id(i))}, self.base_config)
         cfg = deep_merge(
             cfg,
             {
                 "node_id": self.node_id(i),
                 "listen": self.address(i),
                 "state_dir": str(self.state_path_of(i)),
-                "discovery": {"interfaces": [host_ip(i)]},
             },
         )
         num = int(cfg.get("data", {}).get("num_partitions", 1) or 1)

@@ -15,11 +15,13 @@ from peer.tools.testbed.process import _pdeathsig
 # `peer.tools.status` (no torch): `peer status` imports torch (via peer.config), ~1.5 s per call, too slow for polling.
 _PROBE_SRC = r"""
 import json, sys
+from peer.net.tls import TlsFiles
 from peer.tools.status import probe_status
 print(json.dumps({"ok": True, "probe": "ready"}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
-    print(json.dumps(probe_status(req["address"], req["timeout"])), flush=True)
+    tls = TlsFiles(**req["tls"]) if req.get("tls") else None
+    print(json.dumps(probe_status(req["address"], req["timeout"], tls)), flush=True)
 """
 
 
@@ -46,10 +48,10 @@ class _Probe:
         reply: dict[str, Any] = json.loads(line)
         return reply
 
-    def query(self, address: str, timeout_s: float) -> dict[str, Any]:
+    def query(self, address: str, timeout_s: float, tls: dict[str, str] | None = None) -> dict[str, Any]:
         with self.lock:
             assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps({"address": address, "timeout": timeout_s}) + "\n")
+            self.proc.stdin.write(json.dumps({"address": address, "timeout": timeout_s, "tls": tls}) + "\n")
             self.proc.stdin.flush()
             return self._read()
 

@@ -32,7 +32,9 @@ class StatusMixin(BedBase):
 
     def _peer_status(self, i: int, via: int | None, timeout_s: float, *extra: str) -> subprocess.CompletedProcess[str]:
         ns = self.host_ns(i if via is None else via)
+        tls = self.tls_files(self.PROBE_ID)
         cmd = ["ip", "netns", "exec", ns, self.python, "-m", "peer", "status", self.address(i), *extra]
+        cmd += ["--ca", tls["ca_file"], "--cert", tls["cert_file"], "--key", tls["key_file"]]
         return subprocess.run(
             [*cmd, "--timeout", str(timeout_s)],
             capture_output=True,
@@ -64,7 +66,7 @@ class StatusMixin(BedBase):
         """The same dict as `status`, from a long-lived client in the namespace (milliseconds, not seconds:
         for polling). Raises TestbedError when the daemon does not answer."""
         probe = self._probe(self.host_ns(i if via is None else via))
-        reply = probe.query(self.address(i), timeout_s)
+        reply = probe.query(self.address(i), timeout_s, self.tls_files(self.PROBE_ID))
         if not reply.get("ok"):
             raise TestbedError(f"status of h{i} (via h{i if via is None else via}): {reply.get('error')}")
         status: dict[str, Any] = reply["status"]
