@@ -23,6 +23,7 @@ Usage:
     .venv/bin/python scripts/compare_algorithms.py --algorithms dpsgd dmsgd --seeds 0 1
     .venv/bin/python scripts/compare_algorithms.py --faults drop=0.2     # the same under 20% message loss
     .venv/bin/python scripts/compare_algorithms.py --quick               # 20 epochs, a smoke run
+    .venv/bin/python scripts/compare_algorithms.py --grid [--quick]      # the held-out grid (scripts/bench_grid.py)
 """
 
 from __future__ import annotations
@@ -167,6 +168,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main() -> int:
+    if "--grid" in sys.argv[1:]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_grid
+
+        return bench_grid.main([a for a in sys.argv[1:] if a != "--grid"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", help="default: every registered algorithm")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -211,9 +211,10 @@ def test_format_table_prints_percent() -> None:
     assert "97.50%" in text and "40.00%" in text and "95.50%" in text and "peer-1" in text
 
 
-def test_single_peer_does_not_wait_for_neighbours(tmp_path: Path) -> None:
+def test_single_peer_does_not_look_for_neighbours(tmp_path: Path) -> None:
+    """A demo of one turns discovery off; the daemon then waits for no one (peer.daemon.node)."""
     c = config_mod.validate(demo.peer_config(_args("--peers", "1"), 0, tmp_path), source="test")
-    assert c.train.wait_for_neighbors_s == 0
+    assert c.discovery.mdns is False and c.discovery.static_peers == []
 
 
 def test_clear_state_dir_removes_only_demo_state(tmp_path: Path) -> None:
