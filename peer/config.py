@@ -112,7 +112,7 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: float = Field(20, gt=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.1, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
