@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from importlib import resources
@@ -37,12 +38,14 @@ def _first_peer_error(exc: BaseException) -> PeerError | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from peer import config, logs
     from peer.daemon.node import Node
+    from peer.daemon.sdnotify import Notifier
 
     cfg = config.load(args.config, args.set)
-    logs.setup(cfg.log.level, cfg.log.json_lines)
+    logs.setup(cfg.log.level, cfg.log.json_lines, journald=logs.stderr_is_journal(os.environ.get("JOURNAL_STREAM")))
+    notifier = Notifier.from_env(os.environ)
 
     async def main() -> None:
-        node = Node(cfg, reset=args.reset)
+        node = Node(cfg, reset=args.reset, notifier=notifier)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_stop)
