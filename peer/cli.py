@@ -78,9 +78,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from peer.tools.status import fetch_status, format_status
 
+    if args.watch:
+        return _watch([args.address], args, neighbours=True)
     status = asyncio.run(fetch_status(args.address, timeout_s=args.timeout, tls=_tls_files(args)))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    return _watch(args.addresses, args, neighbours=False)
+
+
+def _watch(addresses: list[str], args: argparse.Namespace, *, neighbours: bool) -> int:
+    from peer.tools.watch import watch
+
+    tls = _tls_files(args)
+    kwargs = {"interval_s": args.interval, "count": args.count, "timeout_s": args.timeout, "json_lines": args.json}
+    asyncio.run(watch(addresses, neighbours=neighbours, tls=tls, **kwargs))
+    return 0
+
+
+def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default 0: until Ctrl-C)")
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -152,10 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show a running daemon's state")
     s.add_argument("address", metavar="HOST:PORT")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="JSON (with --watch: one JSON object per line and refresh)")
     s.add_argument("--timeout", type=float, default=5.0)
+    s.add_argument("--watch", action="store_true", help="refresh: the daemon and each neighbour's step, loss, bytes/s")
+    _watch_arguments(s)
     _tls_arguments(s)
     s.set_defaults(fn=cmd_status)
+
+    t = sub.add_parser("top", help="live view of several daemons, one row each")
+    t.add_argument("addresses", nargs="+", metavar="HOST:PORT")
+    t.add_argument("--json", action="store_true", help="one JSON object per line and refresh")
+    t.add_argument("--timeout", type=float, default=2.0)
+    _watch_arguments(t)
+    _tls_arguments(t)
+    t.set_defaults(fn=cmd_top)
 
     h = sub.add_parser("health", help="gRPC health check (exit 0 when serving); for container health checks")
     h.add_argument("--addr", required=True, metavar="HOST:PORT")
