@@ -103,6 +103,19 @@ def _watch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default 0: until Ctrl-C)")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from peer.tools.report import write_report
+
+    summary = write_report(args.state_dirs, args.out, evaluate=not args.no_eval)
+    for peer in summary["peers"]:
+        acc = peer["accuracy"]
+        accuracy = f", test accuracy {100 * acc:.2f}%" if acc is not None else ""
+        print(f"{peer['node_id']}: step {peer['step']}, loss {peer['loss']}{accuracy}")
+    print(f"consensus distance: {summary['consensus_distance']}")
+    print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     from peer.tools.status import check_health
 
@@ -186,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     _watch_arguments(t)
     _tls_arguments(t)
     t.set_defaults(fn=cmd_top)
+
+    rp = sub.add_parser("report", help="plot loss, bytes, consensus distance and accuracy of any run (PNG)")
+    rp.add_argument("state_dirs", nargs="+", metavar="STATE_DIR")
+    rp.add_argument("--out", required=True, metavar="DIR")
+    rp.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (no accuracy)")
+    rp.set_defaults(fn=cmd_report)
 
     h = sub.add_parser("health", help="gRPC health check (exit 0 when serving); for container health checks")
     h.add_argument("--addr", required=True, metavar="HOST:PORT")
