@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -13,7 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peer.daemon.metrics import Histogram
+from peer.daemon.exporter import PeerCollector
+from peer.daemon.metrics import Counters, Histogram
 from peer.daemon.node import Node
 from peer.errors import StartupError
 from tests.helpers import fast_config, start_nodes, stop_nodes, unique, until
@@ -106,3 +109,31 @@ async def test_metrics_port_in_use_is_a_startup_error(tmp_path: Path) -> None:
             await asyncio.wait_for(b.run(), 60)
     finally:
         await stop_nodes([a], tasks)
+
+
+def _exposed_names() -> set[str]:
+    """Every sample name the collector exposes, with a record as the loop publishes it."""
+    counters = Counters(step=5, bytes_sent=10, loss=0.5)
+    counters.reject("undecodable")
+    counters.observe_push("ok", 0.01)
+    collector = PeerCollector("n1", "cdl", counters, started=0.0)
+    record = {"neighbours": ["n2"], "algo_neighbour_distance": 0.1, "pace_waits": 1, "pace_wait_s": 0.5}
+    collector.publish({**record, "pace_missed_deadlines": 0, "pace_gap_s": 0.1, "pace_steps_per_s": 9.0}, {"alive": 1})
+    return {s.name for family in collector.collect() for s in family.samples}
+
+
+def test_grafana_dashboard_queries_exposed_metrics() -> None:
+    root = Path(__file__).resolve().parents[1]
+    dashboard = json.loads((root / "deploy" / "grafana" / "peer-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs and dashboard["uid"] == "peer-fleet"
+    used = {m for e in exprs for m in re.findall(r"\bpeer_[a-z_]+", e)}
+    exposed = _exposed_names()
+    assert used <= exposed, f"the dashboard queries metrics the daemon does not expose: {sorted(used - exposed)}"
+    for name in ("peer_bytes_sent_total", "peer_train_loss", "peer_consensus_distance", "peer_neighbors"):
+        assert name in used, name
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        cfg = root / "deploy" / "prometheus" / "prometheus.yml"
+        result = subprocess.run([promtool, "check", "config", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stdout + result.stderr
