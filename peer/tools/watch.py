@@ -103,15 +103,17 @@ def top_table(probes: Sequence[Probe], rates: Sequence[tuple[float | None, float
         ("loss", "right"),
         ("sent/s", "right"),
         ("recv/s", "right"),
-        ("peers alive", "right"),
+        ("alive", "right"),
         ("rejected", "right"),
         ("uptime", "right"),
     ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    errors = []
     for p, (sent, received) in zip(probes, rates, strict=True):
         s = p.status
         if s is None:
-            table.add_row("?", p.address, Text(f"unreachable: {p.error}", style="red"), *[""] * 8)
+            table.add_row("?", p.address, Text("unreachable", style="red"), *[""] * 8)
+            errors.append(f"{p.address}: {p.error}")
             continue
         done = " (done)" if s.get("training_done") else ""
         table.add_row(
@@ -127,6 +129,9 @@ def top_table(probes: Sequence[Probe], rates: Sequence[tuple[float | None, float
             str(s.get("rejected_messages", 0)),
             f"{float(s.get('uptime_s', 0)):.0f}s",
         )
+    if errors:
+        table.caption = Text("\n".join(errors), style="red")
+        table.caption_justify = "left"
     return table
 
 
@@ -180,7 +185,10 @@ async def watch(
 ) -> None:
     """Refresh every `interval_s` (`count` times, 0 = until interrupted). `neighbours`: the status view of
     `addresses[0]` with its neighbours asked too; else the top view of every address."""
-    console = console if console is not None else Console(highlight=False)
+    if console is None:
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            console = Console(highlight=False, width=max(console.width, 160))  # a pipe or a file: no wrapping at 80
     rates = Rates()
     live: Live | None = None
     if console.is_terminal and not json_lines:
