@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from importlib import resources
@@ -37,12 +38,14 @@ def _first_peer_error(exc: BaseException) -> PeerError | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from peer import config, logs
     from peer.daemon.node import Node
+    from peer.daemon.sdnotify import Notifier
 
     cfg = config.load(args.config, args.set)
-    logs.setup(cfg.log.level, cfg.log.json_lines)
+    logs.setup(cfg.log.level, cfg.log.json_lines, journald=logs.stderr_is_journal(os.environ.get("JOURNAL_STREAM")))
+    notifier = Notifier.from_env(os.environ)
 
     async def main() -> None:
-        node = Node(cfg, reset=args.reset)
+        node = Node(cfg, reset=args.reset, notifier=notifier)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_stop)
@@ -75,8 +78,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from peer.tools.status import fetch_status, format_status
 
+    if args.watch:
+        return _watch([args.address], args, neighbours=True)
     status = asyncio.run(fetch_status(args.address, timeout_s=args.timeout, tls=_tls_files(args)))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    return _watch(args.addresses, args, neighbours=False)
+
+
+def _watch(addresses: list[str], args: argparse.Namespace, *, neighbours: bool) -> int:
+    from peer.tools.watch import watch
+
+    tls = _tls_files(args)
+    kwargs = {"interval_s": args.interval, "count": args.count, "timeout_s": args.timeout, "json_lines": args.json}
+    asyncio.run(watch(addresses, neighbours=neighbours, tls=tls, **kwargs))
+    return 0
+
+
+def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many refreshes (default 0: until Ctrl-C)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from peer.tools.report import write_report
+
+    summary = write_report(args.state_dirs, args.out, evaluate=not args.no_eval)
+    for peer in summary["peers"]:
+        acc = peer["accuracy"]
+        accuracy = f", test accuracy {100 * acc:.2f}%" if acc is not None else ""
+        print(f"{peer['node_id']}: step {peer['step']}, loss {peer['loss']}{accuracy}")
+    print(f"consensus distance: {summary['consensus_distance']}")
+    print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")
     return 0
 
 
@@ -149,10 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show a running daemon's state")
     s.add_argument("address", metavar="HOST:PORT")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="JSON (with --watch: one JSON object per line and refresh)")
     s.add_argument("--timeout", type=float, default=5.0)
+    s.add_argument("--watch", action="store_true", help="refresh: the daemon and each neighbour's step, loss, bytes/s")
+    _watch_arguments(s)
     _tls_arguments(s)
     s.set_defaults(fn=cmd_status)
+
+    t = sub.add_parser("top", help="live view of several daemons, one row each")
+    t.add_argument("addresses", nargs="+", metavar="HOST:PORT")
+    t.add_argument("--json", action="store_true", help="one JSON object per line and refresh")
+    t.add_argument("--timeout", type=float, default=2.0)
+    _watch_arguments(t)
+    _tls_arguments(t)
+    t.set_defaults(fn=cmd_top)
+
+    rp = sub.add_parser("report", help="plot loss, bytes, consensus distance and accuracy of any run (PNG)")
+    rp.add_argument("state_dirs", nargs="+", metavar="STATE_DIR")
+    rp.add_argument("--out", required=True, metavar="DIR")
+    rp.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (no accuracy)")
+    rp.set_defaults(fn=cmd_report)
 
     h = sub.add_parser("health", help="gRPC health check (exit 0 when serving); for container health checks")
     h.add_argument("--addr", required=True, metavar="HOST:PORT")

@@ -36,6 +36,18 @@ def _check_hostport(value: str, *, allow_port_zero: bool) -> str:
     return value
 
 
+def _check_ip_hostport(value: str) -> str:
+    """A listen address: an IP address (or `localhost`) and a port, 0 allowed."""
+    _check_hostport(value, allow_port_zero=True)
+    host = value.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"listen host must be an IP address, got {host!r}") from None
+    return value
+
+
 class DiscoveryConfig(_Section):
     mdns: bool = True
     cluster: str = Field("default", min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -193,6 +205,14 @@ class CheckpointConfig(_Section):
 class MetricsConfig(_Section):
     interval_s: float = Field(1.0, gt=0)
     snapshot_interval_s: float = Field(0.0, ge=0, description="write flat-parameter snapshots (0 = off)")
+    listen: str | None = Field(
+        None, description="serve Prometheus metrics on http://HOST:PORT/metrics (port 0: any free port); null = off"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ip_hostport(v)
 
 
 class SecurityConfig(_Section):
@@ -252,14 +272,7 @@ class PeerConfig(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        _check_hostport(v, allow_port_zero=True)
-        host = v.rpartition(":")[0].strip("[]")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if host != "localhost":
-                raise ValueError(f"listen host must be an IP address, got {host!r}") from None
-        return v
+        return _check_ip_hostport(v)
 
     @field_validator("topology")
     @classmethod

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 
 class _NodeIdDefault(logging.Filter):
@@ -31,13 +31,43 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-def setup(level: str = "info", json_lines: bool = False) -> None:
+class JournalFormatter(logging.Formatter):
+    """For stderr connected to journald: a `<N>` syslog priority prefix (journald stores it as PRIORITY, so
+    `journalctl -p warning` works) and no timestamp (journald adds its own)."""
+
+    PRIORITY: ClassVar[dict[str, int]] = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+    def __init__(self) -> None:
+        super().__init__("[%(node_id)s] %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{self.PRIORITY.get(record.levelname, 6)}>"
+        # Each line of a multi-line message (a traceback) is its own journal entry: prefix them all.
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def stderr_is_journal(journal_stream: str | None) -> bool:
+    """True when `$JOURNAL_STREAM` ("DEV:INODE", set by systemd) names our stderr, as sd_journal_stream_fd(3)
+    advises: a child whose stderr was redirected elsewhere inherits the variable but not the journal."""
+    if not journal_stream:
+        return False
+    dev, _, inode = journal_stream.partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{dev}:{inode}"
+
+
+def setup(level: str = "info", json_lines: bool = False, *, journald: bool = False) -> None:
     """Configure the root logger once per process (the CLI calls it; tests rely on pytest's capture)."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core's own stderr chatter
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_NodeIdDefault())
     if json_lines:
         handler.setFormatter(JsonFormatter())
+    elif journald:
+        handler.setFormatter(JournalFormatter())
     else:
         fmt = logging.Formatter("%(asctime)s %(levelname)-7s [%(node_id)s] %(name)s: %(message)s", "%H:%M:%S")
         fmt.converter = time.localtime

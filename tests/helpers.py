@@ -114,14 +114,14 @@ async def stop_nodes(nodes: list[Node], tasks: list[asyncio.Task[None]], *, retu
 class PeerProcess:
     """A real `peer run` child process: stdout lines arrive on a queue (no blocking reads), stderr goes to a log."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "peer", "run", "--config", str(config_path)],
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})},
             text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()

@@ -27,6 +27,7 @@ The knobs of §6(a)/(c):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -102,6 +103,7 @@ class Cdl(Algorithm):
         self.round = 0
         self.dropped_out_of_order = 0
         self.clipped_edges = 0  # unit weights: edges mixed with their clipped weight (summed over rounds)
+        self.neighbour_distance = math.nan  # see metrics()
 
     def on_message(self, msg: InMessage, now: float) -> bool:
         params = msg.payload.tensors.get("params")
@@ -141,13 +143,23 @@ class Cdl(Algorithm):
         models = robust_received(x, {j: self.cache[j].params for j in used}, self.p.robust, self.p.trim)
         out = x.clone()
         total = 0.0
+        spread = 0.0
         for j in used:
             a = alpha[j]
-            out.add_(models[j] - x, alpha=a)
+            diff = models[j] - x
+            out.add_(diff, alpha=a)
+            spread += float(diff.norm())
             self.cache[j].used = True
             total += a
+        norm = float(x.norm())
+        self.neighbour_distance = spread / len(used) / norm if norm > 0 else math.nan
         self.last_report = MixReport(tuple(used), tuple(stale), 1.0 - total)
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """`neighbour_distance`: mean ‖θ̂_j − θ_i‖ / ‖θ_i‖ over the copies mixed in the last round that mixed any,
+        the local estimate of the network's consensus distance (the true one needs every model at once)."""
+        return {"neighbour_distance": self.neighbour_distance}
 
     def edge_weights(self, view: NeighbourView) -> dict[str, float]:
         """ε·a_ij for every neighbour of the view (the live degrees)."""

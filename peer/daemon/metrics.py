@@ -10,6 +10,35 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# Upper bounds (seconds) of the push-duration histogram: loopback pushes take milliseconds, slow links seconds.
+PUSH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Histogram:
+    """A fixed-bucket histogram (counts per bucket, the last for +Inf) with the sum of observed values."""
+
+    bounds: tuple[float, ...] = PUSH_BUCKETS_S
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        i = next((k for k, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations <= bound) for every bucket, +Inf last, as Prometheus exposes them."""
+        out, running = [], 0
+        for bound, n in zip([*self.bounds, math.inf], self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
 
 @dataclass
 class Counters:
@@ -35,6 +64,8 @@ class Counters:
     training_done: bool = False
     training_s: float = 0.0  # wall time from the first local step of this run to the last one
     rejected: dict[str, int] = field(default_factory=dict)  # refused remote input, by reason
+    # Push durations by outcome ("ok", "error"); for the Prometheus endpoint only, not in metrics.jsonl.
+    push_seconds: dict[str, Histogram] = field(default_factory=dict, repr=False, compare=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
@@ -46,9 +77,18 @@ class Counters:
         with self.lock:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def observe_push(self, outcome: str, seconds: float) -> None:
+        with self.lock:
+            self.push_seconds.setdefault(outcome, Histogram()).observe(seconds)
+
+    def push_histograms(self) -> dict[str, tuple[list[tuple[float, int]], float]]:
+        """Per outcome: the cumulative buckets and the sum of push durations."""
+        with self.lock:
+            return {k: (h.cumulative(), h.total) for k, h in self.push_seconds.items()}
+
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+            out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lock", "push_seconds")}
             out["rejected"] = dict(self.rejected)
             return out
 

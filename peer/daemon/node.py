@@ -29,11 +29,13 @@ from peer.daemon.builder import Built, build
 from peer.daemon.catchup import CatchUpFetcher
 from peer.daemon.changes import Changes
 from peer.daemon.checkpoint import Checkpointer
+from peer.daemon.exporter import Exporter, start_exporter
 from peer.daemon.handlers import DaemonFacts, RpcHandlers
 from peer.daemon.membership import DiscoveryInputs, HelloCaller
 from peer.daemon.metrics import Counters, MetricsLog, metrics_record
 from peer.daemon.pusher import Pusher
 from peer.daemon.refusals import Refusals
+from peer.daemon.sdnotify import Notifier
 from peer.daemon.settings import core_settings
 from peer.daemon.worker import TrainingWorker
 from peer.errors import PeerError, StartupError
@@ -60,10 +62,15 @@ def _hour_start(unix_s: float) -> float:
 class Node:
     """One `peer run` daemon. `await Node(cfg).run()` returns after a graceful stop."""
 
-    def __init__(self, cfg: PeerConfig, *, reset: bool = False, stdout: TextIO | None = None) -> None:
+    def __init__(
+        self, cfg: PeerConfig, *, reset: bool = False, stdout: TextIO | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.cfg = cfg
         self.reset = reset
         self.stdout = stdout if stdout is not None else sys.stdout
+        self.notifier = notifier if notifier is not None else Notifier()  # systemd (peer.cli reads the environment)
+        self.exporter: Exporter | None = None  # Prometheus endpoint (metrics.listen)
+        self.metrics_address = ""
         self.log = node_logger("peer.daemon.node", cfg.node_id)
         self.once = OnceLogger(self.log)
         self.counters = Counters()
@@ -328,6 +335,7 @@ class Node:
                     extra_txt={"cluster": self.cfg.discovery.cluster},
                 )
                 await self._mdns.start()
+            self._start_exporter()
             self._announce_ready()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -340,6 +348,7 @@ class Node:
                 now = time.monotonic()
                 self.dispatch(ev.Started(now, time.time(), self.address, self._progress(), built.state_saved_unix_s))
                 tg.create_task(self._clock())
+                tg.create_task(self.notifier.watchdog(self._stop))
                 mdns_task = tg.create_task(self._mdns.run()) if self._mdns is not None else None
                 await self._stop.wait()
                 await self._shutdown(train_task, mdns_task)
@@ -355,6 +364,8 @@ class Node:
             await self.client.close()
             if self._server is not None:
                 await self._server.server.stop(None)
+            if self.exporter is not None:
+                await asyncio.to_thread(self.exporter.close)
 
     def _announce_ready(self) -> None:
         line = {
@@ -364,13 +375,30 @@ class Node:
             "incarnation": self.incarnation,
             "step": self.built.trainer.step_count,
         }
+        if self.metrics_address:
+            line["metrics_address"] = self.metrics_address
         self.stdout.write(json.dumps(line) + "\n")
         self.stdout.flush()
         self.ready.set()
         self.log.info("serving on %s", self.address)
+        self.notifier.ready(f"serving on {self.address}")
+
+    def _start_exporter(self) -> None:
+        listen = self.cfg.metrics.listen
+        if listen is None:
+            return
+        algorithm = self.built.algorithm.name
+        try:
+            self.exporter = start_exporter(listen, self.cfg.node_id, algorithm, self.counters, self._started)
+        except OSError as exc:
+            raise StartupError(f"metrics.listen: cannot serve metrics on {listen}: {exc.strerror or exc}") from None
+        self.metrics_address = self.exporter.address
+        self.log.info("Prometheus metrics on http://%s/metrics", self.metrics_address)
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (signal handlers and tests call this)."""
+        if not self._stop.is_set():
+            self.notifier.stopping()
         self._stop.set()
 
     async def _shutdown(self, train_task: asyncio.Task[None], mdns_task: asyncio.Task[None] | None) -> None:
@@ -432,6 +460,11 @@ class Node:
         except RuntimeError:  # a dict resized by the training thread mid-read: next time
             pass
         record = metrics_record(event, self.cfg.node_id, self._started, self.core.neighbours(), self.counters, extra)
+        if self.exporter is not None:
+            states: dict[str, int] = {}
+            for row in self.core.table.rows(time.monotonic()):
+                states[row.state] = states.get(row.state, 0) + 1
+            self.exporter.publish(record, states)
         try:
             self.metrics.append(record)
         except OSError as exc:

@@ -119,7 +119,7 @@ class Pusher:
         g = self.cfg.gossip
         for attempt in range(g.max_attempts):
             try:
-                await self.client.push(address, iter_requests(header, chunks), total, to)
+                await self._timed_push(address, header, chunks, total, to)
             except SendError as exc:
                 # Step-mode messages are idempotent at the receiver (de-duplicated by key or ordered by seq).
                 if attempt + 1 < g.max_attempts and should_retry(
@@ -201,7 +201,7 @@ class Pusher:
                 if address is None or self.stopping():
                     return
                 try:
-                    await self.client.push(address, iter_requests(header, chunks), total, node_id)
+                    await self._timed_push(address, header, chunks, total, node_id)
                 except SendError as exc:
                     newer = self.outbox is not None and self.outbox.seq > seq
                     # Full-state pushes are idempotent (the receiver drops old sequence numbers), so a timed-out
@@ -225,6 +225,16 @@ class Pusher:
             self.in_flight.discard(node_id)
             if self.outbox is not None and self.outbox.seq > seq:
                 self.outbox_event.set()  # a newer state waits for this link
+
+    async def _timed_push(self, address: str, header: Any, chunks: list[bytes], total: int, node_id: str) -> None:
+        """One Push RPC; its duration goes into the push histogram by outcome (Prometheus)."""
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            await self.client.push(address, iter_requests(header, chunks), total, node_id)
+            outcome = "ok"
+        finally:
+            self.counters.observe_push(outcome, time.monotonic() - started)
 
     async def _survives_faults(self, node_id: str, seq: int | None) -> bool:
         """Injected faults (`faults:` config): an outage fails the push as a dead link would (so backoff and

@@ -1,7 +1,8 @@
 """grpc.aio server for `peer.v1.GossipService`, and the options both ends of a gossip channel use.
 
 Serves Hello, Push (client-streaming, validated by `peer.net.assembler.Assembler`), GetStatus and FetchState,
-plus grpc.health.v1. Keepalive and message limits derive from `GossipConfig`, the same as the client's.
+plus grpc.health.v1 (per service name) and server reflection (grpcurl). Keepalive and message limits derive
+from `GossipConfig`, the same as the client's.
 Hostile input is refused cheaply and with a deliberate status: bytes that do not parse get INVALID_ARGUMENT (not
 gRPC's UNKNOWN and a traceback), GetStatus and FetchState are rate-limited per source host, Push streams are
 bounded per source and in total and closed when idle or past the deadline their declared size allows, and no
@@ -18,6 +19,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from peer.config import GossipConfig
 from peer.core.admission import RateLimiter, StreamSlots, clip, source_of, stream_deadline_s
@@ -29,6 +31,8 @@ from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 log = logging.getLogger(__name__)
 _ENVELOPE_SLACK = 1 << 20  # room for the header's manifest on top of one chunk
+REFLECTED_SERVICES = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+HEALTH_SERVICES = ("", SERVICE_NAME, reflection.SERVICE_NAME)
 M = TypeVar("M")
 
 
@@ -277,6 +281,8 @@ async def start_server(
     _add_servicer(servicer, server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    # Server reflection, so that grpcurl and other generic clients list and call the services without .proto files.
+    reflection.enable_server_reflection(REFLECTED_SERVICES, server)
     host, _, port_text = listen.rpartition(":")
     # gRPC binds every address a name resolves to and succeeds if any one binds: "localhost:P" with 127.0.0.1:P
     # taken would quietly listen on [::1]:P alone, beside the other daemon. Bind the IPv4 loopback only.
@@ -293,6 +299,7 @@ async def start_server(
     if port == 0:
         raise StartupError(f"cannot listen on {listen}: the port is in use or the address is not on this host")
     await server.start()
-    await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    # Health per service name: "" is the whole server; each goes NOT_SERVING at a graceful stop.
+    for name in HEALTH_SERVICES:
+        await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Server(server, hs, port, servicer)
