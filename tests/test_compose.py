@@ -1,6 +1,6 @@
-"""docker-compose.yml and the Dockerfile, checked without a Docker engine: the file is parsed, and each service's
-command goes through the real `peer` argument parser and config loader, so a typo fails here and not at
-`docker compose up`."""
+"""docker-compose.yml, its GPU override, .dockerignore and the Dockerfile, checked without a Docker engine: the
+files are parsed, and each service's command goes through the real `peer` argument parser and config loader, so a
+typo fails here and not at `docker compose up`. tests/test_compose_engine.py runs the cluster on a real engine."""
 
 from __future__ import annotations
 
@@ -15,11 +15,19 @@ from peer import cli, config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
 N_PEERS = 4
 PORT = 50051
 GRPC_GRACE_S = 5.0  # Node._shutdown: server.stop(grace_s=5.0) lets in-flight pushes finish
 CLI_STARTUP_MARGIN_S = 2.0  # Python start-up and imports of `peer health` before its RPC starts, on a slow device
+# Container start to SERVING with 4 peers starting together on 2 shared cores (Docker 20.10): 20 s to 34 s.
+MEASURED_STARTUP_S = 34.0
+# What a compose service may set: who the peer is, where it listens and keeps its state, how it finds the others
+# and which part of the data it holds. Training, gossip and algorithm settings are the daemon's own defaults.
+DEPLOYMENT_KEYS = {"node_id", "state_dir", "listen", "security.insecure", "data.partition", "data.num_partitions"}
+DEPLOYMENT_KEYS |= {"data.partition_index", "discovery.interfaces", "discovery.static_peers", "discovery.mdns"}
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -164,3 +172,90 @@ def test_dockerfile_runs_peer_as_non_root_with_pinned_torch() -> None:
     # The same default as scripts/_setup.sh, so the image and the venv run the same torch.
     setup = (ROOT / "scripts" / "_setup.sh").read_text(encoding="utf-8")
     assert f"TORCH_VERSION:-{version}" in setup
+
+
+def _set_keys(command: list[Any]) -> list[str]:
+    parts = [str(p) for p in command]
+    return [parts[i + 1].partition("=")[0] for i, p in enumerate(parts) if p == "--set"]
+
+
+def test_services_use_the_daemons_defaults(peers: dict[str, dict[str, Any]]) -> None:
+    for name, svc in peers.items():
+        keys = _set_keys(svc["command"])
+        assert len(keys) == len(set(keys)), (name, keys)
+        tuning = sorted(set(keys) - DEPLOYMENT_KEYS)
+        assert not tuning, f"{name} sets {tuning}: compose runs the daemon's own defaults, as a user does"
+
+
+def test_each_peer_keeps_its_state_in_its_own_named_volume(
+    compose: dict[str, Any], peers: dict[str, dict[str, Any]], configs: dict[str, config.PeerConfig]
+) -> None:
+    declared = compose.get("volumes") or {}
+    used = []
+    for name, svc in peers.items():
+        mounts = [str(v).split(":") for v in svc.get("volumes") or []]
+        at_state = [m for m in mounts if len(m) >= 2 and m[1] == configs[name].state_dir]
+        assert len(at_state) == 1, f"{name}: mount a named volume at its state_dir {configs[name].state_dir}"
+        volume = at_state[0][0]
+        assert volume in declared, f"{name}: {volume} is a bind mount or undeclared; use a named volume"
+        assert not (declared[volume] or {}).get("external", False), volume
+        used.append(volume)
+    assert len(set(used)) == len(used) == N_PEERS, used
+
+
+def test_the_state_dir_exists_in_the_image_owned_by_the_daemons_user(configs: dict[str, config.PeerConfig]) -> None:
+    """A fresh named volume copies the image's directory, ownership included: the daemon (not root) can write."""
+    instr = _dockerfile_instructions()
+    user = [rest for w, rest in instr if w == "USER"][-1]
+    runs = " ".join(rest for w, rest in instr if w == "RUN")
+    for state_dir in {c.state_dir for c in configs.values()}:
+        assert f"mkdir -p {state_dir}" in runs, state_dir
+        assert re.search(rf"chown {user}(:{user})? {re.escape(state_dir)}", runs), (user, state_dir)
+    assert not any(w == "VOLUME" for w, _ in instr), "compose names the volumes; VOLUME adds anonymous ones"
+
+
+def test_start_period_covers_the_measured_start_up(peers: dict[str, dict[str, Any]]) -> None:
+    for name, svc in peers.items():
+        assert duration_s(svc["healthcheck"]["start_period"]) >= 1.5 * MEASURED_STARTUP_S, name
+
+
+def test_torch_source_is_a_build_argument_with_the_dockerfiles_defaults(peers: dict[str, dict[str, Any]]) -> None:
+    instr = _dockerfile_instructions()
+    defaults = dict(rest.partition("=")[::2] for w, rest in instr if w == "ARG")
+    assert defaults["TORCH_INDEX_URL"].startswith("https://"), defaults
+    assert "TORCH_FIND_LINKS" in defaults
+    runs = " ".join(rest for w, rest in instr if w == "RUN")
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs and "TORCH_FIND_LINKS" in runs
+    interpolated = re.compile(r"^\$\{(\w+):-(.*)\}$")
+    for name, svc in peers.items():
+        args = svc["build"]["args"]
+        for key in ("TORCH_VERSION", "TORCH_INDEX_URL", "TORCH_FIND_LINKS"):
+            m = interpolated.match(str(args[key]))
+            # Compose 1.x passes an unset variable as "" (not as "unset"): every argument needs its default here.
+            assert m and m.group(1) == key, (name, key, args[key])
+            assert m.group(2) == defaults[key], f"{name}: {key} defaults to {m.group(2)!r}, not the Dockerfile's"
+
+
+def test_dockerignore_keeps_the_build_context_small() -> None:
+    patterns = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for needed in (".venv", ".git", "bench-results", "state", "**/__pycache__", ".mypy_cache", ".pytest_cache"):
+        assert needed in patterns, f".dockerignore must exclude {needed}"
+    # What the Dockerfile copies stays in the context.
+    copied = {src for w, rest in _dockerfile_instructions() if w == "COPY" for src in rest.split()[:-1]}
+    assert copied and not copied & patterns, copied & patterns
+
+
+def test_gpu_override_reserves_an_nvidia_gpu_for_every_peer(peers: dict[str, dict[str, Any]]) -> None:
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text(encoding="utf-8"))
+    assert set(gpu["services"]) == set(peers)
+    for name, svc in gpu["services"].items():
+        assert set(svc) == {"deploy"}, f"{name}: the override only adds the device reservation"
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        dev = devices[0]
+        assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"], (name, dev)
+        assert ("count" in dev) != ("device_ids" in dev), f"{name}: count or device_ids, not both"
