@@ -11,8 +11,8 @@ ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_CERT
 RUN useradd --create-home --uid 10001 peer \
-    && mkdir -p /home/peer/state \
-    && chown peer:peer /home/peer/state
+    && mkdir -p /home/peer/state /home/peer/certs /home/peer/ca \
+    && chown peer:peer /home/peer/state /home/peer/certs /home/peer/ca
 WORKDIR /opt/peer
 # torch first, in its own layer: it is by far the largest and changes least.
 RUN python -m venv /opt/peer/venv \
@@ -22,8 +22,8 @@ COPY pyproject.toml README.md ./
 COPY peer ./peer
 RUN /opt/peer/venv/bin/pip install --no-cache-dir --disable-pip-version-check .
 ENV PATH=/opt/peer/venv/bin:$PATH GRPC_VERBOSITY=ERROR
-# The state directory exists in the image, owned by the daemon's user: a fresh named volume mounted there
-# copies it, ownership included, so the daemon can write its checkpoints (no root entrypoint needed).
+# The state, certificate and CA directories exist in the image, owned by the daemon's user: a fresh named volume
+# mounted there copies it, ownership included, so the daemon can write to it (no root entrypoint needed).
 USER peer
 ENTRYPOINT ["peer"]
 CMD ["run", "--config", "/etc/peer/peer.yaml"]

@@ -26,8 +26,10 @@ CLI_STARTUP_MARGIN_S = 2.0  # Python start-up and imports of `peer health` befor
 MEASURED_STARTUP_S = 34.0
 # What a compose service may set: who the peer is, where it listens and keeps its state, how it finds the others
 # and which part of the data it holds. Training, gossip and algorithm settings are the daemon's own defaults.
-DEPLOYMENT_KEYS = {"node_id", "state_dir", "listen", "security.insecure", "data.partition", "data.num_partitions"}
-DEPLOYMENT_KEYS |= {"data.partition_index", "discovery.interfaces", "discovery.static_peers", "discovery.mdns"}
+DEPLOYMENT_KEYS = {"node_id", "state_dir", "listen", "data.partition", "data.num_partitions", "data.partition_index"}
+DEPLOYMENT_KEYS |= {"discovery.interfaces", "discovery.static_peers", "discovery.mdns"}
+DEPLOYMENT_KEYS |= {"security.ca_file", "security.cert_file", "security.key_file"}
+CERTS_SERVICE = "certs"  # the one-shot service that makes the cluster CA and the peers' certificates
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -77,9 +79,50 @@ def configs(peers: dict[str, dict[str, Any]]) -> dict[str, config.PeerConfig]:
     return out
 
 
-def test_every_service_is_a_peer(compose: dict[str, Any], peers: dict[str, dict[str, Any]]) -> None:
+def test_every_service_is_a_peer_but_the_one_shot_certs(
+    compose: dict[str, Any], peers: dict[str, dict[str, Any]]
+) -> None:
     assert len(peers) == N_PEERS
-    assert set(peers) == set(compose["services"])
+    assert set(compose["services"]) == set(peers) | {CERTS_SERVICE}
+
+
+def _mounts(svc: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Container path -> (volume, options) of a service's volumes."""
+    out = {}
+    for v in svc.get("volumes") or []:
+        name, path, *opts = str(v).split(":")
+        out[path] = (name, opts[0] if opts else "rw")
+    return out
+
+
+def test_peers_use_mutual_tls_with_certificates_from_the_certs_service(
+    compose: dict[str, Any], peers: dict[str, dict[str, Any]], configs: dict[str, config.PeerConfig]
+) -> None:
+    certs = compose["services"][CERTS_SERVICE]
+    script = " ".join(str(part) for part in certs["command"])
+    cert_mounts = _mounts(certs)
+    ca_dirs = [p for p, (vol, _) in cert_mounts.items() if vol == "ca"]
+    assert ca_dirs, "the CA key lives in its own volume"
+    assert "peer certs init" in script and "peer certs issue" in script
+    # Certificates are made once: a second `up` must not replace the CA (`peer certs init` refuses to anyway).
+    assert "|| peer certs init" in script and "|| peer certs issue" in script
+    for name, svc in peers.items():
+        cfg = configs[name]
+        assert not cfg.security.insecure and cfg.security.tls, f"{name}: mutual TLS, not plaintext"
+        assert cfg.node_id in script, f"{name}: the certs service issues no certificate for {cfg.node_id}"
+        mounts = _mounts(svc)
+        assert all(vol != "ca" for vol, _ in mounts.values()), f"{name} must not see the CA key"
+        files = [cfg.security.ca_file, cfg.security.cert_file, cfg.security.key_file]
+        for f in files:
+            folder = str(Path(str(f)).parent)
+            assert folder in mounts and mounts[folder][1] == "ro", (name, f, mounts)
+            assert mounts[folder][0] == cert_mounts[folder][0], f"{name}: {f} is not in the certs service's volume"
+        assert Path(str(cfg.security.cert_file)).name == f"{cfg.node_id}.pem", name
+        # The health probe shows the peer's own certificate.
+        test = [str(t) for t in svc["healthcheck"]["test"]]
+        args = cli.build_parser().parse_args(test[2:])
+        assert [args.ca, args.cert, args.key] == files, (name, test)
+        assert svc["depends_on"][CERTS_SERVICE]["condition"] == "service_completed_successfully", name
 
 
 def test_commands_load_as_valid_configs_with_distinct_ids_and_partitions(
@@ -193,10 +236,9 @@ def test_each_peer_keeps_its_state_in_its_own_named_volume(
     declared = compose.get("volumes") or {}
     used = []
     for name, svc in peers.items():
-        mounts = [str(v).split(":") for v in svc.get("volumes") or []]
-        at_state = [m for m in mounts if len(m) >= 2 and m[1] == configs[name].state_dir]
-        assert len(at_state) == 1, f"{name}: mount a named volume at its state_dir {configs[name].state_dir}"
-        volume = at_state[0][0]
+        mounts = _mounts(svc)
+        assert configs[name].state_dir in mounts, f"{name}: mount a named volume at its state_dir"
+        volume = mounts[configs[name].state_dir][0]
         assert volume in declared, f"{name}: {volume} is a bind mount or undeclared; use a named volume"
         assert not (declared[volume] or {}).get("external", False), volume
         used.append(volume)
@@ -208,9 +250,14 @@ def test_the_state_dir_exists_in_the_image_owned_by_the_daemons_user(configs: di
     instr = _dockerfile_instructions()
     user = [rest for w, rest in instr if w == "USER"][-1]
     runs = " ".join(rest for w, rest in instr if w == "RUN")
-    for state_dir in {c.state_dir for c in configs.values()}:
-        assert f"mkdir -p {state_dir}" in runs, state_dir
-        assert re.search(rf"chown {user}(:{user})? {re.escape(state_dir)}", runs), (user, state_dir)
+    made = re.search(r"mkdir -p ((?:/\S+ ?)+)", runs)
+    owned = re.search(rf"chown {user}(?::{user})? ((?:/\S+ ?)+)", runs)
+    assert made and owned, runs
+    folders = {c.state_dir for c in configs.values()} | {
+        str(Path(str(c.security.cert_file)).parent) for c in configs.values()
+    }
+    for folder in folders:
+        assert folder in made.group(1).split() and folder in owned.group(1).split(), (folder, runs)
     assert not any(w == "VOLUME" for w, _ in instr), "compose names the volumes; VOLUME adds anonymous ones"
 
 

@@ -1,5 +1,6 @@
-"""The compose cluster on a real container engine, as a user runs it: build, `up -d`, every service healthy, the
-peers find each other and train with the daemon's defaults, the consensus model's accuracy, then `down` and `up`
+"""The compose cluster on a real container engine, as a user runs it: build, `up -d` (the one-shot `certs` service
+makes the cluster CA, then every peer speaks mutual TLS), every service healthy, the peers find each other (over
+TLS) and train with the daemon's defaults, the consensus model's accuracy, then `down` and `up`
 again with the state kept in the named volumes, and `down -v`.
 
 Marked `engine` (excluded by default; `scripts/test --engine`). Skipped, saying why, without Docker Compose (v2
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["peer0", "peer1", "peer2", "peer3"]
 BASE_IMAGE = "python:3.11-slim"
 STATE_DIR = "/home/peer/state"
+CERTS_DIR = "/home/peer/certs"  # made by the one-shot `certs` service; the peers speak mutual TLS
 HEALTHY_WITHIN_S = 180.0  # start_period 60 s on 2 cores, with room for a loaded machine
 TRAINED_WITHIN_S = 600.0
 POLL_S = 1.0
@@ -99,7 +101,15 @@ class Cluster:
         self.figures[key] = round(time.monotonic() - since, 1)
 
     def status(self, service: str) -> dict[str, Any]:
-        proc = self("exec", "-T", service, "peer", "status", "127.0.0.1:50051", "--json", timeout_s=60)
+        tls = [
+            "--ca",
+            f"{CERTS_DIR}/ca.pem",
+            "--cert",
+            f"{CERTS_DIR}/{service}.pem",
+            "--key",
+            f"{CERTS_DIR}/{service}.key",
+        ]
+        proc = self("exec", "-T", service, "peer", "status", "127.0.0.1:50051", "--json", *tls, timeout_s=60)
         return dict(json.loads(proc.stdout))
 
     def eval(self, service: str, running: bool) -> dict[str, Any]:
