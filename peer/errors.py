@@ -11,7 +11,10 @@
         │                          names, shapes or dtypes differ from our model's   -> FAILED_PRECONDITION
         ├── PayloadTooLargeError   over the configured size (declared or actual)     -> RESOURCE_EXHAUSTED
         ├── CorruptPayloadError    bad SHA-256, truncated, NaN/Inf, a header that contradicts itself,
-        │                          bad framing                                       -> INVALID_ARGUMENT
+        │   │                      bad framing                                       -> INVALID_ARGUMENT
+        │   └── IncompleteStreamError  the stream ended before its header or its declared bytes: what a
+        │                          sender's cancelled call looks like too (gRPC reports it to the servicer
+        │                          as the end of the stream), so it is logged at info level
         ├── IdentityError          a claimed node id that contradicts the caller's certificate
         │                                                                            -> PERMISSION_DENIED
         ├── UndecodableError       bytes that do not parse as the request message    -> INVALID_ARGUMENT
@@ -95,6 +98,11 @@ class CorruptPayloadError(PayloadError):
     """Framing, checksum, shape, dtype or finiteness check failed."""
 
     status = "INVALID_ARGUMENT"
+
+
+class IncompleteStreamError(CorruptPayloadError):
+    """A Push stream ended early. A sender that cancels its call (it shuts down, or closed the channel) looks the
+    same to the receiver as one that half-closes a short stream, so this is not evidence of hostile input."""
 
 
 class IdentityError(PayloadError):

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from peer import PROTOCOL_VERSION
-from peer.errors import CorruptPayloadError, PayloadError, PayloadTooLargeError, SchemaMismatchError
+from peer.errors import (
+    CorruptPayloadError,
+    IncompleteStreamError,
+    PayloadError,
+    PayloadTooLargeError,
+    SchemaMismatchError,
+)
 from peer.net.assembler import Assembler, Received, ReceiveLimits
 from peer.net.encoder import encode, iter_requests
 from peer.net.wire import MIB, Envelope, Payload, decode_header_envelope, tensor_manifest
@@ -378,7 +384,7 @@ def test_truncated_stream() -> None:
     header, chunks = encode(ENV, payload(), chunk_bytes=1000)
     got = sum(len(c) for c in chunks[:-1])
     rejected(
-        CorruptPayloadError,
+        IncompleteStreamError,
         INVALID,
         f"stream truncated: {got} of {header.total_bytes} declared bytes",
         receiving(header, chunks[:-1]),

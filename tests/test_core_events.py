@@ -292,3 +292,45 @@ def test_a_time_varying_topology_changes_graph_on_the_shared_clock() -> None:
     assert c.next_deadline(0.5) <= 1.0  # the next graph starts at the next whole second of the wall clock
     out = c.handle(Tick(1.0, wall + 0.5, Progress()))
     assert c.neighbours() != first and of(out, ViewChanged)
+
+
+def test_a_live_peer_reachable_by_two_addresses_keeps_one_channel() -> None:
+    """Compose's start-up rejects: a static peer known by its service name ("peer1:7000") that advertises its IP.
+    Its own Hellos (and mDNS) confirm the IP, the static re-dial confirms the name. Each switch of the record's
+    address closed the channel in use, cancelling the pushes in flight on it, which the receiver then logged as
+    truncated streams. A live member with the same incarnation keeps the address in use; the other one that
+    answered as it is remembered, so neither is dialled again."""
+    c = core(static_peers=("peer1:7000",), hello_retry_s=2.0)
+    started(c, 0.0)
+    ip = "10.0.0.9:7000"
+    peer1 = info("s", address=ip)
+    out = c.handle(HelloAnswered("peer1:7000", "join", peer1, True, "", 0.1))
+    assert c.peers["s"].address == "peer1:7000" and of(out, ViewChanged)
+    closed: list[Effect] = []
+    dialled: list[SayHello] = []
+    now = 0.1
+    for _ in range(5):
+        now += 1.0
+        # Its heartbeat reaches us from its IP; we confirm that address with our own Hello.
+        out = c.handle(HelloReceived(peer1, "ipv4:10.0.0.9:41000", now))
+        for hello in of(out, SayHello):
+            out += c.handle(HelloAnswered(hello.address, hello.purpose, peer1, True, "", now, node_id=hello.node_id))
+        # mDNS announces it at its IP.
+        out += c.handle(CandidateFound(ip, "s", "mdns", now))
+        for hello in of(out, SayHello):
+            out += c.handle(HelloAnswered(hello.address, hello.purpose, peer1, True, "", now, node_id=hello.node_id))
+        now += 1.0
+        # The static re-dial timer.
+        tick = c.handle(Tick(now, 1e9 + now, Progress()))
+        for hello in of(tick, SayHello):
+            if hello.purpose == "join":
+                dialled.append(hello)
+            tick += c.handle(HelloAnswered(hello.address, hello.purpose, peer1, True, "", now, node_id=hello.node_id))
+        closed += of(out + tick, CloseChannel)
+    assert closed == [], closed
+    assert c.peers["s"].address == "peer1:7000"
+    assert dialled == [], "a static address that answers as a live member is not re-dialled"
+    assert c.neighbours() == ["s"] and c.state_of("s", now) == "alive"
+    # A restart (new incarnation) at the other address moves the peer there, and the old channel closes.
+    out = c.handle(HelloAnswered(ip, "join", info("s", address=ip, incarnation=2), True, "", now + 1))
+    assert c.peers["s"].address == ip and CloseChannel("peer1:7000") in out

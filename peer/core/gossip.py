@@ -183,7 +183,7 @@ class GossipCore:
                 self.table.round_index = r
                 self._view_changed(now, out)
         if self._due("static", now, s.hello_retry_s):
-            known = {r.address for r in self.table.peers.values() if not r.evicted}
+            known = {a for r in self.table.peers.values() if not r.evicted for a in (r.address, *r.aliases)}
             for address in s.static_peers:
                 if address not in known:
                     self._say_hello(address, None, now, out)
@@ -214,7 +214,7 @@ class GossipCore:
             )
             return
         rec = self.table.peers.get(e.node_id) if e.node_id else None
-        if rec is not None and rec.address == e.address and not rec.evicted and rec.misses == 0:
+        if rec is not None and rec.answers_at(e.address) and not rec.evicted and rec.misses == 0:
             return
         self._say_hello(e.address, e.node_id, e.now, out)
 
@@ -264,8 +264,8 @@ class GossipCore:
             out += [ev.Refused("incompatible", source, msg), ev.Reply(False, problem)]
             return
         rec = self.table.peers.get(info.node_id)
-        if rec is not None and rec.incarnation == info.incarnation and rec.address == address:
-            # A member we admitted, greeting from the address we confirmed: alive.
+        if rec is not None and rec.incarnation == info.incarnation and rec.answers_at(address):
+            # A member we admitted, greeting from an address we confirmed: alive.
             self.catchup.report(info.node_id, info.step, info.epoch)
             self._peer_up(info.node_id, address, info.degree, info.incarnation, "hello-in", e.now, out)
         else:

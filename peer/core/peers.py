@@ -40,6 +40,15 @@ class PeerRecord:
     evicted_at: float = 0.0
     next_probe: float = 0.0
     evictions: int = 0
+    # Other addresses that answered as this incarnation (a static peer's name beside the IP it advertises):
+    # recognised as this peer, never switched to while the address in use works. Bounded by MAX_ALIASES.
+    aliases: list[str] = field(default_factory=list)
+
+    def answers_at(self, address: str) -> bool:
+        return address == self.address or address in self.aliases
+
+
+MAX_ALIASES = 4
 
 
 @dataclass(frozen=True)
@@ -96,9 +105,18 @@ class PeerTable:
             return PeerUpdate(new=True, redial=True, restarted=False)
         old_address = rec.address
         restarted = incarnation != rec.incarnation and incarnation != 0
-        redial = bool(address) and address != rec.address
-        if address:
+        # A live peer that also answers at another address keeps the one in use: switching would close the
+        # channel and cancel the pushes in flight on it. It moves when it restarted or its address stopped working.
+        working = bool(rec.address) and not rec.evicted and rec.misses == 0 and rec.breaker.failures == 0
+        redial = bool(address) and address != rec.address and (restarted or not working)
+        if restarted:
+            rec.aliases.clear()
+        if redial:
             rec.address = address
+            if address in rec.aliases:
+                rec.aliases.remove(address)
+        elif address and address != rec.address and address not in rec.aliases:
+            rec.aliases = [*rec.aliases, address][-MAX_ALIASES:]
         rec.degree = degree
         readmitted = self._alive(rec, now)
         if restarted:

@@ -7,6 +7,7 @@ Each handler turns a request into a core input, lets the core decide, and carrie
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,14 @@ from peer.daemon.membership import hello_response, info_of
 from peer.daemon.metrics import Counters
 from peer.daemon.refusals import Refusals
 from peer.daemon.worker import TrainingWorker
-from peer.errors import CorruptPayloadError, IdentityError, PayloadError, RateLimitedError, SchemaMismatchError
+from peer.errors import (
+    CorruptPayloadError,
+    IdentityError,
+    IncompleteStreamError,
+    PayloadError,
+    RateLimitedError,
+    SchemaMismatchError,
+)
 from peer.logs import OnceLogger
 from peer.net.assembler import Received, ReceiveLimits
 from peer.net.encoder import encode
@@ -119,6 +127,12 @@ class RpcHandlers:
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
         self.counters.add(rejected_messages=1)
         who = clip(sender, 80)
+        if isinstance(error, IncompleteStreamError):
+            # Also what a sender's cancelled call looks like (it stopped, or closed that channel): nothing of it
+            # is used, and it is no sign of hostile input. Counted apart, logged at info level.
+            message = f"incomplete push from {who} ({clip(peer, 80)}), the sender may have cancelled it: {clip(error)}"
+            self.refusals.refuse("push_incomplete", f"{who}/incomplete", message, level=logging.INFO)
+            return
         message = f"rejected a push from {who} ({clip(peer, 80)}): {clip(error)} [{error.status}]"
         self.refusals.refuse(f"push_{error.status.lower()}", f"{who}/{type(error).__name__}", message)
 

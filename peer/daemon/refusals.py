@@ -24,7 +24,9 @@ class Refusals:
         self.policy = RefusalLog(interval_s)
         self.notify = notify  # the daemon's change signal: tests wait on refusals without polling
 
-    def refuse(self, reason: str, source: str, message: str, *, now: float | None = None) -> None:
+    def refuse(
+        self, reason: str, source: str, message: str, *, now: float | None = None, level: int = logging.WARNING
+    ) -> None:
         """Count one refusal; log it unless this source was refused for this reason within the interval."""
         self.counters.reject(reason)
         self.notify()
@@ -32,4 +34,4 @@ class Refusals:
         if n == 0:
             return
         more = f" ({n} such refusals since the last report)" if n > 1 else ""
-        self.log.warning("%s [%s]%s", clip(message), reason, more)
+        self.log.log(level, "%s [%s]%s", clip(message), reason, more)

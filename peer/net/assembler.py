@@ -15,7 +15,13 @@ import torch
 
 from peer import PROTOCOL_VERSION
 from peer.algorithms.base import Payload
-from peer.errors import CorruptPayloadError, PayloadError, PayloadTooLargeError, SchemaMismatchError
+from peer.errors import (
+    CorruptPayloadError,
+    IncompleteStreamError,
+    PayloadError,
+    PayloadTooLargeError,
+    SchemaMismatchError,
+)
 from peer.net.wire import (
     _BY_WIRE,
     _KIND_NAMES,
@@ -276,10 +282,10 @@ class Assembler:
             raise RuntimeError("Assembler.finish called twice")
         header = self._header
         if header is None:
-            raise self._reject(CorruptPayloadError, "stream ended before the header")
+            raise self._reject(IncompleteStreamError, "stream ended before the header")
         if self._received < header.total_bytes:
             raise self._reject(
-                CorruptPayloadError,
+                IncompleteStreamError,
                 f"stream truncated: {self._received} of {header.total_bytes} declared bytes arrived "
                 f"in {self._next_index} chunks",
             )
