@@ -18,6 +18,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
 from peer import PROTOCOL_VERSION
 from peer.algorithms import Algorithm
 from peer.config import PeerConfig, check_security
@@ -37,7 +40,7 @@ from peer.daemon.refusals import Refusals
 from peer.daemon.settings import core_settings
 from peer.daemon.worker import TrainingWorker
 from peer.errors import PeerError, StartupError
-from peer.learn.data import Dataset
+from peer.learn.sources import TaskData, task_data_from
 from peer.learn.training import LocalTrainer
 from peer.logs import OnceLogger, node_logger
 from peer.net.assembler import ReceiveLimits
@@ -60,8 +63,23 @@ def _hour_start(unix_s: float) -> float:
 class Node:
     """One `peer run` daemon. `await Node(cfg).run()` returns after a graceful stop."""
 
-    def __init__(self, cfg: PeerConfig, *, reset: bool = False, stdout: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PeerConfig,
+        *,
+        reset: bool = False,
+        stdout: TextIO | None = None,
+        model: torch.nn.Module | None = None,
+        train_data: TorchDataset[Any] | None = None,
+        test_data: TorchDataset[Any] | None = None,
+    ) -> None:
+        """`model`, `train_data` and `test_data` (the library API) replace what the config's model and data
+        sections would build; the CLI passes none of them."""
         self.cfg = cfg
+        self._model = model
+        self._data = (
+            task_data_from(train_data, test_data, "train_data", "train_data") if train_data is not None else None
+        )
         self.reset = reset
         self.stdout = stdout if stdout is not None else sys.stdout
         self.log = node_logger("peer.daemon.node", cfg.node_id)
@@ -102,7 +120,7 @@ class Node:
         return self.built.fingerprint
 
     @property
-    def dataset(self) -> Dataset:
+    def dataset(self) -> TaskData:
         return self.built.dataset
 
     # ------------------------------------------------------------------------------------------- the core
@@ -301,7 +319,9 @@ class Node:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.credentials = self._load_credentials()
-        built = await asyncio.to_thread(build, self.cfg, reset=self.reset, counters=self.counters, log=self.log)
+        built = await asyncio.to_thread(
+            build, self.cfg, reset=self.reset, counters=self.counters, log=self.log, model=self._model, data=self._data
+        )
         self._assemble(built)
         if self.worker.done:
             self.trained.set()
