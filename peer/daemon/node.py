@@ -446,6 +446,8 @@ class Node:
         extra: dict[str, Any] = (
             {f"faults_{k}": v for k, v in self.faults.counters.items()} if self.faults.enabled else {}
         )
+        if (shards := self.built.dataset.shards) is not None:
+            extra.update(shards_loaded=len(shards.files), shards_trained=shards.num_trained, train_samples=len(shards))
         try:
             extra.update({f"algo_{k}": v for k, v in self.built.algorithm.metrics().items()})
             extra.update(self.worker.pacer.metrics())

@@ -129,7 +129,7 @@ def exchanged_tensors(model: nn.Module, *, buffers: bool) -> list[tuple[str, tor
     """What peers exchange, in a fixed order: every parameter (`named_parameters` order), then, when `buffers`,
     every floating-point buffer (BatchNorm running mean and variance...). Integer buffers (`num_batches_tracked`)
     are never exchanged: they count local steps and stay local."""
-    out = [(name, p) for name, p in model.named_parameters()]
+    out: list[tuple[str, torch.Tensor]] = [(name, p) for name, p in model.named_parameters()]
     if buffers:
         out += [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
     return out

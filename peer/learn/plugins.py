@@ -84,7 +84,7 @@ def call_data_factory(
         params = {}  # type: ignore[assignment]
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for name, value in (("partition_index", partition_index), ("num_partitions", num_partitions)):
-        if var_kw or name in params:
+        if (var_kw or name in params) and name not in kwargs:
             extra[name] = value
     out = call_plugin(fn, spec, "data.factory", **kwargs, **extra)
     if not isinstance(out, tuple) or len(out) != 2:

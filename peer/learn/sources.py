@@ -39,6 +39,8 @@ class TaskData:
     y: np.ndarray | None
     train: TorchDataset[Any] | None
     test: TorchDataset[Any] | None
+    x_test: np.ndarray | None = None  # the test set as arrays, for in-memory data
+    y_test: np.ndarray | None = None
 
     @property
     def shards(self) -> ShardsDataset | None:
@@ -81,7 +83,7 @@ def load_task_data(data: DataConfig) -> TaskData:
     ds = load_dataset(data.dataset, data.path, seed=data.seed, test_fraction=data.test_fraction)
     x, y = local_partition(ds, data.partition, data.num_partitions, data.partition_index, data.seed)
     test = TensorDataset(torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test))
-    return TaskData(ds.name, ds.input_shape, ds.num_classes, x, y, None, test)
+    return TaskData(ds.name, ds.input_shape, ds.num_classes, x, y, None, test, ds.x_test, ds.y_test)
 
 
 def _from_factory(data: DataConfig) -> TaskData:
