@@ -259,3 +259,35 @@ def test_mse_and_a_user_loss_train(tmp_path: Path) -> None:
         built = build(cfg, reset=False, counters=Counters(), log=node_logger("t", "t"))
         losses = [built.trainer.step() for _ in range(20)]
         assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def test_demo_takes_factories_and_its_references_use_them(tmp_path: Path) -> None:
+    import argparse
+
+    from peer.tools import demo
+    from peer.tools.demo_eval import reference_accuracies, task_arrays
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--peers",
+            "2",
+            "--epochs",
+            "1",
+            "--set",
+            f"model.factory={BN}",
+            "--set",
+            "model.kwargs={width: 4}",
+            "--set",
+            f"data.factory={DIGITS}",
+        ]
+    )
+    cfgs = [c for _, c in demo.build_configs(args, tmp_path)]
+    assert cfgs[1].model.factory == BN and cfgs[1].data.factory == DIGITS
+    task = task_arrays(cfgs)
+    full, test = digits_data()
+    assert sum(len(y) for _, y in task.parts) == len(full) and len(task.y_test) == len(test)
+    central, local = reference_accuracies(cfgs, torch.device("cpu"))
+    assert len(local) == 2 and 0.1 < central.accuracy <= 1.0

@@ -333,11 +333,20 @@ def train_reference(
     device: torch.device,
     lr_schedule: str = "constant",
     model_seed: int | None = None,
+    model_factory: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Train a fresh `model_name` for `epochs` passes, with the same learning-rate schedule as the daemon
     (`lr_schedule`: constant or cosine). The model is initialised from `model_seed` (default: `seed`), as the
-    peers' are; `seed` orders the minibatches."""
-    model = build_model(model_name, input_shape, num_classes, seed=seed if model_seed is None else model_seed)
+    peers' are (from `model_factory` with `model_kwargs` when given); `seed` orders the minibatches."""
+    model = build_model(
+        model_name,
+        input_shape,
+        num_classes,
+        seed=seed if model_seed is None else model_seed,
+        factory=model_factory,
+        kwargs=model_kwargs,
+    )
     trainer = LocalTrainer(
         model,
         ds_x,
