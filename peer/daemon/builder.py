@@ -47,11 +47,18 @@ def build(
     log: logging.LoggerAdapter[logging.Logger],
     model: torch.nn.Module | None = None,
     data: TaskData | None = None,
+    external: bool = False,
 ) -> Built:
     """Everything the daemon needs; `model` and `data` come from the library API (`peer.Node(model=...)`),
-    otherwise from the config's factories or built-ins."""
+    otherwise from the config's factories or built-ins. `external` (`peer.Gossip`): the caller trains `model`
+    in its own loop, so no data is loaded; the trainer only moves the model in and out of flat vectors, counts
+    steps and checkpoints."""
     state_dir = Path(cfg.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    if external:
+        if model is None:
+            raise ConfigError("peer.Gossip needs the model it mixes", field="model")
+        data = TaskData("caller's own loop", (1,), 2, np.zeros((1, 1), np.float32), np.zeros(1, np.int64), None, None)
     ds = data if data is not None else load_task_data(cfg.data)
     y = ds.y
     log.info(
@@ -77,7 +84,8 @@ def build(
     torch.set_num_threads(intra_op_threads(cfg.train.torch_threads, model, device))
     algorithm = create(cfg.algorithm, cfg.node_id)
     t = cfg.train
-    _check_forward(cfg, model, ds, device)
+    if not external:
+        _check_forward(cfg, model, ds, device)
     stream = None
     if ds.train is not None:
         stream = BatchStream(

@@ -72,11 +72,15 @@ class Node:
         model: torch.nn.Module | None = None,
         train_data: TorchDataset[Any] | None = None,
         test_data: TorchDataset[Any] | None = None,
+        external: bool = False,
     ) -> None:
         """`model`, `train_data` and `test_data` (the library API) replace what the config's model and data
-        sections would build; the CLI passes none of them."""
+        sections would build; the CLI passes none of them. `external`: no training thread; the caller steps the
+        model itself and merges through `worker.external_step()` (see `peer.Gossip`)."""
         self.cfg = cfg
         self._model = model
+        self.external = external
+        self._task: asyncio.Task[None] | None = None
         self._data = (
             task_data_from(train_data, test_data, "train_data", "train_data") if train_data is not None else None
         )
@@ -242,6 +246,7 @@ class Node:
             slowdown=cfg.faults.slowdown,
         )
         self.worker.view = self.core.view()
+        self.worker.external = self.external
         if not cfg.discovery.mdns and not cfg.discovery.static_peers:
             self.worker.neighbours_ready.set()  # no way to find anyone: waiting for neighbours would be pointless
         self.client = Client(cfg.gossip, self.credentials)
@@ -320,7 +325,14 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self.credentials = self._load_credentials()
         built = await asyncio.to_thread(
-            build, self.cfg, reset=self.reset, counters=self.counters, log=self.log, model=self._model, data=self._data
+            build,
+            self.cfg,
+            reset=self.reset,
+            counters=self.counters,
+            log=self.log,
+            model=self._model,
+            data=self._data,
+            external=self.external,
         )
         self._assemble(built)
         if self.worker.done:
@@ -388,6 +400,21 @@ class Node:
         self.stdout.flush()
         self.ready.set()
         self.log.info("serving on %s", self.address)
+
+    async def __aenter__(self) -> Node:
+        """`async with Node(cfg, model=..., train_data=...) as node:` runs the daemon until the block ends."""
+        self._task = asyncio.create_task(self.run())
+        ready = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait([self._task, ready], return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            ready.cancel()
+            self._task.result()  # raises the start-up error
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.request_stop()
+        if self._task is not None:
+            await self._task
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (signal handlers and tests call this)."""
