@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +140,3 @@ def is_classification(loss: str) -> bool:
     """Accuracy is reported for cross-entropy training; otherwise the loss is the score."""
     return loss == "cross_entropy"
 
-
-def finite_or_nan(value: float) -> float:
-    return value if math.isfinite(value) else float("nan")

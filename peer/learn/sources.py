@@ -121,10 +121,6 @@ def _output_width(ds: TorchDataset[Any], y0: torch.Tensor, spec: str) -> int:
     return max(labels) + 1
 
 
-def test_loader(data: TaskData, batch_size: int = 512) -> DataLoader[Any] | None:
-    return DataLoader(data.test, batch_size=batch_size) if data.test is not None else None
-
-
 def evaluate_dataset(
     model: nn.Module,
     ds: TorchDataset[Any],
