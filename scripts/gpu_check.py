@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.custom_model import digits_data  # noqa: E402
-from peer.config import validate  # noqa: E402
-from peer.daemon.node import Node  # noqa: E402
-from peer.learn.sources import evaluate_dataset  # noqa: E402
+from examples.custom_model import digits_data
+from peer.config import validate
+from peer.daemon.node import Node
+from peer.learn.sources import evaluate_dataset
 
 
 def upscaled_digits(partition_index: int = 0, num_partitions: int = 1, size: int = 32) -> tuple[object, object]:
@@ -76,7 +76,7 @@ def main() -> int:
         for device, amp in (("cuda", True), ("cuda", False), ("cpu", False)):
             rate, acc = asyncio.run(two_daemons(Path(tmp), device, amp, args.epochs))
             rows.append((device, amp, rate, acc))
-            print(f"  {device:4s} amp={str(amp):5s}  {rate:8.1f} steps/s per peer   min test accuracy {100 * acc:.1f}%")
+            print(f"  {device:4s} amp={amp!s:5s}  {rate:8.1f} steps/s per peer   min test accuracy {100 * acc:.1f}%")
     cpu_rate = rows[-1][2]
     print(f"gpu-check: OK; cuda+amp is {rows[0][2] / cpu_rate:.1f}x the CPU's steps/s")
     return 0
