@@ -139,4 +139,3 @@ def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def is_classification(loss: str) -> bool:
     """Accuracy is reported for cross-entropy training; otherwise the loss is the score."""
     return loss == "cross_entropy"
-
