@@ -291,3 +291,14 @@ def test_demo_takes_factories_and_its_references_use_them(tmp_path: Path) -> Non
     assert sum(len(y) for _, y in task.parts) == len(full) and len(task.y_test) == len(test)
     central, local = reference_accuracies(cfgs, torch.device("cpu"))
     assert len(local) == 2 and 0.1 < central.accuracy <= 1.0
+
+
+@pytest.mark.timeout(60)
+async def test_peer_eval_reports_loss_for_a_regression_loss(tmp_path: Path) -> None:
+    from peer.tools.evaluate import evaluate_state_dir
+
+    cfg = _bn_config(tmp_path, unique("r"), **{"train.loss": "mse", "train.epochs": 1})
+    async with Node(cfg, stdout=io.StringIO()) as node:
+        await node.trained.wait()
+    result = evaluate_state_dir(cfg.state_dir)
+    assert result["task"] == "regression" and result["accuracy"] is None and result["loss"] > 0
