@@ -2,3 +2,18 @@
 
 __version__ = "0.1.0"
 PROTOCOL_VERSION = "peer.v1"
+
+__all__ = ["PROTOCOL_VERSION", "Gossip", "Node"]
+
+
+def __getattr__(name: str) -> object:
+    # The library API, imported on first use so that `import peer.core` never loads torch, grpc or asyncio.
+    if name == "Gossip":
+        from peer.daemon.library import Gossip
+
+        return Gossip
+    if name == "Node":
+        from peer.daemon.node import Node
+
+        return Node
+    raise AttributeError(f"module 'peer' has no attribute {name!r}")

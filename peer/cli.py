@@ -67,9 +67,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        score = (
+            f"test accuracy {100 * result['accuracy']:.2f}% (loss {result['loss']:.4f}, "
+            if result["accuracy"] is not None
+            else f"test loss {result['loss']:.4f} ("
+        )
         print(
-            f"{result['node_id']}: test accuracy {100 * result['accuracy']:.2f}% "
-            f"(loss {result['loss']:.4f}, step {result['step']}, {result['dataset']}, {result['test_samples']} "
+            f"{result['node_id']}: {score}step {result['step']}, {result['dataset']}, {result['test_samples']} "
             f"test samples)"
         )
     return 0
@@ -232,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Plugins ("package.module:function") resolve from the working directory too, as `python -m` would.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         code: Any = args.fn(args)
     except KeyboardInterrupt:

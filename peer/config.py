@@ -62,9 +62,20 @@ class DiscoveryConfig(_Section):
         return [_check_hostport(p, allow_port_zero=False) for p in v]
 
 
+_PLUGIN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+PLUGIN_FORM = "package.module:function"
+DATA_SOURCES = ("dataset", "path", "factory", "image_folder", "shards_dir")
+
+
 class DataConfig(_Section):
     dataset: str | None = "digits"
     path: str | None = None
+    factory: str | None = Field(
+        None, pattern=_PLUGIN, description="package.module:function returning (train, test) torch Datasets"
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for data.factory")
+    image_folder: str | None = Field(None, description="a directory in the ImageFolder layout: root/<class>/<image>")
+    shards_dir: str | None = Field(None, description="a directory of .npz shards (x, y); new files join while running")
     partition: str = "iid"
     num_partitions: int = Field(1, ge=1)
     partition_index: int = Field(0, ge=0)
@@ -95,10 +106,16 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.path is not None:
+        others = [k for k in DATA_SOURCES[1:] if getattr(self, k) is not None]
+        if len(others) > 1:
+            raise ValueError("set only one of " + ", ".join(f"data.{k}" for k in others))
+        if others:
             object.__setattr__(self, "dataset", None)
         elif self.dataset is None:
-            raise ValueError("set data.dataset (a built-in dataset) or data.path (an .npz file)")
+            raise ValueError(
+                "set data.dataset (a built-in dataset), data.path (an .npz file), data.factory, data.image_folder "
+                "or data.shards_dir"
+            )
         if self.partition_index >= self.num_partitions:
             raise ValueError(
                 f"data.partition_index {self.partition_index} must be < data.num_partitions {self.num_partitions}"
@@ -112,6 +129,13 @@ MODEL_NAMES = ("logreg", "mlp", "cnn")  # peer.learn.models.MODEL_NAMES; a test 
 class ModelConfig(_Section):
     name: str = "mlp"
     seed: int = 0
+    factory: str | None = Field(
+        None,
+        pattern=_PLUGIN,
+        description="package.module:function(input_shape, num_classes, **kwargs) returning a torch.nn.Module; "
+        "replaces model.name",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for model.factory")
 
     @field_validator("name")
     @classmethod
@@ -143,9 +167,21 @@ class TrainConfig(_Section):
     round_interval_s: float = Field(0.0, ge=0, description="optional minimum seconds per round (off by default)")
     wait_for_neighbors_s: float = Field(10.0, ge=0, description="bounded wait for the first neighbours")
     seed: int = 0
+    loss: str = Field("cross_entropy", description="cross_entropy, mse, or package.module:function(output, target)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for streamed data (0 = in the trainer)")
+    amp: bool = Field(False, description="mixed precision (bfloat16 autocast) for forward passes; the wire stays fp32")
     torch_threads: int = Field(
         0, ge=0, description="intra-op threads for torch; 0 = auto (1 for a small model on the CPU, else torch's)"
     )
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        import re
+
+        if v not in ("cross_entropy", "mse") and not re.match(_PLUGIN, v):
+            raise ValueError(f"unknown loss {v!r}; use cross_entropy, mse or {PLUGIN_FORM}")
+        return v
 
 
 class GossipConfig(_Section):

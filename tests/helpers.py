@@ -164,3 +164,33 @@ class PeerProcess:
                 self.proc.kill()
                 self.proc.wait()
             self._log.close()
+
+
+# ------------------------------------------------------------------------------ plugins that fail on purpose
+# Named in configs as "tests.helpers:<function>" by the plugin tests.
+
+
+def raising_model(input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    raise RuntimeError("no weights for this robot")
+
+
+def not_a_module(input_shape: tuple[int, ...], num_classes: int) -> str:
+    return "a model"
+
+
+def wrong_width_model(input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes + 1)
+    )
+
+
+def raising_data() -> Any:
+    raise OSError("camera offline")
+
+
+def list_data() -> Any:
+    return [1, 2, 3]
+
+
+def non_scalar_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return output.sum(dim=1)

@@ -131,6 +131,15 @@ class Algorithm(abc.ABC):
     # held to one round of drift by their barrier, and `none` has no neighbours to wait for.
     default_max_steps_without_merge: ClassVar[int] = 0
 
+    @property
+    def mixes_buffers(self) -> bool:
+        """The buffer rule. Mix-mode algorithms merge a model's floating-point buffers (BatchNorm running mean
+        and variance) exactly like its parameters: they are appended to the flat vector, so every peer evaluates
+        with statistics that match the averaged weights. Step-mode algorithms keep them local: their iterate is
+        what gradients act on (momentum, trackers, push-sum weights), and a buffer has no gradient. Integer
+        buffers (`num_batches_tracked`) always stay local."""
+        return not self.owns_local_update
+
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         self.params = params
         self.node_id = node_id

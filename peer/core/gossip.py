@@ -102,7 +102,10 @@ class GossipCore:
             return f"protocol {clip(repr(info.protocol_version), 80)} != ours {me.protocol_version!r}"
         if info.schema_fingerprint != me.schema_fingerprint:
             theirs = clip(info.schema_fingerprint, 80)
-            return f"schema fingerprint {theirs} != ours {me.schema_fingerprint} (a different model?)"
+            return (
+                f"schema fingerprint {theirs} != ours {me.schema_fingerprint} (a different model.name, model.factory, "
+                "model.kwargs, input shape or buffer rule?)"
+            )
         if info.algorithm != me.algorithm:
             return f"algorithm {clip(repr(info.algorithm), 80)} != ours {me.algorithm!r}"
         return ""

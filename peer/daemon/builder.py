@@ -19,45 +19,86 @@ from peer.config import PeerConfig
 from peer.daemon import checkpoint
 from peer.daemon.checkpoint import atomic_write_bytes
 from peer.daemon.metrics import Counters
-from peer.errors import CheckpointError
-from peer.learn.data import Dataset, load_dataset, local_partition, partition_summary
-from peer.learn.models import build_model, num_params, schema_fingerprint
+from peer.errors import CheckpointError, ConfigError
+from peer.learn.data import partition_summary
+from peer.learn.models import build_model, num_exchanged, schema_fingerprint
+from peer.learn.plugins import call_plugin, is_classification, resolve_loss
+from peer.learn.sources import TaskData, load_task_data
+from peer.learn.streams import BatchStream
 from peer.learn.training import LocalTrainer, select_device
 
 
 @dataclass
 class Built:
-    dataset: Dataset
+    dataset: TaskData
     trainer: LocalTrainer
     algorithm: Algorithm
     fingerprint: str
-    num_params: int
+    num_params: int  # length of the exchanged flat vector (parameters, plus float buffers if the algorithm mixes them)
     device: torch.device
     state_saved_unix_s: float | None  # when the resumed checkpoint was written; None for a fresh start
 
 
-def build(cfg: PeerConfig, *, reset: bool, counters: Counters, log: logging.LoggerAdapter[logging.Logger]) -> Built:
+def build(
+    cfg: PeerConfig,
+    *,
+    reset: bool,
+    counters: Counters,
+    log: logging.LoggerAdapter[logging.Logger],
+    model: torch.nn.Module | None = None,
+    data: TaskData | None = None,
+    external: bool = False,
+) -> Built:
+    """Everything the daemon needs; `model` and `data` come from the library API (`peer.Node(model=...)`),
+    otherwise from the config's factories or built-ins. `external` (`peer.Gossip`): the caller trains `model`
+    in its own loop, so no data is loaded; the trainer only moves the model in and out of flat vectors, counts
+    steps and checkpoints."""
     state_dir = Path(cfg.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    ds = load_dataset(cfg.data.dataset, cfg.data.path, seed=cfg.data.seed, test_fraction=cfg.data.test_fraction)
-    x, y = local_partition(ds, cfg.data.partition, cfg.data.num_partitions, cfg.data.partition_index, cfg.data.seed)
+    if external:
+        if model is None:
+            raise ConfigError("peer.Gossip needs the model it mixes", field="model")
+        data = TaskData("caller's own loop", (1,), 2, np.zeros((1, 1), np.float32), np.zeros(1, np.int64), None, None)
+    ds = data if data is not None else load_task_data(cfg.data)
+    y = ds.y
     log.info(
-        "data %s, partition %s [%d/%d]: %d samples, labels %s",
+        "data %s, partition %s [%d/%d]: %d samples%s",
         ds.name,
         cfg.data.partition,
         cfg.data.partition_index,
         cfg.data.num_partitions,
-        len(y),
-        partition_summary(y, [np.arange(len(y))])[0] if len(y) else {},
+        ds.num_train,
+        f", labels {partition_summary(y, [np.arange(len(y))])[0]}" if y is not None and len(y) else "",
     )
     device = select_device(cfg.train.device)
-    model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed=cfg.model.seed).to(device)
+    if model is None:
+        model = build_model(
+            cfg.model.name,
+            ds.input_shape,
+            ds.num_classes,
+            seed=cfg.model.seed,
+            factory=cfg.model.factory,
+            kwargs=cfg.model.kwargs,
+        )
+    model = model.to(device)
     torch.set_num_threads(intra_op_threads(cfg.train.torch_threads, model, device))
+    algorithm = create(cfg.algorithm, cfg.node_id)
     t = cfg.train
+    if not external:
+        _check_forward(cfg, model, ds, device)
+    stream = None
+    if ds.train is not None:
+        stream = BatchStream(
+            ds.train,
+            batch_size=t.batch_size,
+            num_workers=t.num_workers,
+            device=device,
+            seed=t.seed + 1000 * cfg.data.partition_index,
+        )
     trainer = LocalTrainer(
         model,
-        x,
-        y,
+        ds.x,
+        ds.y,
         batch_size=t.batch_size,
         lr=t.lr,
         momentum=t.momentum,
@@ -65,10 +106,22 @@ def build(cfg: PeerConfig, *, reset: bool, counters: Counters, log: logging.Logg
         optimizer=t.optimizer,
         device=device,
         seed=t.seed + 1000 * cfg.data.partition_index,
+        stream=stream,
+        loss_fn=resolve_loss(t.loss),
+        amp=t.amp,
+        exchange_buffers=algorithm.mixes_buffers,
     )
-    algorithm = create(cfg.algorithm, cfg.node_id)
     algorithm.bind_data(int(np.prod(ds.input_shape)), ds.num_classes)
-    built = Built(ds, trainer, algorithm, schema_fingerprint(model), num_params(model), device, None)
+    buffers = algorithm.mixes_buffers
+    built = Built(
+        ds,
+        trainer,
+        algorithm,
+        schema_fingerprint(model, buffers=buffers),
+        num_exchanged(model, buffers=buffers),
+        device,
+        None,
+    )
     if reset and (aside := checkpoint.discard(state_dir)) is not None:
         log.warning("--reset: previous checkpoint moved to %s", aside)
     state = checkpoint.load(state_dir)
@@ -77,8 +130,8 @@ def build(cfg: PeerConfig, *, reset: bool, counters: Counters, log: logging.Logg
         log.info("resumed from checkpoint %s at step %d", state_dir / checkpoint.CHECKPOINT_NAME, trainer.step_count)
     atomic_write_bytes(state_dir / "config.yaml", config_mod.dump(cfg).encode())
     log.info(
-        "model %s (%d parameters, schema %s) on %s; algorithm %s [%s]",
-        cfg.model.name,
+        "model %s (%d exchanged values, schema %s) on %s; algorithm %s [%s]",
+        cfg.model.factory or cfg.model.name,
         built.num_params,
         built.fingerprint,
         device,
@@ -86,6 +139,38 @@ def build(cfg: PeerConfig, *, reset: bool, counters: Counters, log: logging.Logg
         algorithm.provenance,
     )
     return built
+
+
+def _check_forward(cfg: PeerConfig, model: torch.nn.Module, ds: TaskData, device: torch.device) -> None:
+    """One forward pass and loss on two samples, so a model that does not fit the data (or a loss that does not
+    fit the model) fails at start-up with the config fields named, not in the training thread."""
+    if ds.x is not None and ds.y is not None:
+        xb = torch.as_tensor(ds.x[:2], dtype=torch.float32)
+        yb = torch.as_tensor(ds.y[:2])
+    else:
+        assert ds.train is not None
+        pairs = [ds.train[i] for i in range(min(2, ds.num_train))]
+        xb = torch.stack([torch.as_tensor(p[0], dtype=torch.float32) for p in pairs])
+        yb = torch.stack([torch.as_tensor(p[1]) for p in pairs])
+    what = cfg.model.factory or f"model {cfg.model.name}"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call_plugin(model, what, "model.factory", xb.to(device))
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(
+            f"{what} returned {type(out).__name__} from forward(); expected a tensor", field="model.factory"
+        )
+    if is_classification(cfg.train.loss) and (out.dim() != 2 or out.shape[1] != ds.num_classes):
+        raise ConfigError(
+            f"{what} outputs shape {tuple(out.shape)} for a batch of inputs {tuple(xb.shape)}; cross_entropy needs "
+            f"(batch, {ds.num_classes}) for the {ds.num_classes} classes of {ds.name}",
+            field="model.factory",
+        )
+    call_plugin(resolve_loss(cfg.train.loss), cfg.train.loss, "train.loss", out.float(), yb.to(device))
 
 
 def _restore(cfg: PeerConfig, built: Built, state: dict[str, Any], counters: Counters) -> None:

@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from peer.config import PeerConfig
 from peer.daemon.metrics import Counters
+from peer.errors import StartupError
 
 # Peer-table states (peer.core.peers), each exported even at 0 so that dashboards see the series.
 NEIGHBOUR_STATES = ("alive", "suspect", "backoff", "evicted")
@@ -171,3 +173,13 @@ class Exporter:
 def start_exporter(listen: str, node_id: str, algorithm: str, counters: Counters, started: float) -> Exporter:
     """Bind and serve; OSError (port in use, address not here) propagates for the caller to name the key."""
     return Exporter(PeerCollector(node_id, algorithm, counters, started), listen)
+
+
+def serve_metrics(cfg: PeerConfig, algorithm: str, counters: Counters, started: float) -> Exporter:
+    """Start the Prometheus endpoint of `metrics.listen`; a port that cannot be bound is a StartupError."""
+    listen = cfg.metrics.listen
+    assert listen is not None
+    try:
+        return start_exporter(listen, cfg.node_id, algorithm, counters, started)
+    except OSError as exc:
+        raise StartupError(f"metrics.listen: cannot serve metrics on {listen}: {exc.strerror or exc}") from None

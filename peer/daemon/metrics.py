@@ -140,3 +140,17 @@ def read(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def extra_metrics(faults: Any, shards: Any, algorithm: Any, pacer: Any) -> dict[str, Any]:
+    """The parts of a metrics record beyond the counters: injected faults, data shards, the algorithm's own
+    counters (prefixed `algo_`) and the pacing figures."""
+    extra: dict[str, Any] = {f"faults_{k}": v for k, v in faults.counters.items()} if faults.enabled else {}
+    if shards is not None:
+        extra.update(shards_loaded=len(shards.files), shards_trained=shards.num_trained, train_samples=len(shards))
+    try:
+        extra.update({f"algo_{k}": v for k, v in algorithm.metrics().items()})
+        extra.update(pacer.metrics())
+    except RuntimeError:  # a dict resized by the training thread mid-read: next time
+        pass
+    return extra

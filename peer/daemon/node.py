@@ -14,13 +14,17 @@ import logging
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
 from peer import PROTOCOL_VERSION
 from peer.algorithms import Algorithm
-from peer.config import PeerConfig, check_security
+from peer.config import PeerConfig
 from peer.core import events as ev
 from peer.core.faults import FaultInjector
 from peer.core.gossip import GossipCore
@@ -29,17 +33,18 @@ from peer.daemon.builder import Built, build
 from peer.daemon.catchup import CatchUpFetcher
 from peer.daemon.changes import Changes
 from peer.daemon.checkpoint import Checkpointer
-from peer.daemon.exporter import Exporter, start_exporter
+from peer.daemon.credentials import load_credentials
+from peer.daemon.exporter import Exporter, serve_metrics
 from peer.daemon.handlers import DaemonFacts, RpcHandlers
 from peer.daemon.membership import DiscoveryInputs, HelloCaller
-from peer.daemon.metrics import Counters, MetricsLog, metrics_record
+from peer.daemon.metrics import Counters, MetricsLog, extra_metrics, metrics_record
 from peer.daemon.pusher import Pusher
 from peer.daemon.refusals import Refusals
 from peer.daemon.sdnotify import Notifier
 from peer.daemon.settings import core_settings
 from peer.daemon.worker import TrainingWorker
 from peer.errors import PeerError, StartupError
-from peer.learn.data import Dataset
+from peer.learn.sources import TaskData, task_data_from
 from peer.learn.training import LocalTrainer
 from peer.logs import OnceLogger, node_logger
 from peer.net.assembler import ReceiveLimits
@@ -47,7 +52,7 @@ from peer.net.client import Client
 from peer.net.interfaces import is_wildcard_host, mdns_interfaces
 from peer.net.mdns import MdnsDiscovery
 from peer.net.server import Server, start_server
-from peer.net.tls import Credentials, TlsFiles
+from peer.net.tls import Credentials
 from peer.net.wire import Envelope
 
 # The longest the clock sleeps between Ticks even when nothing is due (a safety net, not a schedule).
@@ -63,9 +68,27 @@ class Node:
     """One `peer run` daemon. `await Node(cfg).run()` returns after a graceful stop."""
 
     def __init__(
-        self, cfg: PeerConfig, *, reset: bool = False, stdout: TextIO | None = None, notifier: Notifier | None = None
+        self,
+        cfg: PeerConfig,
+        *,
+        reset: bool = False,
+        stdout: TextIO | None = None,
+        model: torch.nn.Module | None = None,
+        train_data: TorchDataset[Any] | None = None,
+        test_data: TorchDataset[Any] | None = None,
+        external: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
+        """`model`, `train_data` and `test_data` (the library API) replace what the config's model and data
+        sections would build; the CLI passes none of them. `external`: no training thread; the caller steps the
+        model itself and merges through `worker.external_step()` (see `peer.Gossip`)."""
         self.cfg = cfg
+        self._model = model
+        self.external = external
+        self._task: asyncio.Task[None] | None = None
+        self._data = (
+            task_data_from(train_data, test_data, "train_data", "train_data") if train_data is not None else None
+        )
         self.reset = reset
         self.stdout = stdout if stdout is not None else sys.stdout
         self.notifier = notifier if notifier is not None else Notifier()  # systemd (peer.cli reads the environment)
@@ -109,7 +132,7 @@ class Node:
         return self.built.fingerprint
 
     @property
-    def dataset(self) -> Dataset:
+    def dataset(self) -> TaskData:
         return self.built.dataset
 
     # ------------------------------------------------------------------------------------------- the core
@@ -231,6 +254,7 @@ class Node:
             slowdown=cfg.faults.slowdown,
         )
         self.worker.view = self.core.view()
+        self.worker.external = self.external
         if not cfg.discovery.mdns and not cfg.discovery.static_peers:
             self.worker.neighbours_ready.set()  # no way to find anyone: waiting for neighbours would be pointless
         self.client = Client(cfg.gossip, self.credentials)
@@ -289,26 +313,19 @@ class Node:
         )
 
     # ------------------------------------------------------------------------------------------------ run
-    def _load_credentials(self) -> Credentials | None:
-        sec = self.cfg.security
-        check_security(self.cfg)
-        if sec.tls:
-            assert sec.ca_file and sec.cert_file and sec.key_file
-            creds = Credentials(TlsFiles(sec.ca_file, sec.cert_file, sec.key_file), self.cfg.node_id)
-            self.log.info("mutual TLS: certificate %s, valid until %s", sec.cert_file, creds.material.not_after)
-            return creds
-        if sec.insecure:
-            self.log.warning(
-                "SECURITY: security.insecure is set: plaintext gRPC on %s; anyone who can reach this port can read "
-                "the model and push states into it",
-                self.cfg.listen,
-            )
-        return None
-
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.credentials = self._load_credentials()
-        built = await asyncio.to_thread(build, self.cfg, reset=self.reset, counters=self.counters, log=self.log)
+        self.credentials = load_credentials(self.cfg, self.log)
+        built = await asyncio.to_thread(
+            build,
+            self.cfg,
+            reset=self.reset,
+            counters=self.counters,
+            log=self.log,
+            model=self._model,
+            data=self._data,
+            external=self.external,
+        )
         self._assemble(built)
         if self.worker.done:
             self.trained.set()
@@ -335,7 +352,10 @@ class Node:
                     extra_txt={"cluster": self.cfg.discovery.cluster},
                 )
                 await self._mdns.start()
-            self._start_exporter()
+            if self.cfg.metrics.listen is not None:
+                self.exporter = serve_metrics(self.cfg, self.built.algorithm.name, self.counters, self._started)
+                self.metrics_address = self.exporter.address
+                self.log.info("Prometheus metrics on http://%s/metrics", self.metrics_address)
             self._announce_ready()
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -383,17 +403,20 @@ class Node:
         self.log.info("serving on %s", self.address)
         self.notifier.ready(f"serving on {self.address}")
 
-    def _start_exporter(self) -> None:
-        listen = self.cfg.metrics.listen
-        if listen is None:
-            return
-        algorithm = self.built.algorithm.name
-        try:
-            self.exporter = start_exporter(listen, self.cfg.node_id, algorithm, self.counters, self._started)
-        except OSError as exc:
-            raise StartupError(f"metrics.listen: cannot serve metrics on {listen}: {exc.strerror or exc}") from None
-        self.metrics_address = self.exporter.address
-        self.log.info("Prometheus metrics on http://%s/metrics", self.metrics_address)
+    async def __aenter__(self) -> Node:
+        """`async with Node(cfg, model=..., train_data=...) as node:` runs the daemon until the block ends."""
+        self._task = asyncio.create_task(self.run())
+        ready = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait([self._task, ready], return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            ready.cancel()
+            self._task.result()  # raises the start-up error
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.request_stop()
+        if self._task is not None:
+            await self._task
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (signal handlers and tests call this)."""
@@ -451,20 +474,10 @@ class Node:
     def _write_metrics(self, event: str = "metrics") -> None:
         self.counters.evictions = self.core.evictions
         self.counters.readmissions = self.core.readmissions
-        extra: dict[str, Any] = (
-            {f"faults_{k}": v for k, v in self.faults.counters.items()} if self.faults.enabled else {}
-        )
-        try:
-            extra.update({f"algo_{k}": v for k, v in self.built.algorithm.metrics().items()})
-            extra.update(self.worker.pacer.metrics())
-        except RuntimeError:  # a dict resized by the training thread mid-read: next time
-            pass
+        extra = extra_metrics(self.faults, self.built.dataset.shards, self.built.algorithm, self.worker.pacer)
         record = metrics_record(event, self.cfg.node_id, self._started, self.core.neighbours(), self.counters, extra)
         if self.exporter is not None:
-            states: dict[str, int] = {}
-            for row in self.core.table.rows(time.monotonic()):
-                states[row.state] = states.get(row.state, 0) + 1
-            self.exporter.publish(record, states)
+            self.exporter.publish(record, Counter(row.state for row in self.core.table.rows(time.monotonic())))
         try:
             self.metrics.append(record)
         except OSError as exc:

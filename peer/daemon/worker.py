@@ -97,6 +97,7 @@ class TrainingWorker:
         self.params_at_done: torch.Tensor | None = None  # step mode: the model when local training finished
         self._first_step_at: float | None = None
         self.pacer = Pacer(pacing_settings(train_cfg, algorithm))
+        self.external = False  # set by the shell for the library API (peer.Gossip)
 
     @property
     def done(self) -> bool:
@@ -104,6 +105,9 @@ class TrainingWorker:
 
     def run(self) -> None:
         """Thread body; returns when `stop` is set."""
+        if self.external:  # the caller's loop steps and merges (external_step); nothing to do here
+            self.stop.wait()
+            return
         if self.cfg.wait_for_neighbors_s > 0 and not self.done:
             # Bounded: a lonely peer starts alone after the timeout instead of waiting forever; a stop request
             # ends the wait at once.
@@ -158,8 +162,24 @@ class TrainingWorker:
         """A neighbour's message was accepted: it is merged before our next local step."""
         self.pacer.took_in(msg.sender, msg.payload.scalars.get(RATE_SCALAR), self.trainer.step_count, msg.received_at)
 
-    def round(self, local_steps: bool = True) -> None:
-        """One round: local steps (while epochs remain), merge what arrived, publish, checkpoint if asked."""
+    def external_step(self) -> bool:
+        """The library API (`peer.Gossip.step`), in the caller's thread: the caller's optimizer just took one
+        step. Wait as pacing asks (bounded), merge what arrived into the model, publish it. Mix mode only.
+        Returns whether neighbour state was merged."""
+        assert not self.algorithm.owns_local_update
+        while not self.stop.is_set():
+            decision = self._pace(time.monotonic())
+            if decision.go:
+                break
+            self._wait_for_messages(decision.wait_s)
+            self.round(local_steps=False)
+        self.trainer.step_count += 1
+        self.round(local_steps=False, external_step=True)
+        return bool(self.algorithm.last_report.used)
+
+    def round(self, local_steps: bool = True, *, external_step: bool = False) -> None:
+        """One round: local steps (while epochs remain), merge what arrived, publish, checkpoint if asked.
+        `external_step`: the caller's own loop took the step (library API); merge and publish regardless."""
         trainer = self.trainer
         loss = float("nan")
         while self.adopt:
@@ -201,7 +221,7 @@ class TrainingWorker:
                 self._took_in(msg, now)
             else:
                 dropped += 1
-        if not local_steps and not took_in:
+        if not local_steps and not took_in and not external_step:
             return  # a pacing wait that ended with nothing new: nothing to mix or to publish
         x = trainer.get_flat()
         mixed = self.algorithm.mix(x, now, self.view)

@@ -1,5 +1,5 @@
-"""The model zoo (logreg, mlp, cnn) built by name with seed-only initialisation, the schema fingerprint
-peers compare before exchanging parameters, and flat parameter views for the consensus algorithms.
+"""The model zoo (logreg, mlp, cnn, or a user factory) built with seed-only initialisation, the schema
+fingerprint peers compare before exchanging parameters, and flat views of what the consensus algorithms mix.
 """
 
 from __future__ import annotations
@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from peer.errors import ConfigError, UnknownNameError
+from peer.learn.plugins import build_user_model
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +25,23 @@ _CNN_MAX_POOLED = 16
 _CNN_MAX_POOLED_2D = 4
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int) -> nn.Module:
-    """Build model `name` for inputs of `input_shape` (without the batch axis) and `num_classes` outputs.
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    seed: int,
+    factory: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build model `name` (or the user's `factory`, "package.module:function") for inputs of `input_shape`
+    (without the batch axis) and `num_classes` outputs.
 
     The initial weights depend only on `seed`: peers with the same seed start from identical weights,
     and the global torch RNG is left untouched.
     """
+    if factory is not None:
+        return build_user_model(factory, dict(kwargs or {}), tuple(int(s) for s in input_shape), num_classes, seed=seed)
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
         raise ConfigError(f"invalid input shape {input_shape!r}", field="model.name")
@@ -112,12 +125,26 @@ def _reset_parameters(model: nn.Module, seed: int) -> None:
                 raise TypeError(f"no seeded initialiser for {type(module).__name__}")
 
 
-def schema_fingerprint(model: nn.Module) -> str:
-    """First 16 hex chars of sha256 over the sorted "name:shape:dtype" of every state_dict entry."""
-    entries = sorted(
-        f"{key}:{'x'.join(str(s) for s in value.shape)}:{value.dtype}" for key, value in model.state_dict().items()
-    )
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+def exchanged_tensors(model: nn.Module, *, buffers: bool) -> list[tuple[str, torch.Tensor]]:
+    """What peers exchange, in a fixed order: every parameter (`named_parameters` order), then, when `buffers`,
+    every floating-point buffer (BatchNorm running mean and variance...). Integer buffers (`num_batches_tracked`)
+    are never exchanged: they count local steps and stay local."""
+    out: list[tuple[str, torch.Tensor]] = [(name, p) for name, p in model.named_parameters()]
+    if buffers:
+        out += [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+    return out
+
+
+def schema_fingerprint(model: nn.Module, *, buffers: bool = False) -> str:
+    """First 16 hex chars of sha256 over the sorted "name:shape:dtype" of every exchanged tensor (see
+    `exchanged_tensors`) and, when buffers are kept local, of every buffer as well (marked local), so peers
+    that disagree on what is mixed refuse each other."""
+    entries = [
+        f"{key}:{'x'.join(str(s) for s in t.shape)}:{t.dtype}" for key, t in exchanged_tensors(model, buffers=buffers)
+    ]
+    if not buffers:
+        entries += [f"local:{key}:{'x'.join(str(s) for s in b.shape)}" for key, b in model.named_buffers()]
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 
 
 def num_params(model: nn.Module) -> int:
@@ -125,26 +152,35 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flatten_params(model: nn.Module) -> torch.Tensor:
-    """A 1-D float32 CPU copy of all parameters, in `named_parameters` order."""
-    parts = [p.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for _, p in model.named_parameters()]
+def num_exchanged(model: nn.Module, *, buffers: bool = False) -> int:
+    """Length of the flat vector `flatten_params(model, buffers=...)`."""
+    return sum(t.numel() for _, t in exchanged_tensors(model, buffers=buffers))
+
+
+def flatten_params(model: nn.Module, *, buffers: bool = False, device: torch.device | None = None) -> torch.Tensor:
+    """A 1-D float32 copy of the exchanged tensors (see `exchanged_tensors`), on `device` (default: the CPU)."""
+    target = device if device is not None else torch.device("cpu")
+    parts = [
+        t.detach().reshape(-1).to(device=target, dtype=torch.float32)
+        for _, t in exchanged_tensors(model, buffers=buffers)
+    ]
     if not parts:
-        return torch.zeros(0, dtype=torch.float32)
+        return torch.zeros(0, dtype=torch.float32, device=target)
     return torch.cat(parts)  # cat always allocates, so the result never aliases the parameters
 
 
-def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
-    """Copy a flat vector (as made by `flatten_params`) into the parameters in place."""
-    expected = num_params(model)
+def load_flat_params(model: nn.Module, flat: torch.Tensor, *, buffers: bool = False) -> None:
+    """Copy a flat vector (as made by `flatten_params` with the same `buffers`) into the model in place."""
+    tensors = [t for _, t in exchanged_tensors(model, buffers=buffers)]
+    expected = sum(t.numel() for t in tensors)
     if flat.numel() != expected:
         raise ValueError(f"flat parameter vector has {flat.numel()} elements, model has {expected}")
-    params = [p for _, p in model.named_parameters()]
-    if params:
+    if tensors:
         # One transfer for the whole vector rather than one per tensor when the model is on a GPU.
-        flat = flat.detach().reshape(-1).to(device=params[0].device)
+        flat = flat.detach().reshape(-1).to(device=tensors[0].device)
     offset = 0
     with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.copy_(flat[offset : offset + n].reshape(p.shape))
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].reshape(t.shape))
             offset += n

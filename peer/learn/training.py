@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch.nn.functional import cross_entropy
 
 from peer.errors import CheckpointError, ConfigError, DataError, UnknownNameError
 from peer.learn.models import build_model, flatten_params, load_flat_params
+from peer.learn.streams import BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +72,19 @@ def _to_cpu(obj: Any) -> Any:
 class LocalTrainer:
     """Minibatch training of `model` on one peer's data, one `step()` at a time.
 
-    The data is copied to `device` once. Each epoch visits every sample once in an order drawn from a
-    private generator seeded by `seed`, so a run (and a resumed run) is reproducible.
+    In-memory data (`x`, `y`) is copied to `device` once; a `stream` (plugin data, image folders, shards) is read
+    through a DataLoader instead. Each epoch visits every sample once in an order drawn from a private generator
+    seeded by `seed`, so a run (and a resumed run) is reproducible. `loss_fn(output, target)` defaults to
+    cross-entropy; `amp` runs forward passes under autocast (bfloat16); `exchange_buffers` puts the model's
+    float buffers into `get_flat`/`set_flat` (see `Algorithm.mixes_buffers`). `steps_per_epoch` is fixed at
+    construction: a growing stream's new samples join later epochs without changing the step budget.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        x: np.ndarray,
-        y: np.ndarray,
+        x: np.ndarray | None,
+        y: np.ndarray | None,
         *,
         batch_size: int,
         lr: float,
@@ -87,21 +93,37 @@ class LocalTrainer:
         optimizer: str,
         device: torch.device,
         seed: int,
+        stream: BatchStream | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        amp: bool = False,
+        exchange_buffers: bool = False,
     ) -> None:
-        if len(x) != len(y):
-            raise DataError(f"training data has {len(x)} inputs but {len(y)} labels")
-        if len(x) == 0:
-            raise DataError("training data is empty")
+        self.stream = stream
+        if stream is None:
+            if x is None or y is None or len(x) != len(y):
+                raise DataError(f"training data has {len(x or [])} inputs but {len(y or [])} labels")
+            if len(x) == 0:
+                raise DataError("training data is empty")
         if batch_size < 1:
             raise ConfigError(f"must be >= 1, got {batch_size}", field="train.batch_size")
         if not (math.isfinite(lr) and lr >= 0):
             raise ConfigError(f"must be a finite number >= 0, got {lr}", field="train.lr")
         self.model = model.to(device)
         self.device = device
-        self.x = torch.tensor(np.asarray(x), dtype=torch.float32, device=device)
-        self.y = torch.tensor(np.asarray(y), dtype=torch.int64, device=device)
-        self.n = len(self.x)
+        self.loss_fn = loss_fn or cross_entropy
+        self.amp = amp
+        self.exchange_buffers = exchange_buffers
         self.batch_size = batch_size
+        if stream is None:
+            assert x is not None and y is not None
+            self.x = torch.tensor(np.asarray(x), dtype=torch.float32, device=device)
+            y_arr = np.asarray(y)
+            self.y = torch.tensor(
+                y_arr, dtype=torch.int64 if y_arr.dtype.kind in "iub" else torch.float32, device=device
+            )
+            self.n = len(self.x)
+        else:
+            self.n = stream.n
         self.steps_per_epoch = math.ceil(self.n / batch_size)
         self.optimizer_name = optimizer
         params = list(self.model.parameters())
@@ -123,9 +145,21 @@ class LocalTrainer:
     @property
     def epoch_progress(self) -> float:
         """Completed epochs plus the fraction of the current one."""
+        if self.stream is not None:
+            return self.epoch + self.stream.fraction_done
         return self.epoch + (self._pos / self.n if self._perm is not None else 0.0)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is not None:
+            xb, yb, finished = self.stream.next_batch()
+            if self.stream.new_shards:
+                log.info(
+                    "training on %d new shard(s): %s", len(self.stream.new_shards), ", ".join(self.stream.new_shards)
+                )
+                self.stream.new_shards = []
+            self.epoch += 1 if finished else 0
+            self.step_count += 1
+            return xb, yb
         if self._perm is None:
             self._perm = torch.randperm(self.n, generator=self._gen).to(self.device)
             self._pos = 0
@@ -143,7 +177,9 @@ class LocalTrainer:
         if not self.model.training:
             self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = cross_entropy(self.model(xb), yb)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(xb)
+        loss = self.loss_fn(out.float(), yb)
         loss.backward()
         return loss
 
@@ -175,16 +211,25 @@ class LocalTrainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def get_flat(self) -> torch.Tensor:
-        return flatten_params(self.model)
+        return flatten_params(self.model, buffers=self.exchange_buffers)
 
     def set_flat(self, flat: torch.Tensor) -> None:
-        load_flat_params(self.model, flat)
+        load_flat_params(self.model, flat, buffers=self.exchange_buffers)
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state, counters and data-order state (CPU tensors and plain values only).
 
         Model parameters are not included: checkpoint them via `get_flat`.
         """
+        if self.stream is not None:
+            return {
+                "optimizer_name": self.optimizer_name,
+                "optimizer": _to_cpu(self.optimizer.state_dict()),
+                "step_count": self.step_count,
+                "epoch": self.epoch,
+                "batch_size": self.batch_size,
+                "stream": self.stream.state_dict(),
+            }
         perm = self._perm.cpu() if self._perm is not None else torch.zeros(0, dtype=torch.int64)
         return {
             "optimizer_name": self.optimizer_name,
@@ -207,6 +252,12 @@ class LocalTrainer:
                     f"trainer checkpoint used optimizer {state['optimizer_name']!r}, config says "
                     f"{self.optimizer_name!r}"
                 )
+            if self.stream is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.stream.load_state_dict(state["stream"])
+                self.step_count = int(state["step_count"])
+                self.epoch = int(state["epoch"])
+                return
             if int(state["n"]) != self.n:
                 raise CheckpointError(
                     f"trainer checkpoint was made on {state['n']} local samples, this peer has {self.n}"
@@ -282,11 +333,20 @@ def train_reference(
     device: torch.device,
     lr_schedule: str = "constant",
     model_seed: int | None = None,
+    model_factory: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Train a fresh `model_name` for `epochs` passes, with the same learning-rate schedule as the daemon
     (`lr_schedule`: constant or cosine). The model is initialised from `model_seed` (default: `seed`), as the
-    peers' are; `seed` orders the minibatches."""
-    model = build_model(model_name, input_shape, num_classes, seed=seed if model_seed is None else model_seed)
+    peers' are (from `model_factory` with `model_kwargs` when given); `seed` orders the minibatches."""
+    model = build_model(
+        model_name,
+        input_shape,
+        num_classes,
+        seed=seed if model_seed is None else model_seed,
+        factory=model_factory,
+        kwargs=model_kwargs,
+    )
     trainer = LocalTrainer(
         model,
         ds_x,

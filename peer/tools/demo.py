@@ -203,6 +203,13 @@ def run_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _labels(cfg: Any) -> tuple[str, str]:
+    """What the peers train on, as the config names it (a --set factory or path replaces the built-in name)."""
+    d = cfg.data
+    data = d.dataset or d.path or d.factory or d.image_folder or d.shards_dir
+    return str(data), str(cfg.model.factory or cfg.model.name)
+
+
 def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_start: float, deadline: float) -> int:
     import numpy as np
 
@@ -211,9 +218,10 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
 
     configs = build_configs(args, work_dir)
     cfgs = [c for _, c in configs]
+    data_label, model_label = _labels(cfgs[0])
     print(
-        f"peer demo: {args.peers} peers ({args.algorithm}, {args.topology}) on {args.dataset} {args.partition}, "
-        f"{args.model}, {args.epochs:g} epochs; files in {work_dir}{'' if args.out else ' (temporary)'}",
+        f"peer demo: {args.peers} peers ({args.algorithm}, {args.topology}) on {data_label} {args.partition}, "
+        f"{model_label}, {args.epochs:g} epochs; files in {work_dir}{'' if args.out else ' (temporary)'}",
         flush=True,
     )
     for path, cfg in configs:
@@ -259,10 +267,10 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
     summary: dict[str, Any] = {
         "algorithm": args.algorithm,
         "peers": args.peers,
-        "dataset": args.dataset,
+        "dataset": data_label,
         "partition": args.partition,
         "topology": args.topology,
-        "model": args.model,
+        "model": model_label,
         "epochs": args.epochs,
         "seed": args.seed,
         # The tuned centralized reference (peer.learn.reference); "centralized_status" says whether it is one.

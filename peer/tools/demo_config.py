@@ -167,13 +167,13 @@ def build_configs(args: argparse.Namespace, work_dir: Path, cluster: str | None 
     for i in range(args.peers):
         cfg = validate(peer_config(args, i, work_dir, cluster), source=f"peer-{i} demo config")
         if i == 0:  # fail here, not in N daemons: what the config schema leaves to the node
-            if cfg.data.path is None and cfg.data.dataset not in DATASET_NAMES:
+            if cfg.data.dataset is not None and cfg.data.dataset not in DATASET_NAMES:
                 raise ConfigError(
                     f"unknown dataset {cfg.data.dataset!r}; valid names: {', '.join(DATASET_NAMES)}",
                     field="data.dataset",
                 )
             parse_partition(cfg.data.partition)
-            if cfg.model.name not in MODEL_NAMES:
+            if cfg.model.factory is None and cfg.model.name not in MODEL_NAMES:
                 raise ConfigError(
                     f"unknown model {cfg.model.name!r}; valid names: {', '.join(MODEL_NAMES)}", field="model.name"
                 )

@@ -106,18 +106,82 @@ def train_reference(
         device=device,
         lr_schedule=t.lr_schedule,
         model_seed=cfg.model.seed,
+        model_factory=cfg.model.factory,
+        model_kwargs=cfg.model.kwargs,
     )
+
+
+@dataclass(frozen=True)
+class TaskArrays:
+    """The demo's data as arrays: each peer's training slice and the shared test set. Plugin data (data.factory,
+    image folders, shards) is read into memory once here: the demo's references train on the same samples."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    parts: list[tuple[np.ndarray, np.ndarray]]
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def _materialize(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    xs, ys = [], []
+    for xb, yb in DataLoader(ds, batch_size=1024):
+        xs.append(torch.as_tensor(xb, dtype=torch.float32).numpy())
+        ys.append(torch.as_tensor(yb).numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def task_arrays(cfgs: Sequence[Any]) -> TaskArrays:
+    """Every peer's training slice and the test set, from the same source the daemons load (factories too)."""
+    from peer.learn.data import load_dataset, local_partition
+    from peer.learn.sources import load_task_data
+
+    c0 = cfgs[0]
+    if c0.data.dataset is not None or c0.data.path is not None:
+        ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
+        parts = [
+            local_partition(ds, c.data.partition, c.data.num_partitions, c.data.partition_index, c.data.seed)
+            for c in cfgs
+        ]
+        return TaskArrays(ds.input_shape, ds.num_classes, parts, ds.x_test, ds.y_test)
+    datas = [load_task_data(c.data) for c in cfgs]
+    if datas[0].test is None:
+        raise DemoError(f"{datas[0].name} has no test set: the demo measures test accuracy")
+    x_test, y_test = _materialize(datas[0].test)
+    parts = [(d.x, d.y) if d.x is not None and d.y is not None else _materialize(d.train) for d in datas]
+    return TaskArrays(datas[0].input_shape, datas[0].num_classes, parts, x_test, y_test)
+
+
+def _model(cfg: Any, task: TaskArrays) -> Any:
+    from peer.learn.models import build_model
+
+    return build_model(
+        cfg.model.name,
+        task.input_shape,
+        task.num_classes,
+        seed=cfg.model.seed,
+        factory=cfg.model.factory,
+        kwargs=cfg.model.kwargs,
+    )
+
+
+def _mixes_buffers(cfg: Any) -> bool:
+    from peer.algorithms import REGISTRY
+
+    return not REGISTRY[cfg.algorithm.name].owns_local_update  # Algorithm.mixes_buffers
 
 
 def evaluate_peers(cfgs: Sequence[Any], device: Any) -> tuple[list[float], float]:
     """Test accuracy of every peer's final checkpoint and the consensus distance between them."""
     from peer.daemon import checkpoint
-    from peer.learn.data import load_dataset
-    from peer.learn.models import build_model, flatten_params
+    from peer.learn.models import flatten_params
     from peer.learn.training import evaluate
 
-    c0 = cfgs[0]
-    ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
+    ds = task_arrays(cfgs)
     accs, flats = [], []
     for cfg in cfgs:
         state = checkpoint.load(cfg.state_dir)
@@ -128,10 +192,10 @@ def evaluate_peers(cfgs: Sequence[Any], device: Any) -> tuple[list[float], float
             accs.append(acc)
             flats.append(flat)
             continue
-        model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed=cfg.model.seed)
+        model = _model(cfg, ds)
         model.load_state_dict(state["model"])
         accs.append(evaluate(model.to(device), ds.x_test, ds.y_test)[0])
-        flats.append(flatten_params(model).numpy())
+        flats.append(flatten_params(model, buffers=_mixes_buffers(cfg)).numpy())
     return accs, consensus_distance(flats)
 
 
@@ -203,15 +267,12 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[Reference, l
     claim (no tuning: the solver has no learning rate)."""
     import numpy as np
 
-    from peer.learn.data import load_dataset, local_partition
     from peer.learn.reference import PUBLISHED, Reference, tuned_reference
     from peer.learn.training import evaluate
 
     c0 = cfgs[0]
-    ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
-    parts = [
-        local_partition(ds, c.data.partition, c.data.num_partitions, c.data.partition_index, c.data.seed) for c in cfgs
-    ]
+    ds = task_arrays(cfgs)
+    parts = ds.parts
     x_all = np.concatenate([p[0] for p in parts])
     y_all = np.concatenate([p[1] for p in parts])
     if _trains_own_model(c0):
@@ -244,6 +305,8 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[Reference, l
         "optimizer": t.optimizer,
         "lr_schedule": t.lr_schedule,
         "model_seed": c0.model.seed,
+        "model_factory": c0.model.factory,
+        "model_kwargs": c0.model.kwargs,
     }
     central = tuned_reference(
         x_all,
@@ -255,7 +318,7 @@ def reference_accuracies(cfgs: Sequence[Any], device: Any) -> tuple[Reference, l
         seed=t.seed,
         device=device,
         local_only=float(np.mean(local)),
-        published=PUBLISHED.get((c0.data.dataset, c0.model.name)) if c0.data.path is None else None,
+        published=PUBLISHED.get((c0.data.dataset, c0.model.name)) if c0.model.factory is None else None,
     )
     return central, local
 
@@ -265,13 +328,13 @@ def snapshot_curves(cfgs: Sequence[Any], bin_s: float = SNAPSHOT_BIN_S) -> dict[
     import numpy as np
     import torch
 
-    from peer.learn.data import load_dataset
-    from peer.learn.models import build_model, load_flat_params
+    from peer.learn.models import load_flat_params
     from peer.learn.training import evaluate
 
     c0 = cfgs[0]
-    ds = load_dataset(c0.data.dataset, c0.data.path, seed=c0.data.seed, test_fraction=c0.data.test_fraction)
-    model = build_model(c0.model.name, ds.input_shape, ds.num_classes, seed=c0.model.seed)
+    ds = task_arrays(cfgs)
+    model = _model(c0, ds)
+    buffers = _mixes_buffers(c0)
     per_peer = {c.node_id: list_snapshots(Path(c.state_dir)) for c in cfgs}
     out: dict[str, list[float]] = {"time_s": [], "mean_accuracy": [], "min_accuracy": [], "consensus_distance": []}
     xt = torch.as_tensor(ds.x_test)
@@ -281,7 +344,7 @@ def snapshot_curves(cfgs: Sequence[Any], bin_s: float = SNAPSHOT_BIN_S) -> dict[
         try:
             for c in cfgs:
                 flat = np.load(snaps[c.node_id].path)
-                load_flat_params(model, torch.from_numpy(flat))
+                load_flat_params(model, torch.from_numpy(flat), buffers=buffers)
                 accs.append(evaluate(model, xt, yt)[0])
                 flats.append(flat)
         except (OSError, ValueError):

@@ -8,9 +8,9 @@ from typing import Any
 from peer import config as config_mod
 from peer.daemon import checkpoint
 from peer.errors import CheckpointError
-from peer.learn.data import load_dataset
 from peer.learn.models import build_model
-from peer.learn.training import evaluate
+from peer.learn.plugins import is_classification, resolve_loss
+from peer.learn.sources import evaluate_dataset, load_task_data
 
 
 def evaluate_state_dir(state_dir: str | Path) -> dict[str, Any]:
@@ -22,18 +22,30 @@ def evaluate_state_dir(state_dir: str | Path) -> dict[str, Any]:
     state = checkpoint.load(state_dir)
     if state is None:
         raise CheckpointError(f"{state_dir} holds no checkpoint yet")
-    ds = load_dataset(cfg.data.dataset, cfg.data.path, seed=cfg.data.seed, test_fraction=cfg.data.test_fraction)
-    model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, seed=cfg.model.seed)
+    ds = load_task_data(cfg.data)
+    if ds.test is None:
+        raise CheckpointError(f"the data of {state_dir} ({ds.name}) has no test set to evaluate on")
+    model = build_model(
+        cfg.model.name,
+        ds.input_shape,
+        ds.num_classes,
+        seed=cfg.model.seed,
+        factory=cfg.model.factory,
+        kwargs=cfg.model.kwargs,
+    )
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint in {state_dir} does not match model {cfg.model.name}: {exc}") from exc
-    acc, loss = evaluate(model, ds.x_test, ds.y_test)
+        what = cfg.model.factory or cfg.model.name
+        raise CheckpointError(f"checkpoint in {state_dir} does not match model {what}: {exc}") from exc
+    classification = is_classification(cfg.train.loss)
+    acc, loss = evaluate_dataset(model, ds.test, loss_fn=resolve_loss(cfg.train.loss), classification=classification)
     return {
         "node_id": cfg.node_id,
-        "accuracy": acc,
+        "task": "classification" if classification else "regression",
+        "accuracy": acc if classification else None,
         "loss": loss,
         "step": int(state.get("counters", {}).get("step", 0)),
         "dataset": ds.name,
-        "test_samples": len(ds.y_test),
+        "test_samples": len(ds.test),  # type: ignore[arg-type]
     }

@@ -1,0 +1,59 @@
+"""The library API (peer.Gossip in a plain PyTorch loop, `async with peer.Node`) and the examples, on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import peer
+from examples.custom_model import bn_cnn
+from peer.errors import ConfigError
+
+
+@pytest.mark.timeout(120)
+def test_gossip_in_a_plain_pytorch_loop_merges_and_learns() -> None:
+    from examples.own_loop import main
+
+    results = main(epochs=3)
+    for acc, merges in results.values():
+        assert merges > 0 and acc > 0.6, results
+
+
+@pytest.mark.parametrize("name", ["dmsgd", "dpsgd", "sgp"])
+def test_gossip_refuses_step_mode_algorithms_naming_the_field(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match=r"algorithm\.name: .*owns the local update.*supports cdl, none"):
+        peer.Gossip(bn_cnn((1, 8, 8), 10), {"node_id": "a", "state_dir": str(tmp_path), "algorithm": {"name": name}})
+
+
+def test_gossip_step_outside_the_context_is_an_error(tmp_path: Path) -> None:
+    gossip = peer.Gossip(torch.nn.Linear(2, 2), {"node_id": "a", "state_dir": str(tmp_path)})
+    with pytest.raises(RuntimeError, match=r"with peer\.Gossip"):
+        gossip.step()
+
+
+def test_gossip_alone_steps_and_checkpoints(tmp_path: Path) -> None:
+    model = bn_cnn((1, 8, 8), 10, width=4)
+    cfg = {"node_id": "solo", "state_dir": str(tmp_path / "solo"), "discovery": {"mdns": False}}
+    with peer.Gossip(model, cfg) as gossip:
+        for _ in range(3):
+            assert gossip.step() is False  # nobody to merge with
+        assert gossip.steps == 3 and gossip.neighbours == []
+    assert (tmp_path / "solo" / "checkpoint.pt").exists()
+
+
+@pytest.mark.timeout(120)
+async def test_image_folder_example_three_peers(tmp_path: Path) -> None:
+    from examples.image_folder import run
+
+    accs = await run(tmp_path)
+    assert min(accs) > 0.7, accs
+
+
+@pytest.mark.timeout(60)
+async def test_growing_shards_example(tmp_path: Path) -> None:
+    from examples.growing_shards import run
+
+    trained, samples = await run(tmp_path)
+    assert trained == 4 and samples > 1400
