@@ -165,7 +165,9 @@ class TrainConfig(_Section):
         2.0, gt=0, description="longest wait for fresh neighbour state once max_steps_without_merge is reached"
     )
     round_interval_s: float = Field(0.0, ge=0, description="optional minimum seconds per round (off by default)")
-    wait_for_neighbors_s: float = Field(10.0, ge=0, description="bounded wait for the first neighbours")
+    wait_for_neighbors_s: float = Field(
+        30.0, ge=0, description="bounded wait for the expected members (data.num_partitions) or a first neighbour"
+    )
     seed: int = 0
     loss: str = Field("cross_entropy", description="cross_entropy, mse, or package.module:function(output, target)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for streamed data (0 = in the trainer)")

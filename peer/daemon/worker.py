@@ -33,6 +33,13 @@ PROGRESS_REPORT_S = 0.01
 # After local training, mix-mode rounds run when fresh state arrives, and at least this often (so a state of
 # ours that a neighbour lost is sent again).
 CONSENSUS_IDLE_S = 0.5
+# After local training a state is published only when mixing moved the model by more than this (relative), or
+# CONSENSUS_IDLE_S after the last one: otherwise every arrival would trigger a publish that triggers the
+# neighbours' next one, and converged peers would push at link speed forever.
+CONSENSUS_TOLERANCE = 1e-7
+# After local training, round-synchronous (step-mode) rounds run at most this often unless a neighbour still
+# training waits for our next round.
+CONSENSUS_ROUND_S = 0.1
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -97,6 +104,7 @@ class TrainingWorker:
         self.params_at_done: torch.Tensor | None = None  # step mode: the model when local training finished
         self._first_step_at: float | None = None
         self.pacer = Pacer(pacing_settings(train_cfg, algorithm))
+        self._last_publish = -math.inf
         self.external = False  # set by the shell for the library API (peer.Gossip)
 
     @property
@@ -150,6 +158,14 @@ class TrainingWorker:
         self.wake.clear()
         if not self.inbox and not self.acks and not self.stop.is_set():
             self.wake.wait(timeout_s)
+
+    def _worth_publishing(self, before: torch.Tensor, after: torch.Tensor, now: float) -> bool:
+        if not self.done or now - self._last_publish >= CONSENSUS_IDLE_S:
+            return True
+        if after is before:
+            return False
+        scale = float(before.norm()) or 1.0
+        return float((after - before).norm()) > CONSENSUS_TOLERANCE * scale
 
     def _with_rate(self, payload: Payload) -> Payload:
         """The payload with our compute rate, so that neighbours know whether to wait for us (peer.core.pacing)."""
@@ -228,8 +244,11 @@ class TrainingWorker:
         if mixed is not x:
             trainer.set_flat(mixed)
         self.latest_params = mixed
-        payload = self.algorithm.outgoing(mixed, trainer.step_count)
+        payload = None
+        if self._worth_publishing(x, mixed, now):
+            payload = self.algorithm.outgoing(mixed, trainer.step_count)
         if payload is not None:
+            self._last_publish = now
             self.publish(self._with_rate(payload))
         with self.counters.lock:
             self.counters.step = trainer.step_count
@@ -276,7 +295,11 @@ class TrainingWorker:
             now = time.monotonic()
             self._drain_step_mode(now)
             finished = self.step_mode_finished
-            interval = self.consensus_interval_s if finished else self.cfg.round_interval_s * self.slowdown
+            interval = (
+                max(CONSENSUS_ROUND_S, self.consensus_interval_s)
+                if finished
+                else self.cfg.round_interval_s * self.slowdown
+            )
             # Pacing never holds up a neighbour that already waits for our next round (P1).
             paced = now - last_advance < interval and not algo.neighbours_waiting()
             decision = self._pace(now) if not finished else GO
