@@ -85,7 +85,9 @@ def test_identity_with_gamma_one_is_dpsgd_of_the_half_steps() -> None:
     """§8 reduction: Q = id, γ = 1 ⇒ x_i^{t+1} = Σ_j w_ij (x_j^t − η_t ∇f_j(x_j^t)), here on a random graph."""
     adj = random_graph(6, 0.4, seed=2)
     lr = lambda k: 0.2 / (1 + k / 50)  # noqa: E731 - the schedule of the reference too
-    sim = _sim(adj, ChocoParams(compressor="none", gamma=1.0, retransmit_s=0.01, momentum=0.0), interpolating=False, lr=lr)
+    sim = _sim(
+        adj, ChocoParams(compressor="none", gamma=1.0, retransmit_s=0.01, momentum=0.0), interpolating=False, lr=lr
+    )
     sim.run(iterations=80)
     a, b, _ = _problem(adj, interpolating=False)
     w = mixing_matrix(adj)
