@@ -248,14 +248,16 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
         steps = b.trainer.step_count
 
         # Restarted at once, b resumes from its fresh checkpoint (written on the graceful stop) and fetches
-        # nothing, though a trained on meanwhile and is not behind (pacing kept the two in step while b ran).
+        # nothing, though a trained on meanwhile and is ahead (pacing kept the two in step while b ran, so wait
+        # until a, alone again, has moved on).
+        await until([a], lambda: a.trainer.step_count > steps, 20, "a to train on ahead of the stopped b")
         caplog.clear()
         b = RecordingNode(b_cfg, stdout=io.StringIO())
         b_tasks = await start_nodes([b])
         ready = json.loads(b.stdout.getvalue().splitlines()[0])  # type: ignore[attr-defined]
         assert ready["step"] == steps
         await until([b], lambda: a.cfg.node_id in b.core.neighbours(), 20, "b to rejoin a")
-        assert a.trainer.step_count >= steps
+        assert a.trainer.step_count > steps
         await until([b], lambda: b.trainer.step_count > steps + 10, 20, "b to train on")
         assert b.counters.snapshot()["catchups"] == 0 and b.adopted is None
         assert not any("caught up" in r.getMessage() for r in caplog.records)
