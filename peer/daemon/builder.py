@@ -21,7 +21,7 @@ from peer.daemon.checkpoint import atomic_write_bytes
 from peer.daemon.metrics import Counters
 from peer.errors import CheckpointError, ConfigError
 from peer.learn.data import partition_summary
-from peer.learn.models import build_model, num_exchanged, schema_fingerprint
+from peer.learn.models import model_from_config, num_exchanged, schema_fingerprint
 from peer.learn.plugins import call_plugin, is_classification, resolve_loss
 from peer.learn.sources import TaskData, load_task_data
 from peer.learn.streams import BatchStream
@@ -72,14 +72,7 @@ def build(
     )
     device = select_device(cfg.train.device)
     if model is None:
-        model = build_model(
-            cfg.model.name,
-            ds.input_shape,
-            ds.num_classes,
-            seed=cfg.model.seed,
-            factory=cfg.model.factory,
-            kwargs=cfg.model.kwargs,
-        )
+        model = model_from_config(cfg.model, ds.input_shape, ds.num_classes)
     model = model.to(device)
     torch.set_num_threads(intra_op_threads(cfg.train.torch_threads, model, device))
     algorithm = create(cfg.algorithm, cfg.node_id)

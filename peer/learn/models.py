@@ -184,3 +184,15 @@ def load_flat_params(model: nn.Module, flat: torch.Tensor, *, buffers: bool = Fa
             n = t.numel()
             t.copy_(flat[offset : offset + n].reshape(t.shape))
             offset += n
+
+
+def model_from_config(model_cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The model a `model:` config section describes (built-in name or user factory), with its seed."""
+    return build_model(
+        model_cfg.name,
+        input_shape,
+        num_classes,
+        seed=model_cfg.seed,
+        factory=model_cfg.factory,
+        kwargs=model_cfg.kwargs,
+    )

@@ -157,16 +157,9 @@ def task_arrays(cfgs: Sequence[Any]) -> TaskArrays:
 
 
 def _model(cfg: Any, task: TaskArrays) -> Any:
-    from peer.learn.models import build_model
+    from peer.learn.models import model_from_config
 
-    return build_model(
-        cfg.model.name,
-        task.input_shape,
-        task.num_classes,
-        seed=cfg.model.seed,
-        factory=cfg.model.factory,
-        kwargs=cfg.model.kwargs,
-    )
+    return model_from_config(cfg.model, task.input_shape, task.num_classes)
 
 
 def _mixes_buffers(cfg: Any) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 from peer import config as config_mod
 from peer.daemon import checkpoint
 from peer.errors import CheckpointError
-from peer.learn.models import build_model
+from peer.learn.models import model_from_config
 from peer.learn.plugins import is_classification, resolve_loss
 from peer.learn.sources import evaluate_dataset, load_task_data
 
@@ -25,14 +25,7 @@ def evaluate_state_dir(state_dir: str | Path) -> dict[str, Any]:
     ds = load_task_data(cfg.data)
     if ds.test is None:
         raise CheckpointError(f"the data of {state_dir} ({ds.name}) has no test set to evaluate on")
-    model = build_model(
-        cfg.model.name,
-        ds.input_shape,
-        ds.num_classes,
-        seed=cfg.model.seed,
-        factory=cfg.model.factory,
-        kwargs=cfg.model.kwargs,
-    )
+    model = model_from_config(cfg.model, ds.input_shape, ds.num_classes)
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
