@@ -34,11 +34,24 @@ from peer.tools.demo_eval import evaluate_peers, reference_accuracies  # noqa: E
 from peer.tools.launcher import start_peer, stop_all, wait_ready, watch  # noqa: E402
 
 
-def user_config(i: int, n: int, work: Path, seed: int) -> dict[str, Any]:
+def user_config(i: int, n: int, work: Path, seed: int, extra: list[str]) -> dict[str, Any]:
     data: dict[str, Any] = {"partition": "shards:2", "num_partitions": n, "partition_index": i}
     if seed:
         data["seed"] = seed
-    return {"node_id": f"fleet-{i}", "listen": "127.0.0.1:0", "state_dir": str(work / f"fleet-{i}"), "data": data}
+    cfg: dict[str, Any] = {
+        "node_id": f"fleet-{i}",
+        "listen": "127.0.0.1:0",
+        "state_dir": str(work / f"fleet-{i}"),
+        "data": data,
+    }
+    for item in extra:  # what-if runs: --set train.lr=0.2 (the figures quoted in the README use none)
+        key, _, raw = item.partition("=")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return cfg
 
 
 def main() -> int:
@@ -48,13 +61,16 @@ def main() -> int:
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--out", type=Path, help="keep configs, logs and state dirs here (default: a temp dir)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a default (what-if runs only)"
+    )
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="peer-fleet-"))
     work.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(args.peers):
         path = work / f"fleet-{i}.yaml"
-        path.write_text(yaml.safe_dump(user_config(i, args.peers, work, args.seed)))
+        path.write_text(yaml.safe_dump(user_config(i, args.peers, work, args.seed, args.set)))
         paths.append(path)
     cfgs = [config_mod.load(p) for p in paths]
     procs = [
@@ -72,7 +88,8 @@ def main() -> int:
     central, local = reference_accuracies(cfgs, device)
     result = {
         "peers": args.peers,
-        "given_keys": sorted(user_config(0, args.peers, work, args.seed)),
+        "given_keys": sorted(user_config(0, args.peers, work, args.seed, [])),
+        "overrides": args.set,
         "defaults": {"algorithm": cfgs[0].algorithm.name, "epochs": cfgs[0].train.epochs, "lr": cfgs[0].train.lr},
         "per_peer_accuracy": accs,
         "mean_accuracy": sum(accs) / len(accs),
@@ -83,7 +100,8 @@ def main() -> int:
         "exit_codes": codes,
     }
     print(
-        f"{args.peers} `peer run` daemons with defaults (cdl, {cfgs[0].train.epochs:g} epochs, shards:2 digits): "
+        f"{args.peers} `peer run` daemons with defaults{' + ' + ' '.join(args.set) if args.set else ''} "
+        f"({cfgs[0].algorithm.name}, {cfgs[0].train.epochs:g} epochs, shards:2 digits): "
         f"mean {result['mean_accuracy']:.2%} (min {min(accs):.2%}), tuned centralized reference "
         f"{central.accuracy:.2%} (lr {central.lr:g}, {central.status}), "
         f"local-only {result['local_only_accuracy']:.2%}, "

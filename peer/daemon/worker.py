@@ -106,6 +106,7 @@ class TrainingWorker:
         self.pacer = Pacer(pacing_settings(train_cfg, algorithm))
         self._last_publish = -math.inf
         self.external = False  # set by the shell for the library API (peer.Gossip)
+        self._deferred_mix = False  # states taken in during a pacing wait, not yet mixed
 
     @property
     def done(self) -> bool:
@@ -159,9 +160,14 @@ class TrainingWorker:
         if not self.inbox and not self.acks and not self.stop.is_set():
             self.wake.wait(timeout_s)
 
-    def _worth_publishing(self, before: torch.Tensor, after: torch.Tensor, now: float) -> bool:
-        if not self.done or now - self._last_publish >= CONSENSUS_IDLE_S:
+    def _worth_publishing(self, before: torch.Tensor, after: torch.Tensor, now: float, stepped: bool) -> bool:
+        if now - self._last_publish >= CONSENSUS_IDLE_S:
             return True
+        if not self.done:
+            # A paced peer waiting for its neighbours mixes what arrives but publishes only after its next step:
+            # every neighbour that is itself waiting would mix the echo and publish it back, a storm of messages
+            # that carry no progress and take the CPU that the steps need.
+            return stepped or not self.pacer.enabled
         if after is before:
             return False
         scale = float(before.norm()) or 1.0
@@ -176,7 +182,13 @@ class TrainingWorker:
 
     def _took_in(self, msg: InMessage, now: float) -> None:
         """A neighbour's message was accepted: it is merged before our next local step."""
-        self.pacer.took_in(msg.sender, msg.payload.scalars.get(RATE_SCALAR), self.trainer.step_count, msg.received_at)
+        self.pacer.took_in(
+            msg.sender,
+            msg.payload.scalars.get(RATE_SCALAR),
+            self.trainer.step_count,
+            msg.received_at,
+            msg.payload.step,
+        )
 
     def external_step(self) -> bool:
         """The library API (`peer.Gossip.step`), in the caller's thread: the caller's optimizer just took one
@@ -204,6 +216,8 @@ class TrainingWorker:
             # Rejoin the cluster's schedule (learning rate, epochs left) instead of retraining alone.
             trainer.step_count = max(trainer.step_count, min(self.total_steps, round(epoch * trainer.steps_per_epoch)))
             trainer.epoch = trainer.step_count // trainer.steps_per_epoch
+        if local_steps and not self.done and self._deferred_mix:
+            self._mix_before_step()
         if local_steps and not self.done:
             if self._first_step_at is None:
                 self._first_step_at = time.monotonic()
@@ -239,13 +253,19 @@ class TrainingWorker:
                 dropped += 1
         if not local_steps and not took_in and not external_step:
             return  # a pacing wait that ended with nothing new: nothing to mix or to publish
+        if not local_steps and not external_step and not self.done and self.pacer.enabled:
+            # A pacing wait: keep what arrived and mix it all at once after the next step. Mixing each state as
+            # it lands (ours with a, then the result with b) weighs the neighbours unevenly (4/9, 2/9, 1/3 on
+            # a ring), so the peers agree on a biased point, and training diverged at twice the learning rate.
+            self._deferred_mix = True
+            return
         x = trainer.get_flat()
         mixed = self.algorithm.mix(x, now, self.view)
         if mixed is not x:
             trainer.set_flat(mixed)
         self.latest_params = mixed
         payload = None
-        if self._worth_publishing(x, mixed, now):
+        if self._worth_publishing(x, mixed, now, stepped=(local_steps or external_step)):
             payload = self.algorithm.outgoing(mixed, trainer.step_count)
         if payload is not None:
             self._last_publish = now
@@ -265,6 +285,17 @@ class TrainingWorker:
         if self.checkpoint_requested.is_set():
             self.checkpoint_requested.clear()
             self.on_checkpoint(self.state())
+
+    def _mix_before_step(self) -> None:
+        """The states kept during a pacing wait, mixed in one go before the step they released (mix, then step:
+        the neighbours' latest steps count in full, as in a synchronous round)."""
+        self._deferred_mix = False
+        x = self.trainer.get_flat()
+        mixed = self.algorithm.mix(x, time.monotonic(), self.view)
+        if mixed is not x:
+            self.trainer.set_flat(mixed)
+        with self.counters.lock:
+            self.counters.mixes += 1 if self.algorithm.last_report.used else 0
 
     # ------------------------------------------------------------------------------------------- step mode
     @property
