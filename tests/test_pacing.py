@@ -137,3 +137,18 @@ def test_an_echo_without_a_step_is_merged_but_not_progress() -> None:
     assert p.decide(1, 0.03, ("a",)).go
     p.took_in("a", None, 2, 0.04, sender_step=3)  # a restarted from an older checkpoint: a different step is progress
     assert p.decide(2, 0.04, ("a",)).go
+
+
+def test_a_late_neighbour_that_was_itself_waiting_is_awaited_again_when_heard() -> None:
+    """It missed our deadline because it waited for its own neighbour: its next state, even one without a step,
+    shows it is alive, so it bounds us again instead of letting us run away from it."""
+    p = pacer(max_steps=1, max_wait_s=0.1)
+    p.took_in("a", None, 0, 0.0, sender_step=5)
+    assert p.decide(0, 0.0, ("a",)).go
+    assert not p.decide(1, 0.05, ("a",)).go
+    assert p.decide(1, 0.2, ("a",)).go  # deadline missed: a is late, we step on
+    assert p.decide(2, 0.2, ("a",)).go
+    p.took_in("a", None, 3, 0.6, sender_step=5)  # a publishes while it waits (same step)
+    assert not p.decide(3, 0.6, ("a",)).go  # awaited again: we wait for its step
+    p.took_in("a", None, 3, 0.65, sender_step=6)
+    assert p.decide(3, 0.65, ("a",)).go

@@ -110,6 +110,10 @@ class Pacer:
             n = self.neighbours[sender] = _Neighbour(merged_at=self.start_step)
         if sender_rate is not None and math.isfinite(sender_rate) and sender_rate > 0:
             n.rate = sender_rate
+        # Any state shows that the neighbour is alive and its link works: awaited again. (Clearing this only on a
+        # step let a ring of four fall apart: a neighbour that missed a deadline because it was itself waiting
+        # stayed unawaited, and we ran 200 steps ahead of it.)
+        n.late = False
         if sender_step is not None:
             if sender_step == n.their_step:
                 return  # mixed but not stepped: not progress
