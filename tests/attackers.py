@@ -9,8 +9,11 @@ message it sends by `ATTACKS[name](t)`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,3 +82,59 @@ class HostileNode(Node):
         if self.attack is not None:
             built = dataclasses.replace(built, algorithm=hostile(built.algorithm, self.attack))
         super()._assemble(built)
+
+
+# ------------------------------------------------------------------------------------- a cluster with an attacker
+# D-PSGD with the local heavy ball (91% on digits in 4 epochs). The daemons start one after another, so the first
+# rounds run before every member is known; a short give-up lets the late members in within a second instead of 10.
+DPSGD: dict[str, Any] = {"name": "dpsgd", "momentum": 0.9, "give_up_s": 1.0}
+
+
+async def attacked_cluster(
+    work: Path,
+    *,
+    attack: str | None,
+    algorithm: dict[str, Any],
+    num_peers: int = 5,
+    train: dict[str, Any] | None = None,
+    timeout_s: float = 120,
+) -> list[float]:
+    """`num_peers` real daemons on loopback with mutual TLS (a throwaway CA in `work`), a full graph, digits split
+    iid; the last one runs `attack` (None: it is honest). Trains to the end and returns the test accuracy of each
+    honest peer."""
+    from peer.learn.training import evaluate
+    from peer.tools import certs
+    from tests.helpers import fast_config, start_nodes, stop_nodes, unique
+
+    cluster = unique("atk")
+    ids = [f"{cluster}-{i}" for i in range(num_peers)]
+    pki = work / "pki"
+    certs.make_cluster(pki, ids)
+    nodes: list[Node] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for i, node_id in enumerate(ids):
+            cfg = fast_config(
+                work,
+                node_id,
+                topology="full",
+                algorithm=algorithm,
+                security={
+                    "ca_file": str(pki / "ca.pem"),
+                    "cert_file": str(pki / f"{node_id}.pem"),
+                    "key_file": str(pki / f"{node_id}.key"),
+                },
+                data={"partition": "iid", "num_partitions": num_peers, "partition_index": i},
+                train={"epochs": 4, "wait_for_neighbors_s": 30, "steps_per_round": 1, **(train or {})},
+                discovery={"static_peers": [n.address for n in nodes]},
+            )
+            evil = attack if i == num_peers - 1 else None
+            node = HostileNode(cfg, stdout=io.StringIO(), attack=evil)
+            tasks += await start_nodes([node])
+            nodes.append(node)
+        honest = nodes[:-1]
+        await asyncio.wait_for(asyncio.gather(*(n.trained.wait() for n in honest)), timeout=timeout_s)
+    finally:
+        await stop_nodes(nodes, tasks)
+    ds = honest[0].dataset
+    return [evaluate(n.trainer.model, ds.x_test, ds.y_test)[0] for n in honest]
