@@ -55,7 +55,12 @@ async def cell(work: Path, algorithm: dict[str, Any], attack: str | None, rule: 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=work) as d:
         accs = await attacked_cluster(Path(d), attack=attack, algorithm={**algorithm, "robust": rule})
-    return {"honest_accuracy": accs, "mean": statistics.mean(accs), "min": min(accs), "wall_s": time.monotonic() - started}
+    return {
+        "honest_accuracy": accs,
+        "mean": statistics.mean(accs),
+        "min": min(accs),
+        "wall_s": time.monotonic() - started,
+    }
 
 
 def fmt(c: dict[str, Any]) -> str:
