@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ import torch
 from peer import config
 from peer.config import PeerConfig
 from peer.daemon.node import Node
+
+# (where, status name) -> cases, filled by the property-based suites; tests/conftest.py prints it at the end.
+FUZZ_STATUSES: Counter[tuple[str, str]] = Counter()
 
 
 def unique(prefix: str) -> str:

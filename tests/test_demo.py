@@ -64,4 +64,6 @@ def test_small_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "centralized" in proc.stdout and "decentralized mean" in proc.stdout
     assert (out_dir / "plot.png").stat().st_size > 10_000
     for i in range(3):
-        assert (out_dir / f"peer-{i}.log").exists()
+        # Every peer ran with mutual TLS, on the run's throwaway CA.
+        assert "mutual TLS: certificate" in (out_dir / f"peer-{i}.log").read_text()
+    assert (out_dir / "pki" / "ca.pem").exists()

@@ -12,6 +12,7 @@ import pytest
 
 from peer import config as config_mod
 from peer.errors import ConfigError
+from peer.net.tls import TlsFiles, load_material
 from peer.tools import demo, launcher
 
 
@@ -151,7 +152,9 @@ def test_peer_config_options_and_overrides(tmp_path: Path) -> None:
     assert c.gossip.rpc_timeout_s == 9 and c.log.level == "debug"
 
 
-@pytest.mark.parametrize("key", ["node_id", "state_dir", "listen", "data.partition_index", "data.num_partitions"])
+@pytest.mark.parametrize(
+    "key", ["node_id", "state_dir", "listen", "data.partition_index", "data.num_partitions", "security.ca_file"]
+)
 def test_peer_config_refuses_overrides_of_per_peer_keys(tmp_path: Path, key: str) -> None:
     with pytest.raises(ConfigError):
         demo.peer_config(_args("--set", f"{key}=1"), 0, tmp_path)
@@ -169,6 +172,10 @@ def test_build_configs_writes_loadable_yaml(tmp_path: Path) -> None:
     assert [p.name for p, _ in written] == ["peer-0.yaml", "peer-1.yaml"]
     for path, cfg in written:
         assert config_mod.load(path) == cfg  # `peer run --config path` sees the same config
+        # Mutual TLS with the run's throwaway CA, whose certificate names the peer.
+        assert cfg.security.tls and Path(cfg.security.ca_file) == tmp_path / "pki" / "ca.pem"
+        files = TlsFiles(cfg.security.ca_file, cfg.security.cert_file, cfg.security.key_file)
+        assert load_material(files, node_id=cfg.node_id).node_ids == (cfg.node_id,)
     # One cluster name for the run's peers, and a new one per run: concurrent demos ignore each other.
     clusters = {cfg.discovery.cluster for _, cfg in written}
     assert len(clusters) == 1

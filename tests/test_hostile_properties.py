@@ -1,6 +1,9 @@
 """Property-based hostile input over every RPC of one real daemon (hypothesis): whatever arrives, the answer is
 never UNKNOWN or INTERNAL, the daemon keeps serving and training, its peer table stays bounded, and its log output
-stays bounded. The daemon runs on its own event loop in a thread; the examples are blocking gRPC calls."""
+stays bounded. The daemon runs on its own event loop in a thread; the examples are blocking gRPC calls. Its
+request rate limit is raised so that the examples reach the handlers (the limiter has its own tests in
+test_hostile.py). Example counts come from the hypothesis profile (tests/conftest.py); every case's status is
+counted in `tests.helpers.FUZZ_STATUSES` and printed at the end of the run."""
 
 from __future__ import annotations
 
@@ -15,25 +18,21 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer import PROTOCOL_VERSION
 from peer.daemon.node import Node
 from peer.v1 import gossip_pb2
-from tests.helpers import fast_config, unique
+from tests.helpers import FUZZ_STATUSES, fast_config, unique
 
 pytestmark = pytest.mark.timeout(180)
 
 SERVICE = "/peer.v1.GossipService/"
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 MAX_PEERS = 16
-EXAMPLES = settings(
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    database=None,
-)
+EXAMPLES = settings()  # the loaded profile's (tests/conftest.py)
+HEALTH = "/grpc.health.v1.Health/"
 U64 = st.integers(0, 2**64 - 1)
 
 
@@ -58,33 +57,52 @@ class Daemon:
     channel: grpc.Channel
     log: LogBytes
 
-    def call(self, method: str, request: bytes) -> grpc.StatusCode:
+    def _seen(self, rpc: str, code: grpc.StatusCode) -> grpc.StatusCode:
+        FUZZ_STATUSES[rpc, code.name] += 1
+        return code
+
+    def call(self, method: str, request: bytes, prefix: str = SERVICE) -> grpc.StatusCode:
         try:
-            self.channel.unary_unary(SERVICE + method)(request, timeout=5)
+            self.channel.unary_unary(prefix + method)(request, timeout=5)
         except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[attr-defined,no-any-return]
-        return grpc.StatusCode.OK
+            return self._seen(method, exc.code())  # type: ignore[attr-defined]
+        return self._seen(method, grpc.StatusCode.OK)
 
     def stream(self, requests: list[bytes]) -> grpc.StatusCode:
         try:
             self.channel.stream_unary(SERVICE + "Push")(iter(requests), timeout=5)
         except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[attr-defined,no-any-return]
-        return grpc.StatusCode.OK
+            return self._seen("Push", exc.code())  # type: ignore[attr-defined]
+        return self._seen("Push", grpc.StatusCode.OK)
 
     def fetch(self, request: bytes) -> grpc.StatusCode:
         try:
             for _ in self.channel.unary_stream(SERVICE + "FetchState")(request, timeout=5):
                 pass
         except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[attr-defined,no-any-return]
-        return grpc.StatusCode.OK
+            return self._seen("FetchState", exc.code())  # type: ignore[attr-defined]
+        return self._seen("FetchState", grpc.StatusCode.OK)
+
+    def watch(self, request: bytes, timeout_s: float) -> grpc.StatusCode:
+        """Health Watch: a stream that lasts until the deadline for a valid request (DEADLINE_EXCEEDED)."""
+        try:
+            for _ in self.channel.unary_stream(HEALTH + "Watch")(request, timeout=timeout_s):
+                pass
+        except grpc.RpcError as exc:
+            return self._seen("Watch", exc.code())  # type: ignore[attr-defined]
+        return self._seen("Watch", grpc.StatusCode.OK)
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     tmp: Path = tmp_path_factory.mktemp("props")
-    cfg = fast_config(tmp, unique("victim"), train={"epochs": 1000}, membership={"max_peers": MAX_PEERS})
+    cfg = fast_config(
+        tmp,
+        unique("victim"),
+        train={"epochs": 1000},
+        membership={"max_peers": MAX_PEERS},
+        gossip={"requests_per_s_per_peer": 10_000, "request_burst": 10_000},
+    )
     node = Node(cfg, stdout=io.StringIO())
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(node.run(),), daemon=True)
@@ -199,7 +217,7 @@ def _push_message(draw: st.DrawFn, fingerprint: str) -> bytes:
         )
         return gossip_pb2.PushRequest(header=header).SerializeToString()
     if kind == "chunk":
-        chunk = gossip_pb2.Chunk(index=draw(st.integers(0, 2**32)), data=draw(st.binary(max_size=4096)))
+        chunk = gossip_pb2.Chunk(index=draw(st.integers(0, 2**32 - 1)), data=draw(st.binary(max_size=4096)))
         return gossip_pb2.PushRequest(chunk=chunk).SerializeToString()
     if kind == "empty":
         return b""
@@ -213,6 +231,26 @@ def test_hostile_push_streams(daemon: Daemon, data: st.DataObject) -> None:
     assert daemon.stream(messages) not in NEVER
 
 
+@EXAMPLES
+@given(service=st.one_of(st.sampled_from(["", "peer.v1.GossipService", "nope"]), _text(100)), raw=st.booleans())
+def test_health_checks(daemon: Daemon, service: str, raw: bool) -> None:
+    request = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    code = daemon.call("Check", request + b"\xff" if raw else request, prefix=HEALTH)
+    assert code not in NEVER
+    if not raw:  # a known name is SERVING, an unknown one NOT_FOUND
+        assert code in {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND}, code
+    else:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, code
+
+
+# A Watch lasts until its deadline: a tenth of the examples.
+@settings(max_examples=max(10, settings.default.max_examples // 10))
+@given(service=st.one_of(st.sampled_from(["", "nope"]), _text(50)), data=st.binary(max_size=64), raw=st.booleans())
+def test_health_watches(daemon: Daemon, service: str, data: bytes, raw: bool) -> None:
+    request = data if raw else health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    assert daemon.watch(request, timeout_s=0.05) not in NEVER
+
+
 def test_after_all_that_the_daemon_serves_trains_and_stayed_quiet(daemon: Daemon) -> None:
     """Runs last in this module (pytest keeps file order)."""
     node = daemon.node
@@ -224,6 +262,7 @@ def test_after_all_that_the_daemon_serves_trains_and_stayed_quiet(daemon: Daemon
     assert node._fatal is None and not node._stop.is_set()
     assert len(node.core.peers) <= MAX_PEERS
     assert daemon.log.tracebacks == 0
-    # About 250 hostile requests: refusals are logged once per source and reason per interval, with a line budget.
+    # Thousands of hostile requests: refusals are logged once per source and reason per interval, with a line
+    # budget.
     assert daemon.log.bytes < 20_000, daemon.log.bytes
     assert sum(node.counters.rejected.values()) > 0

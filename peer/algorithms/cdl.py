@@ -140,7 +140,7 @@ class Cdl(Algorithm):
             self.last_report = MixReport((), tuple(stale), 1.0)
             return x
         alpha = self.edge_weights(view)
-        models = robust_received(x, {j: self.cache[j].params for j in used}, self.p.robust, self.p.trim)
+        models = self.robust_models(x, used, now, view)
         out = x.clone()
         total = 0.0
         spread = 0.0
@@ -155,6 +155,25 @@ class Cdl(Algorithm):
         self.neighbour_distance = spread / len(used) / norm if norm > 0 else math.nan
         self.last_report = MixReport(tuple(used), tuple(stale), 1.0 - total)
         return out
+
+    def robust_models(
+        self, x: torch.Tensor, used: list[str], now: float, view: NeighbourView
+    ) -> dict[str, torch.Tensor]:
+        """The copies to mix for `used`, after `robust`. The rule compares every current neighbour's latest copy
+        that is not stale, mixed before or not: in an asynchronous round often one copy is fresh, and a rule
+        applied to it alone has nothing to compare (clip would pass it, a trimmed mean of two values trims nothing),
+        so an attacker's copy would go in whole."""
+        if self.p.robust == "none":
+            return {j: self.cache[j].params for j in used}
+        pool = {
+            j: c.params
+            for j, c in self.cache.items()
+            if j in view.degrees
+            and now - c.received_at <= self.p.staleness_s
+            and self.round - c.received_round <= self.p.staleness_rounds
+        }
+        robust = robust_received(x, pool, self.p.robust, self.p.trim)
+        return {j: robust[j] for j in used}
 
     def metrics(self) -> dict[str, float]:
         """`neighbour_distance`: mean ‖θ̂_j − θ_i‖ / ‖θ_i‖ over the copies mixed in the last round that mixed any,

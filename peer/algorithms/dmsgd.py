@@ -10,6 +10,12 @@ well as gradient-momentum values", fixed topology); the update itself is spec §
 α is the scheduled learning rate (`oracle.lr()`), g_k the gradient at the pre-mixing iterate. Each round sends
 one "momentum_state" message {"params": x, "momentum": v (Form A) or u (Form B)} to every neighbour: 2·P floats.
 
+Robust aggregation (`robust`, see peer.algorithms.robust): the parameter mix and the momentum mix are each
+replaced by the same rule applied to that quantity alone (clip: centred on our own x, resp. our own momentum, with
+its own adaptive radius; trimmed_mean/median: per coordinate over ours and the neighbours'). Both mixes are convex
+combinations with the same weights, so the rule is as sound for the momentum as for the model; a hostile momentum
+would otherwise enter x_{k+1} through β m.
+
 `dmsgd` runs on the P1 synchronizer (§1.4), which reproduces the synchronous iteration exactly on a lossy network,
 so the network mean follows centralized heavy ball (§3(a)). `dmsgd_async` is the P2 variant (§3(c)): no
 barrier, cached neighbour copies with a staleness bound and renormalized weights. It is *not* the paper's
@@ -38,6 +44,7 @@ from peer.algorithms.base import (
 )
 from peer.algorithms.dpsgd import mix
 from peer.algorithms.mixing import WEIGHT_RULES
+from peer.algorithms.robust import robust_received
 from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
 
 KIND = "momentum_state"
@@ -65,6 +72,19 @@ def _step(
     return x_new, v_new
 
 
+def robust_mix(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    xs: dict[str, torch.Tensor],
+    vs: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    rule: str,
+    trim: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ π x, Σ π v) with each neighbour's x_j and v_j first replaced by `rule` (identity for "none")."""
+    return mix(x, robust_received(x, xs, rule, trim), weights), mix(v, robust_received(v, vs, rule, trim), weights)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # dmsgd: the synchronous algorithm on the P1 synchronizer
 
@@ -76,6 +96,10 @@ class DmsgdParams(SyncParams):
     form: Literal["A", "B"] = Field(
         "A", description="A: momentum buffer v is shared; B: iterate difference u = x_k − x_{k−1} is shared"
     )
+    robust: Literal["none", "clip", "trimmed_mean", "median"] = Field(
+        "none", description="robust aggregation of neighbours' models and momenta (peer.algorithms.robust)"
+    )
+    trim: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share of values dropped at each end")
 
 
 class Dmsgd(SynchronousAlgorithm):
@@ -109,8 +133,9 @@ class Dmsgd(SynchronousAlgorithm):
         lr = oracle.lr()
         # Messages missing after a give-up are absent from `weights`; `mix` moves their weight to the self
         # weight, identically for the x-mix and the momentum mix.
-        x_mixed = mix(x, {j: p.tensors["params"] for j, p in received.items()}, weights)
-        v_mixed = mix(self.v, {j: p.tensors["momentum"] for j, p in received.items()}, weights)
+        xs = {j: p.tensors["params"] for j, p in received.items()}
+        vs = {j: p.tensors["momentum"] for j, p in received.items()}
+        x_mixed, v_mixed = robust_mix(x, self.v, xs, vs, weights, self.p.robust, self.p.trim)
         m = (self.v * self.p.omega).add_(v_mixed, alpha=1.0 - self.p.omega)
         x_new, v_new = _step(x_mixed, m, g, lr, self.p.beta)
         self.v = v_new if self.p.form == "A" else x_new - x
@@ -149,6 +174,10 @@ class DmsgdAsyncParams(AlgoParams):
         4, ge=0, description="mix a neighbour's cached (x, v) only up to this many own iterations after its receipt"
     )
     send_every: int = Field(1, ge=1, description="send (x, v) to every neighbour every this many iterations")
+    robust: Literal["none", "clip", "trimmed_mean", "median"] = Field(
+        "none", description="robust aggregation of neighbours' models and momenta (peer.algorithms.robust)"
+    )
+    trim: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share of values dropped at each end")
 
 
 @dataclass
@@ -243,8 +272,9 @@ class DmsgdAsync(Algorithm):
         total = w_self + sum(all_w[j] for j in used)
         # Renormalized over the fresh set R: (w_ii z_i + Σ_R w_ij ẑ_j) / (w_ii + Σ_R w_ij), for z = x and z = v.
         w = {j: all_w[j] / total for j in used}
-        x_mixed = mix(x, {j: self.cache[j].params for j in used}, w)
-        v_mixed = mix(self.v, {j: self.cache[j].momentum for j in used}, w)
+        xs = {j: self.cache[j].params for j in used}
+        vs = {j: self.cache[j].momentum for j in used}
+        x_mixed, v_mixed = robust_mix(x, self.v, xs, vs, w, self.p.robust, self.p.trim)
         _, g = oracle.gradient(x)
         lr = oracle.lr()
         m = (self.v * self.p.omega).add_(v_mixed, alpha=1.0 - self.p.omega)

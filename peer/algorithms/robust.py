@@ -11,6 +11,21 @@ model. Pure functions over flat tensors.
 
 With `trimmed_mean` and `median` the mix becomes w_ii x + (1 − w_ii) m: a step toward a robust centre m that lies
 in the range of the honest values whenever fewer than b (resp. half) of the values are hostile.
+
+Where the rules apply (`algorithm.robust`), and why not elsewhere. A rule is sound where the algorithm mixes
+whole neighbour quantities with convex weights, so that replacing one received value by a value nearer the honest
+ones only changes which point of the honest range the mix lands on:
+
+| algorithm | rules | what is made robust |
+|---|---|---|
+| `cdl`, `dpsgd`, `local_sgd` | all | the received models |
+| `dmsgd`, `dmsgd_async` | all | the received models and, separately, the received momenta (Form B: x_k − x_{k−1}) |
+| `choco` | all | the consensus step's public copies x̂_j (centred on our x̂_i); the replicas themselves stay exact |
+| `sgp`, `next_pushsum` | none | push-sum mass: altering a running sum breaks Σ x = Σ x₀ and the de-biasing |
+| `next` | none | gradient tracking: y_i must keep Σ y = Σ ∇g; a clipped y_j leaves a permanent bias in the tracker |
+| `digest` | none | tokens carry one global model along a random walk: there is no set of neighbour values to compare |
+| `dssfn` | none | consensus ADMM needs the exact average of S_m; a trimmed one breaks the layer solve |
+| `none` | n/a | no neighbours |
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from peer.config import GossipConfig
 from peer.core.admission import RateLimiter, StreamSlots, clip, source_of, stream_deadline_s
@@ -259,6 +259,65 @@ def _add_servicer(servicer: GossipServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+async def _refuse_undecodable(context: grpc.aio.ServicerContext, what: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as {what}")
+    raise AssertionError("unreachable: abort raises")
+
+
+def _add_health_and_reflection(hs: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
+    """Like `add_HealthServicer_to_server` and `enable_server_reflection`, with deserializers that never raise:
+    undecodable bytes get INVALID_ARGUMENT here too, not UNKNOWN and a traceback."""
+    parse = _lenient(health_pb2.HealthCheckRequest.FromString, "grpc.health.v1.HealthCheckRequest")
+
+    async def check(request: Any, context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if isinstance(request, Undecodable):
+            await _refuse_undecodable(context, request.message_type)
+        return await hs.Check(request, context)
+
+    async def watch(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Undecodable):
+            await _refuse_undecodable(context, request.message_type)
+        await hs.Watch(request, context)  # the aio servicer writes the stream through the context
+
+    health_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=parse,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            watch,
+            request_deserializer=parse,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(health.SERVICE_NAME, health_handlers),))
+
+    reflector = reflection.aio.ReflectionServicer(REFLECTED_SERVICES)
+    request_name = "grpc.reflection.v1alpha.ServerReflectionRequest"
+
+    async def info(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            async for req in request_iterator:
+                if isinstance(req, Undecodable):
+                    await _refuse_undecodable(context, req.message_type)
+                yield req
+
+        async for response in reflector.ServerReflectionInfo(requests(), context):
+            yield response
+
+    reflection_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            info,
+            request_deserializer=_lenient(reflection_pb2.ServerReflectionRequest.FromString, request_name),
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(reflection.SERVICE_NAME, reflection_handlers),)
+    )
+
+
 @dataclass
 class Server:
     server: grpc.aio.Server
@@ -280,9 +339,9 @@ async def start_server(
     servicer = GossipServicer(handlers, cfg)
     _add_servicer(servicer, server)
     hs = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    # Server reflection, so that grpcurl and other generic clients list and call the services without .proto files.
-    reflection.enable_server_reflection(REFLECTED_SERVICES, server)
+    # Health, and server reflection, so that grpcurl and other generic clients list and call the services without
+    # .proto files.
+    _add_health_and_reflection(hs, server)
     host, _, port_text = listen.rpartition(":")
     # gRPC binds every address a name resolves to and succeeds if any one binds: "localhost:P" with 127.0.0.1:P
     # taken would quietly listen on [::1]:P alone, beside the other daemon. Bind the IPv4 loopback only.

@@ -21,8 +21,17 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {"interval_s": 5.0}
 
 # Keys the demo owns for each peer; `--set` may not change them.
 PROTECTED_KEYS = frozenset(
-    {"node_id", "state_dir", "listen", "data.num_partitions", "data.partition_index", "discovery.static_peers"}
+    {
+        "node_id",
+        "state_dir",
+        "listen",
+        "data.num_partitions",
+        "data.partition_index",
+        "discovery.static_peers",
+        "security",
+    }
 )
+PKI_DIR = "pki"  # the run's throwaway cluster CA and the peers' certificates, inside the demo's directory
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -119,8 +128,15 @@ def new_cluster_name() -> str:
     return f"demo-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def peer_config(args: argparse.Namespace, index: int, work_dir: Path, cluster: str = "demo") -> dict[str, Any]:
-    """The raw config tree of peer `index` (before validation): demo settings, then `--set` overrides."""
+def peer_config(
+    args: argparse.Namespace,
+    index: int,
+    work_dir: Path,
+    cluster: str = "demo",
+    security: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The raw config tree of peer `index` (before validation): demo settings, then `--set` overrides.
+    `security`: the peer's mutual-TLS files (`build_configs` makes them; without them the peer runs plaintext)."""
     from peer.config import parse_overrides
 
     n = args.peers
@@ -143,6 +159,8 @@ def peer_config(args: argparse.Namespace, index: int, work_dir: Path, cluster: s
         "checkpoint": dict(CHECKPOINT_DEFAULTS),
         "metrics": dict(METRICS_DEFAULTS),
     }
+    if security is not None:
+        raw["security"] = dict(security)
     if n == 1:
         raw["discovery"]["mdns"] = False  # a demo of one: nobody to find (the daemon then waits for no one)
     faults = faults_for_peer(getattr(args, "faults", "") or "", f"peer-{index}", n)
@@ -156,16 +174,20 @@ def peer_config(args: argparse.Namespace, index: int, work_dir: Path, cluster: s
 
 
 def build_configs(args: argparse.Namespace, work_dir: Path, cluster: str | None = None) -> list[tuple[Path, Any]]:
-    """Validate and write every peer's config (one new cluster name for all); returns (path, PeerConfig) each."""
+    """Validate and write every peer's config (one new cluster name for all); returns (path, PeerConfig) each.
+    The peers run with mutual TLS: a throwaway cluster CA and one certificate per peer in `work_dir/pki`."""
     from peer.config import dump, validate
     from peer.learn.data import DATASET_NAMES, parse_partition
     from peer.learn.models import MODEL_NAMES
+    from peer.tools.certs import make_cluster
 
     cluster = cluster or new_cluster_name()
     work_dir.mkdir(parents=True, exist_ok=True)
+    tls = make_cluster(work_dir / PKI_DIR, [f"peer-{i}" for i in range(args.peers)])
     out = []
     for i in range(args.peers):
-        cfg = validate(peer_config(args, i, work_dir, cluster), source=f"peer-{i} demo config")
+        raw = peer_config(args, i, work_dir, cluster, tls[f"peer-{i}"])
+        cfg = validate(raw, source=f"peer-{i} demo config")
         if i == 0:  # fail here, not in N daemons: what the config schema leaves to the node
             if cfg.data.dataset is not None and cfg.data.dataset not in DATASET_NAMES:
                 raise ConfigError(
