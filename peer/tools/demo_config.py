@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="keep configs, logs, state dirs, summary.json and plot.png in DIR (default: temp dir)",
+        help="keep configs, logs, state dirs, summary.json and plot.png in DIR (default: a temporary run dir, "
+        "of which only plot.png and summary.json are kept)",
     )
     parser.add_argument(
         "--timeout-s",
