@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from importlib import resources
 from typing import Any
 
@@ -143,8 +144,16 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     if args.address and args.addr and args.address != args.addr:
         raise ConfigError("give the address once (ADDRESS or --addr)", source="command line")
-    address = pick(args.address or args.addr)
-    ok, text = asyncio.run(check_health(address, timeout_s=args.timeout, tls=_tls_files(args)))
+    deadline = time.monotonic() + args.wait
+    while True:  # --wait: retry until the daemon serves (its ready file may not exist yet)
+        try:
+            address = pick(args.address or args.addr, mdns_timeout_s=0.5 if args.wait else 1.5)
+            ok, text = asyncio.run(check_health(address, timeout_s=args.timeout, tls=_tls_files(args)))
+        except PeerError as exc:
+            ok, text = False, f"peer: {exc}"
+        if ok or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
     print(text)
     return 0 if ok else 1
 
@@ -197,7 +206,10 @@ EXIT_CODES_HELP = """exit codes:
 without an address, `peer status` and `peer health` use a daemon of this host (its state_dir/ready.json
 under ./, ./*/, ./state/ or ./state/*/), else one that mDNS finds, and say which; `peer ls` lists them all."""
 
-ADDRESS_HELP = "the daemon's gRPC HOST:PORT (its ready line's `address`); default: one found on this host"
+ADDRESS_HELP = (
+    "the daemon's gRPC HOST:PORT (its ready line's `address`), or its state dir (which holds ready.json); "
+    "default: one found on this host"
+)
 
 
 def _address_argument(p: argparse.ArgumentParser) -> None:
@@ -260,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     _address_argument(h)
     h.add_argument("--addr", metavar="HOST:PORT", help="the same as ADDRESS (kept for existing health checks)")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    h.add_argument(
+        "--wait", type=float, default=0.0, metavar="S", help="retry for up to S seconds until serving (default 0)"
+    )
     _tls_arguments(h)
     h.set_defaults(fn=cmd_health)
 
@@ -300,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         code: Any = args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `peer status | head -1`, `| grep -q`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not raise again
+        return 0
     except BaseException as exc:  # the top-level supervisor: report our errors clearly, re-raise the rest
         err = _first_peer_error(exc)
         if err is None:

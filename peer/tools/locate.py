@@ -43,8 +43,14 @@ async def mdns_daemons(timeout_s: float) -> list[Daemon]:
 
 
 def pick(address: str | None, *, mdns_timeout_s: float = 1.5) -> str:
-    """`address` when given; else the first daemon (by node id) with a ready file here, else one mDNS sees.
-    Says on stderr which one it picked. Raises PeerError when there is none."""
+    """`address` when given (HOST:PORT, or a state dir whose ready.json names it); else the first daemon (by node
+    id) with a ready file here, else one mDNS sees. Says on stderr which one it picked. Raises PeerError when there
+    is none."""
+    if address and Path(address).is_dir():  # a state dir: the daemon that serves from it
+        ready = readyfile.read(Path(address) / readyfile.READY_NAME)
+        if ready is None:
+            raise PeerError(f"{address} holds no {readyfile.READY_NAME} of a running daemon (not started yet?)")
+        return ready.address
     if address:
         return address
     found = local_daemons() or asyncio.run(mdns_daemons(mdns_timeout_s))
