@@ -112,7 +112,8 @@ def _leaves(tree: dict, prefix: str = "") -> set[str]:
 
 
 def test_annotated_default_config_is_complete_and_valid() -> None:
-    """`peer init-config` prints every field with its real default, and the README documents every key."""
+    """`peer init-config` prints every field with its real default, and the configuration reference documents
+    every key."""
     text = (Path(config.__file__).parent / "default_config.yaml").read_text()
     raw = yaml.safe_load(text)
     cfg = config.validate(raw, source="default_config.yaml")

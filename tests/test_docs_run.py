@@ -6,9 +6,9 @@ The markers (docs/contributing.md, "Runnable docs"): the line before a fenced sh
 block's output (stdout and stderr together), where `...` stands for anything within the line.
 
 Each page runs in a scratch directory in one bash shell (`set -eo pipefail`), so a daemon started with `&` in one
-block is job %1 in the next. `peer` on PATH is this checkout's. The one liberty taken with the text: the
-tutorial's `discovery.cluster=tutorial` becomes a name unique to this run, so that concurrent runs on one host
-never see each other. At the end every process the page started is stopped (its process group).
+block is job %1 in the next. `peer` on PATH is this checkout's. The one liberty taken with the text: a
+`discovery.cluster=NAME` gets a suffix unique to this run, so that concurrent runs on one host never see each
+other. At the end every process the page started is stopped (its process group).
 """
 
 from __future__ import annotations
@@ -144,16 +144,27 @@ def _env(bin_dir: Path) -> dict[str, str]:
     return env
 
 
+# README's two daemons repeat the tutorial's (which run in CI); the README page runs with `scripts/test --slow`.
+SLOW_PAGES = {"README.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(p, marks=[pytest.mark.slow] if p in SLOW_PAGES else [])
+        for p in RUN_PAGES
+        if any(b.marker == "run" for b in blocks(p))
+    ],
+)
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("page", [p for p in RUN_PAGES if any(b.marker == "run" for b in blocks(p))])
 def test_runnable_blocks_run_and_print_what_the_docs_say(page: str, tmp_path: Path) -> None:
-    cluster = f"tutorial-{uuid.uuid4().hex[:8]}"
+    cluster = uuid.uuid4().hex[:8]
     scratch = tmp_path / "work"
     scratch.mkdir()
     shell = Shell(scratch, _env(tmp_path / "bin"))
     try:
         for i, block in enumerate(b for b in blocks(page) if b.marker == "run"):
-            code = block.code.replace("discovery.cluster=tutorial", f"discovery.cluster={cluster}")
+            code = re.sub(r"discovery\.cluster=([\w.-]+)", rf"discovery.cluster=\1-{cluster}", block.code)
             ok, output = shell.run(Block(block.page, block.line, block.lang, block.marker, code, []), i)
             where = f"{page}:{block.line}"
             assert ok, f"{where}: a command failed\n--- block\n{block.code}--- output\n{output}"

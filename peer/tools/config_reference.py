@@ -73,7 +73,7 @@ def _default(info: FieldInfo) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    return " ".join(text.split()).replace("|", "\\|").replace("](", "]\\(")  # not a Markdown link
 
 
 def _rows(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> list[str]:

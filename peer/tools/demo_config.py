@@ -29,7 +29,9 @@ PROTECTED_KEYS = frozenset(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=DEFAULT_PEERS, help="number of daemons (default 4)")
     parser.add_argument(
-        "--algorithm", default="cdl", help="consensus algorithm, see `algorithm.name` in the README (default cdl)"
+        "--algorithm",
+        default="cdl",
+        help="consensus algorithm, any `algorithm.name` (docs/reference/algorithms.md; default cdl)",
     )
     parser.add_argument("--topology", default="ring", help="ring | full (default ring)")
     parser.add_argument("--dataset", default="digits", help="digits | mnist1d (default digits)")
