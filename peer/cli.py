@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from importlib import resources
 from typing import Any
 
@@ -37,10 +38,13 @@ def _first_peer_error(exc: BaseException) -> PeerError | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from peer import config, logs
+    from peer.net.interfaces import check_ports_free
+
+    cfg = config.load(args.config, args.set)
+    check_ports_free({"listen": cfg.listen, "metrics.listen": cfg.metrics.listen})  # before torch even loads
     from peer.daemon.node import Node
     from peer.daemon.sdnotify import Notifier
 
-    cfg = config.load(args.config, args.set)
     logs.setup(cfg.log.level, cfg.log.json_lines, journald=logs.stderr_is_journal(os.environ.get("JOURNAL_STREAM")))
     notifier = Notifier.from_env(os.environ)
 
@@ -80,12 +84,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from peer.tools.locate import pick
     from peer.tools.status import fetch_status, format_status
 
+    address = pick(args.address)
     if args.watch:
-        return _watch([args.address], args, neighbours=True)
-    status = asyncio.run(fetch_status(args.address, timeout_s=args.timeout, tls=_tls_files(args)))
+        return _watch([address], args, neighbours=True)
+    status = asyncio.run(fetch_status(address, timeout_s=args.timeout, tls=_tls_files(args)))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from peer.tools.locate import format_list, list_daemons
+
+    daemons = asyncio.run(list_daemons(args.timeout, _tls_files(args), mdns=not args.no_mdns))
+    if args.json:
+        rows = [{"node_id": d.node_id, "address": d.address, "source": d.source, "status": d.status} for d in daemons]
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_list(daemons))
     return 0
 
 
@@ -121,9 +139,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    from peer.tools.locate import pick
     from peer.tools.status import check_health
 
-    ok, text = asyncio.run(check_health(args.addr, timeout_s=args.timeout, tls=_tls_files(args)))
+    if args.address and args.addr and args.address != args.addr:
+        raise ConfigError("give the address once (ADDRESS or --addr)", source="command line")
+    deadline = time.monotonic() + args.wait
+    while True:  # --wait: retry until the daemon serves (its ready file may not exist yet)
+        try:
+            address = pick(args.address or args.addr, mdns_timeout_s=0.5 if args.wait else 1.5)
+            ok, text = asyncio.run(check_health(address, timeout_s=args.timeout, tls=_tls_files(args)))
+        except PeerError as exc:
+            ok, text = False, f"peer: {exc}"
+        if ok or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
     print(text)
     return 0 if ok else 1
 
@@ -165,10 +195,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+EXIT_CODES_HELP = """exit codes:
+  0    success (`peer health`: the daemon is serving)
+  1    any other failure: a daemon that cannot be reached, `peer health` not serving, no daemon found
+  2    invalid config or data: the message names the file and the field (e.g. data.path)
+  3    checkpoint problem: missing, corrupt or another node's (`peer run --reset` moves it aside)
+  4    start-up problem: port in use, duplicate node id on the network, unusable interface
+  130  interrupted (Ctrl-C)
+
+without an address, `peer status` and `peer health` use a daemon of this host (its state_dir/ready.json
+under ./, ./*/, ./state/ or ./state/*/), else one that mDNS finds, and say which; `peer ls` lists them all."""
+
+ADDRESS_HELP = (
+    "the daemon's gRPC HOST:PORT (its ready line's `address`), or its state dir (which holds ready.json); "
+    "default: one found on this host"
+)
+
+
+def _address_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", nargs="?", metavar="ADDRESS", help=ADDRESS_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peer", description="Decentralized deep-learning daemon.")
+    p = argparse.ArgumentParser(
+        prog="peer",
+        description="Decentralized deep-learning daemon.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"peer {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run one daemon")
     r.add_argument("--config", "-c", help="YAML config file (see `peer init-config`)")
@@ -183,48 +239,61 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     e = sub.add_parser("eval", help="test accuracy of a checkpoint")
-    e.add_argument("--state-dir", required=True)
-    e.add_argument("--json", action="store_true")
+    e.add_argument(
+        "--state-dir", required=True, metavar="DIR", help="a daemon's state_dir (checkpoint.pt and config.yaml)"
+    )
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("status", help="show a running daemon's state")
-    s.add_argument("address", metavar="HOST:PORT")
+    s = sub.add_parser("status", help="show a running daemon's state and what it is waiting for")
+    _address_argument(s)
     s.add_argument("--json", action="store_true", help="JSON (with --watch: one JSON object per line and refresh)")
-    s.add_argument("--timeout", type=float, default=5.0)
+    s.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
     s.add_argument("--watch", action="store_true", help="refresh: the daemon and each neighbour's step, loss, bytes/s")
     _watch_arguments(s)
     _tls_arguments(s)
     s.set_defaults(fn=cmd_status)
 
     t = sub.add_parser("top", help="live view of several daemons, one row each")
-    t.add_argument("addresses", nargs="+", metavar="HOST:PORT")
+    t.add_argument("addresses", nargs="+", metavar="HOST:PORT", help="the daemons' gRPC addresses")
     t.add_argument("--json", action="store_true", help="one JSON object per line and refresh")
-    t.add_argument("--timeout", type=float, default=2.0)
+    t.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each answer (default 2)")
     _watch_arguments(t)
     _tls_arguments(t)
     t.set_defaults(fn=cmd_top)
 
     rp = sub.add_parser("report", help="plot loss, bytes, consensus distance and accuracy of any run (PNG)")
-    rp.add_argument("state_dirs", nargs="+", metavar="STATE_DIR")
-    rp.add_argument("--out", required=True, metavar="DIR")
+    rp.add_argument("state_dirs", nargs="+", metavar="STATE_DIR", help="the state_dir of each daemon of the run")
+    rp.add_argument("--out", required=True, metavar="DIR", help="where to write the PNG plots and summary.json")
     rp.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (no accuracy)")
     rp.set_defaults(fn=cmd_report)
 
     h = sub.add_parser("health", help="gRPC health check (exit 0 when serving); for container health checks")
-    h.add_argument("--addr", required=True, metavar="HOST:PORT")
-    h.add_argument("--timeout", type=float, default=3.0)
+    _address_argument(h)
+    h.add_argument("--addr", metavar="HOST:PORT", help="the same as ADDRESS (kept for existing health checks)")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    h.add_argument(
+        "--wait", type=float, default=0.0, metavar="S", help="retry for up to S seconds until serving (default 0)"
+    )
     _tls_arguments(h)
     h.set_defaults(fn=cmd_health)
+
+    ls = sub.add_parser("ls", help="list the daemons on this host (ready files) and on the LAN (mDNS), with state")
+    ls.add_argument("--timeout", type=float, default=2.0, help="seconds to browse mDNS and to wait for each status")
+    ls.add_argument("--no-mdns", action="store_true", help="only this host's ready files, no mDNS browse")
+    ls.add_argument("--json", action="store_true", help="one JSON list: node id, address, source and status")
+    _tls_arguments(ls)
+    ls.set_defaults(fn=cmd_ls)
 
     c = sub.add_parser("certs", help="mutual TLS: create a cluster CA, issue node certificates")
     csub = c.add_subparsers(dest="action", required=True)
     ci = csub.add_parser("init", help="create DIR/ca.pem and DIR/ca.key")
-    ci.add_argument("dir", metavar="DIR")
+    ci.add_argument("dir", metavar="DIR", help="directory for the CA (created if missing)")
     ci.add_argument("--force", action="store_true", help="replace an existing CA (every node needs new certificates)")
     ci.add_argument("--days", type=int, default=0, help="validity (default 3650)")
     cs = csub.add_parser("issue", help="write DIR/NODE_ID.pem and DIR/NODE_ID.key, signed by DIR's CA")
-    cs.add_argument("dir", metavar="DIR")
-    cs.add_argument("node_id", metavar="NODE_ID")
+    cs.add_argument("dir", metavar="DIR", help="the CA's directory (`peer certs init DIR`)")
+    cs.add_argument("node_id", metavar="NODE_ID", help="the node id the certificate names (the daemon's node_id)")
     cs.add_argument("--days", type=int, default=0, help="validity (default 365)")
     cs.add_argument("--ip", action="append", default=[], help="also name this IP address (repeatable)")
     c.set_defaults(fn=cmd_certs)
@@ -235,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports grpc: gRPC core's own stderr lines (`E1205 ... add_port.cc:83] ...`) never reach the
+    # user; every error is reported once, as `peer: error: ...`. GRPC_VERBOSITY=debug still shows them.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     args = build_parser().parse_args(argv)
     # Plugins ("package.module:function") resolve from the working directory too, as `python -m` would.
     if os.getcwd() not in sys.path:
@@ -243,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         code: Any = args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `peer status | head -1`, `| grep -q`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not raise again
+        return 0
     except BaseException as exc:  # the top-level supervisor: report our errors clearly, re-raise the rest
         err = _first_peer_error(exc)
         if err is None:

@@ -1,298 +1,98 @@
 """One typed configuration tree, validated on load; every error names the file and the field.
 
-YAML file < `--set key.sub=value` overrides. Units are in the names (`interval_s`, `max_message_bytes`).
+YAML file < `--set key.sub=value` overrides. Units are in the names (`interval_s`, `max_message_bytes`). The
+sections live in `peer.config_sections`; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from peer.algorithms import PARAMS_TYPES, REGISTRY
+from peer.config_sections import (
+    DATA_SOURCES,
+    MIB,
+    MODEL_NAMES,
+    PLUGIN_FORM,
+    CatchupConfig,
+    CheckpointConfig,
+    DataConfig,
+    DiscoveryConfig,
+    GossipConfig,
+    LogConfig,
+    MembershipConfig,
+    MetricsConfig,
+    ModelConfig,
+    SecurityConfig,
+    TrainConfig,
+    _check_ip_hostport,
+    _Section,
+)
 from peer.core.faults import FaultsConfig
 from peer.core.topology import parse_topology
 from peer.errors import ConfigError, UnknownNameError
 
-MIB = 1 << 20
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_hostport(value: str, *, allow_port_zero: bool) -> str:
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected host:port, got {value!r}")
-    if not port_text.isdigit():
-        raise ValueError(f"port must be a number, got {port_text!r}")
-    port = int(port_text)
-    if not (0 if allow_port_zero else 1) <= port <= 65535:
-        raise ValueError(f"port {port} out of range")
-    return value
-
-
-def _check_ip_hostport(value: str) -> str:
-    """A listen address: an IP address (or `localhost`) and a port, 0 allowed."""
-    _check_hostport(value, allow_port_zero=True)
-    host = value.rpartition(":")[0].strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost":
-            raise ValueError(f"listen host must be an IP address, got {host!r}") from None
-    return value
-
-
-class DiscoveryConfig(_Section):
-    mdns: bool = True
-    cluster: str = Field("default", min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
-    # None: follow `listen` (loopback -> 127.0.0.1; an address -> its interface; 0.0.0.0 -> every interface up).
-    interfaces: list[str] | None = None
-    static_peers: list[str] = Field(default_factory=list)
-    hello_retry_s: float = Field(2.0, gt=0)
-
-    @field_validator("static_peers")
-    @classmethod
-    def _peers(cls, v: list[str]) -> list[str]:
-        return [_check_hostport(p, allow_port_zero=False) for p in v]
-
-
-_PLUGIN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
-PLUGIN_FORM = "package.module:function"
-DATA_SOURCES = ("dataset", "path", "factory", "image_folder", "shards_dir")
-
-
-class DataConfig(_Section):
-    dataset: str | None = "digits"
-    path: str | None = None
-    factory: str | None = Field(
-        None, pattern=_PLUGIN, description="package.module:function returning (train, test) torch Datasets"
-    )
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for data.factory")
-    image_folder: str | None = Field(None, description="a directory in the ImageFolder layout: root/<class>/<image>")
-    shards_dir: str | None = Field(None, description="a directory of .npz shards (x, y); new files join while running")
-    partition: str = "iid"
-    num_partitions: int = Field(1, ge=1)
-    partition_index: int = Field(0, ge=0)
-    seed: int = 0
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, v: str | None) -> str | None:
-        from peer.learn.data import DATASET_NAMES  # numpy only; keeps torch out of config loading
-
-        if v is not None and v not in DATASET_NAMES:
-            raise ValueError(
-                f"unknown dataset {v!r}; valid names: {', '.join(sorted(DATASET_NAMES))} (or set data.path)"
-            )
-        return v
-
-    @field_validator("partition")
-    @classmethod
-    def _partition(cls, v: str) -> str:
-        from peer.learn.data import parse_partition
-
-        try:
-            parse_partition(v)
-        except ConfigError as exc:
-            raise ValueError(str(exc).removeprefix("data.partition: ")) from None
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        others = [k for k in DATA_SOURCES[1:] if getattr(self, k) is not None]
-        if len(others) > 1:
-            raise ValueError("set only one of " + ", ".join(f"data.{k}" for k in others))
-        if others:
-            object.__setattr__(self, "dataset", None)
-        elif self.dataset is None:
-            raise ValueError(
-                "set data.dataset (a built-in dataset), data.path (an .npz file), data.factory, data.image_folder "
-                "or data.shards_dir"
-            )
-        if self.partition_index >= self.num_partitions:
-            raise ValueError(
-                f"data.partition_index {self.partition_index} must be < data.num_partitions {self.num_partitions}"
-            )
-        return self
-
-
-MODEL_NAMES = ("logreg", "mlp", "cnn")  # peer.learn.models.MODEL_NAMES; a test keeps the two equal
-
-
-class ModelConfig(_Section):
-    name: str = "mlp"
-    seed: int = 0
-    factory: str | None = Field(
-        None,
-        pattern=_PLUGIN,
-        description="package.module:function(input_shape, num_classes, **kwargs) returning a torch.nn.Module; "
-        "replaces model.name",
-    )
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for model.factory")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model {v!r}; valid names: {', '.join(sorted(MODEL_NAMES))}")
-        return v
-
-
-class TrainConfig(_Section):
-    epochs: float = Field(20, gt=0)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.1, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    device: str = "auto"
-    steps_per_round: int = Field(1, ge=1)
-    max_steps_without_merge: int | None = Field(
-        None,
-        ge=0,
-        description="local steps a peer may take since it last merged fresh neighbour state before it waits "
-        "for one (bounded by pace_max_wait_s); unset = the algorithm's default, 0 = never wait",
-    )
-    pace_max_wait_s: float = Field(
-        2.0, gt=0, description="longest wait for fresh neighbour state once max_steps_without_merge is reached"
-    )
-    round_interval_s: float = Field(0.0, ge=0, description="optional minimum seconds per round (off by default)")
-    wait_for_neighbors_s: float = Field(
-        30.0, ge=0, description="bounded wait for the expected members (data.num_partitions) or a first neighbour"
-    )
-    seed: int = 0
-    loss: str = Field("cross_entropy", description="cross_entropy, mse, or package.module:function(output, target)")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for streamed data (0 = in the trainer)")
-    amp: bool = Field(False, description="mixed precision (bfloat16 autocast) for forward passes; the wire stays fp32")
-    torch_threads: int = Field(
-        0, ge=0, description="intra-op threads for torch; 0 = auto (1 for a small model on the CPU, else torch's)"
-    )
-
-    @field_validator("loss")
-    @classmethod
-    def _loss(cls, v: str) -> str:
-        import re
-
-        if v not in ("cross_entropy", "mse") and not re.match(_PLUGIN, v):
-            raise ValueError(f"unknown loss {v!r}; use cross_entropy, mse or {PLUGIN_FORM}")
-        return v
-
-
-class GossipConfig(_Section):
-    interval_s: float = Field(
-        0.0, ge=0, description="minimum seconds between pushes to one neighbour; 0 = as fast as the link carries them"
-    )
-    rpc_timeout_s: float = Field(5.0, gt=0)
-    max_attempts: int = Field(3, ge=1)
-    backoff_base_s: float = Field(0.5, gt=0)
-    backoff_cap_s: float = Field(20.0, gt=0)
-    breaker_threshold: int = Field(3, ge=1)
-    chunk_bytes: int = Field(MIB, ge=16 * 1024, le=4 * MIB)
-    max_message_bytes: int = Field(256 * MIB, ge=1024)
-    min_bandwidth_bytes_per_s: float = Field(1e6, gt=0)
-    keepalive_time_s: float = Field(30.0, gt=0)
-    keepalive_timeout_s: float = Field(10.0, gt=0)
-    reconnect_backoff_max_s: float = Field(3.0, gt=0)
-    stream_idle_s: float = Field(10.0, gt=0, description="a Push stream silent this long is closed")
-    max_streams: int = Field(64, ge=1, description="open Push streams, from all peers together")
-    max_streams_per_peer: int = Field(8, ge=1, description="open Push streams from one source host")
-    max_fetches: int = Field(2, ge=1, description="FetchState downloads served at once")
-    requests_per_s_per_peer: float = Field(50.0, gt=0, description="GetStatus and FetchState calls per source host")
-    request_burst: int = Field(100, ge=1, description="... in bursts of at most this many")
-
-    @model_validator(mode="after")
-    def _check(self) -> GossipConfig:
-        if self.backoff_cap_s < self.backoff_base_s:
-            raise ValueError("gossip.backoff_cap_s must be >= gossip.backoff_base_s")
-        return self
-
-
-class MembershipConfig(_Section):
-    heartbeat_interval_s: float = Field(2.0, gt=0, description="probe each member this often (Hello, short deadline)")
-    evict_after: int = Field(3, ge=1, description="missed heartbeats before a member is evicted from the topology")
-    probe_evicted_max_s: float = Field(10.0, gt=0, description="evicted members are re-probed at most this far apart")
-    topology_seed: int = Field(0, description="seed of random-regular graphs; the same on every peer")
-    topology_period_s: float = Field(1.0, gt=0, description="how long each graph of a time-varying topology lasts")
-    max_peers: int = Field(256, ge=1, description="records in the peer table (evicted peers included)")
-    max_pending_hellos: int = Field(64, ge=1, description="admission and duplicate-id checks in flight at once")
-    hello_rate_per_s: float = Field(50.0, gt=0, description="Hellos accepted per source host per second")
-    hello_burst: int = Field(100, ge=1, description="... in bursts of at most this many")
-
-
-class CatchupConfig(_Section):
-    enabled: bool = True
-    max_state_age_s: float = Field(60.0, ge=0, description="fetch a neighbour's model when ours is older than this")
-    max_epochs_behind: float = Field(
-        2.0, gt=0, description="a neighbour this many epochs ahead is caught up with even if our state is fresh"
-    )
-    wait_s: float = Field(10.0, ge=0, description="how long a starting peer waits for a model to fetch")
-
-
-class CheckpointConfig(_Section):
-    interval_s: float = Field(10.0, gt=0)
-
-
-class MetricsConfig(_Section):
-    interval_s: float = Field(1.0, gt=0)
-    snapshot_interval_s: float = Field(0.0, ge=0, description="write flat-parameter snapshots (0 = off)")
-    listen: str | None = Field(
-        None, description="serve Prometheus metrics on http://HOST:PORT/metrics (port 0: any free port); null = off"
-    )
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str | None) -> str | None:
-        return None if v is None else _check_ip_hostport(v)
-
-
-class SecurityConfig(_Section):
-    """Mutual TLS. All three files or none; off loopback they are required unless `insecure` is set."""
-
-    ca_file: str | None = Field(None, description="the cluster CA certificate (`peer certs init DIR`)")
-    cert_file: str | None = Field(None, description="this node's certificate (`peer certs issue DIR NODE_ID`)")
-    key_file: str | None = Field(None, description="this node's private key")
-    insecure: bool = Field(False, description="allow plaintext gRPC off loopback (anyone who can reach the port)")
-
-    @model_validator(mode="after")
-    def _check(self) -> SecurityConfig:
-        given = {k: getattr(self, k) for k in ("ca_file", "cert_file", "key_file")}
-        missing = [f"security.{k}" for k, v in given.items() if not v]
-        if 0 < len(missing) < 3:
-            raise ValueError(
-                "set all of security.ca_file, security.cert_file and security.key_file; missing " + ", ".join(missing)
-            )
-        return self
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.ca_file and self.cert_file and self.key_file)
-
-
-class LogConfig(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    json_lines: bool = False
-    refusal_interval_s: float = Field(
-        60.0, gt=0, description="refused input is logged once per source and reason per interval, with a count"
-    )
+__all__ = [
+    "DATA_SOURCES",
+    "MIB",
+    "MODEL_NAMES",
+    "PLUGIN_FORM",
+    "CatchupConfig",
+    "CheckpointConfig",
+    "DataConfig",
+    "DiscoveryConfig",
+    "FaultsConfig",
+    "GossipConfig",
+    "LogConfig",
+    "MembershipConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "PeerConfig",
+    "SecurityConfig",
+    "TrainConfig",
+    "check_security",
+    "dump",
+    "load",
+    "parse_overrides",
+    "validate",
+]
 
 
 # A discriminated union over every registered algorithm's parameter block, keyed by `algorithm.name`.
 AlgorithmConfig = Annotated[Union[PARAMS_TYPES], Field(discriminator="name")]  # type: ignore[valid-type]  # noqa: UP007
 
 
+STATE_DIR_DEFAULT = "./state/<node_id>"
+
+
 class PeerConfig(_Section):
-    node_id: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    listen: str = "127.0.0.1:0"
-    state_dir: str
-    topology: str = "ring"
+    """The root of the tree: who this peer is, where it listens and keeps its state, and one of each section."""
+
+    node_id: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the peer's unique name: letters, digits, `.`, `_`, `-`; also its mDNS instance name",
+    )
+    listen: str = Field(
+        "127.0.0.1:0", description="gRPC `host:port`; port 0 picks a free port (reported in the ready line)"
+    )
+    state_dir: str = Field(
+        "",
+        description="checkpoint, `metrics.jsonl`, a copy of the config, `ready.json` while serving, optional "
+        "snapshots; unset (or null) = `./state/<node_id>`, so it follows the node id",
+        json_schema_extra={"default_doc": STATE_DIR_DEFAULT},
+    )
+    topology: str = Field(
+        "ring",
+        description="the graph over the live members: `ring` (by sorted node id), `full`, `random-regular:K` "
+        "(seeded), `exponential`, or `one-peer-exponential` (time-varying)",
+    )
     discovery: DiscoveryConfig = DiscoveryConfig()
     algorithm: AlgorithmConfig = Field(default_factory=lambda: REGISTRY["cdl"].params_type(name="cdl"))
     data: DataConfig = DataConfig()
@@ -311,6 +111,17 @@ class PeerConfig(_Section):
     @classmethod
     def _listen(cls, v: str) -> str:
         return _check_ip_hostport(v)
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _state_dir_null(cls, v: Any) -> Any:
+        return "" if v is None else v
+
+    @model_validator(mode="after")
+    def _state_dir_follows_node_id(self) -> PeerConfig:
+        if not self.state_dir:
+            object.__setattr__(self, "state_dir", STATE_DIR_DEFAULT.replace("<node_id>", self.node_id))
+        return self
 
     @field_validator("topology")
     @classmethod
@@ -408,6 +219,15 @@ def validate(raw: dict[str, Any], *, source: str) -> PeerConfig:
     return cfg
 
 
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """`not valid YAML at line L, column C: problem (context)`, without PyYAML's `in "<unicode string>"`."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> PeerConfig:
     """Read a YAML file (or start empty), apply `--set` overrides, validate."""
     source = str(path) if path else "<defaults>"
@@ -423,7 +243,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> PeerCon
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+            raise ConfigError(_yaml_error(exc), source=source) from None
         if raw is None:
             raw = {}
     if not isinstance(raw, dict):

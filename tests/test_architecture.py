@@ -33,7 +33,7 @@ ALLOWED = {
     "tools": {"core", "algorithms", "net", "learn", "daemon", "tools", "v1"},
 }
 # Root modules every layer may use (they import no layer above `core`/`algorithms` at module level).
-SHARED_ROOT = {"peer", "peer.errors", "peer.config", "peer.logs"}
+SHARED_ROOT = {"peer", "peer.errors", "peer.config", "peer.config_sections", "peer.logs"}
 # The wire codec's pure parts: encoding and validation of bytes, no sockets.
 PURE_NET = ["peer.net.wire", "peer.net.encoder", "peer.net.assembler", "peer.net.addresses"]
 

@@ -513,7 +513,7 @@ def held_port(hold: list[socket.socket]) -> int:
 BAD_CONFIGS = [  # each run as a real process
     ("unknown-field", "node_id: a\nstate_dir: s\ntrain:\n  epoch: 3\n", "train.epoch", "unknown field"),
     ("wrong-type", "node_id: a\nstate_dir: s\ntrain:\n  epochs: lots\n", "train.epochs", "number"),
-    ("missing-state-dir", "node_id: a\n", "state_dir", "missing"),
+    ("missing-node-id", "state_dir: s\n", "node_id", "missing"),
     ("bad-listen", "node_id: a\nstate_dir: s\nlisten: 127.0.0.1:99999\n", "listen", "out of range"),
     ("bad-yaml-syntax", "node_id: a\nstate_dir: s\ntrain: [1, 2\n", "YAML", "line"),
     ("missing-file", None, "not found", "config"),
@@ -526,7 +526,7 @@ MORE_BAD_CONFIGS = [  # the same path through `peer.cli.main`, in this process (
     ("bad-value", "node_id: a\nstate_dir: s\ntrain:\n  lr: -1\n", "train.lr", "greater than 0"),
     ("bad-node-id", "node_id: has space\nstate_dir: s\n", "node_id", "pattern"),
     ("not-a-mapping", "- node_id\n- state_dir\n", "mapping", "config"),
-    ("empty-file", "", "state_dir", "missing"),
+    ("empty-file", "", "node_id", "missing"),
 ]
 UNKNOWN_NAMES = [
     # --set key, the kind the message names, the valid names it must list

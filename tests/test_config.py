@@ -24,7 +24,7 @@ def test_defaults_and_overrides() -> None:
 @pytest.mark.parametrize(
     "overrides,field,text",
     [
-        (["node_id=a"], "state_dir", "required"),
+        (["state_dir=/tmp/x"], "node_id", "required"),
         ([*BASE, "gossip.intervl_s=1"], "gossip.intervl_s", "unknown field"),
         ([*BASE, "train.lr=-1"], "train.lr", "greater than 0"),
         ([*BASE, "train.batch_size=many"], "train.batch_size", "integer"),
@@ -45,6 +45,26 @@ def test_errors_name_the_field(overrides: list[str], field: str, text: str) -> N
         config.load(None, overrides)
     assert info.value.field == field
     assert field in str(info.value) and text in str(info.value)
+
+
+def test_state_dir_follows_node_id_unless_set() -> None:
+    """Trap: `--set node_id=robot-7` used to keep `./state/peer-1`; the state dir now follows the node id."""
+    assert config.load(None, ["node_id=robot-7"]).state_dir == "./state/robot-7"
+    assert config.load(None, ["node_id=robot-7", "state_dir=null"]).state_dir == "./state/robot-7"
+    assert config.load(None, ["node_id=robot-7", "state_dir=/srv/x"]).state_dir == "/srv/x"
+    text = (Path(config.__file__).parent / "default_config.yaml").read_text()
+    assert config.validate({**yaml.safe_load(text), "node_id": "robot-7"}, source="t").state_dir == "./state/robot-7"
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    """Trap: a YAML syntax error said `in "<unicode string>"`; it now names the file, line and column."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node_id: a\ntrain: [1,\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(bad)
+    text = str(info.value)
+    assert text.startswith(f"{bad}: not valid YAML at line ") and "column" in text
+    assert "<unicode string>" not in text and "\n" not in text
 
 
 def test_unknown_algorithm_lists_valid_names() -> None:
@@ -92,16 +112,18 @@ def _leaves(tree: dict, prefix: str = "") -> set[str]:
 
 
 def test_annotated_default_config_is_complete_and_valid() -> None:
-    """`peer init-config` prints every field with its real default, and the README documents every key."""
+    """`peer init-config` prints every field with its real default, and the configuration reference documents
+    every key."""
     text = (Path(config.__file__).parent / "default_config.yaml").read_text()
     raw = yaml.safe_load(text)
     cfg = config.validate(raw, source="default_config.yaml")
     dumped = yaml.safe_load(config.dump(cfg))
     assert _leaves(raw) == _leaves(dumped)
-    assert raw == dumped  # the annotations show the true defaults
-    readme = (Path(config.__file__).parents[1] / "README.md").read_text()
-    undocumented = [k for k in sorted(_leaves(raw)) if f"`{k}`" not in readme]
-    assert not undocumented, f"README does not document: {undocumented}"
+    assert raw["state_dir"] is None and dumped["state_dir"] == f"./state/{raw['node_id']}"  # follows node_id
+    assert {**raw, "state_dir": dumped["state_dir"]} == dumped  # the annotations show the true defaults
+    reference = (Path(config.__file__).parents[1] / "docs" / "reference" / "configuration.md").read_text()
+    undocumented = [k for k in sorted(_leaves(raw)) if f"`{k}`" not in reference]
+    assert not undocumented, f"the configuration reference does not document: {undocumented}"
 
 
 def test_dump_round_trips(tmp_path: Path) -> None:
@@ -120,13 +142,14 @@ def test_model_names_match_the_model_zoo() -> None:
 def test_readme_documents_every_algorithm_and_parameter() -> None:
     from peer.algorithms import REGISTRY
 
-    readme = (Path(config.__file__).parents[1] / "README.md").read_text()
+    reference = (Path(config.__file__).parents[1] / "docs" / "reference" / "configuration.md").read_text()
     for name, cls in REGISTRY.items():
-        assert f"<code>{name}</code> parameters" in readme, f"README has no parameter table for {name}"
-        section = readme.split(f"<code>{name}</code> parameters", 1)[1].split("</details>", 1)[0]
+        heading = f"### `algorithm.name: {name}`"
+        assert heading in reference, f"the configuration reference has no parameter table for {name}"
+        section = reference.split(heading, 1)[1].split("\n### ", 1)[0]
         for field in cls.params_type.model_fields:
             if field != "name":
-                assert f"`algorithm.{field}`" in section, f"README does not document {name}'s {field}"
+                assert f"`algorithm.{field}`" in section, f"the reference does not document {name}'s {field}"
         # A config naming the algorithm validates with its defaults.
         assert (
             config.validate(

@@ -176,6 +176,7 @@ class RpcHandlers:
             )
             resp.info[f"neighbour.{row.node_id}"] = "yes" if row.neighbour else "no"
         resp.info["provenance"] = self.algorithm.provenance
+        resp.info["waiting_for"] = self.worker.waiting_for
         for reason, n in sorted(c["rejected"].items()):
             resp.info[f"rejected.{reason}"] = str(n)
         return resp

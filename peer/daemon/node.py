@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -29,6 +30,7 @@ from peer.core import events as ev
 from peer.core.faults import FaultInjector
 from peer.core.gossip import GossipCore
 from peer.core.settings import Identity
+from peer.daemon import readyfile
 from peer.daemon.builder import Built, build
 from peer.daemon.catchup import CatchUpFetcher
 from peer.daemon.changes import Changes
@@ -49,7 +51,7 @@ from peer.learn.training import LocalTrainer
 from peer.logs import OnceLogger, node_logger
 from peer.net.assembler import ReceiveLimits
 from peer.net.client import Client
-from peer.net.interfaces import is_wildcard_host, mdns_interfaces
+from peer.net.interfaces import check_ports_free, is_wildcard_host, mdns_interfaces
 from peer.net.mdns import MdnsDiscovery
 from peer.net.server import Server, start_server
 from peer.net.tls import Credentials
@@ -315,6 +317,7 @@ class Node:
     # ------------------------------------------------------------------------------------------------ run
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        check_ports_free({"listen": self.cfg.listen, "metrics.listen": self.cfg.metrics.listen})  # before the load
         self.credentials = load_credentials(self.cfg, self.log)
         built = await asyncio.to_thread(
             build,
@@ -377,6 +380,7 @@ class Node:
                 raise self._fatal
         finally:
             self.worker.stop.set()  # never leave the training thread running (asyncio.run would wait on it)
+            readyfile.remove(self.state_dir, os.getpid())
             for coro in self._pending:
                 coro.close()
             if self._mdns is not None:
@@ -399,6 +403,7 @@ class Node:
             line["metrics_address"] = self.metrics_address
         self.stdout.write(json.dumps(line) + "\n")
         self.stdout.flush()
+        readyfile.write(self.state_dir, self.cfg.node_id, self.address, os.getpid(), self.metrics_address)
         self.ready.set()
         self.log.info("serving on %s", self.address)
         self.notifier.ready(f"serving on {self.address}")

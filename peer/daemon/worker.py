@@ -107,6 +107,7 @@ class TrainingWorker:
         self._last_publish = -math.inf
         self.external = False  # set by the shell for the library API (peer.Gossip)
         self._deferred_mix = False  # states taken in during a pacing wait, not yet mixed
+        self.waiting_for = ""  # before the first step: "neighbours", then "catch-up" (GetStatus shows it)
 
     @property
     def done(self) -> bool:
@@ -121,13 +122,16 @@ class TrainingWorker:
             # Bounded: a lonely peer starts alone after the timeout instead of waiting forever; a stop request
             # ends the wait at once.
             deadline = time.monotonic() + self.cfg.wait_for_neighbors_s
+            self.waiting_for = "neighbours"
             while not self.neighbours_ready.is_set() and not self.stop.is_set() and time.monotonic() < deadline:
                 self.neighbours_ready.wait(0.1)
-            if not self.neighbours_ready.is_set():
+            if not self.neighbours_ready.is_set() and not self.stop.is_set():
                 self.log.warning("no neighbours after %.1f s; training alone for now", self.cfg.wait_for_neighbors_s)
         # Catch-up is bounded by catchup.wait_s on the shell's side; here we only wait for its verdict.
+        self.waiting_for = "catch-up"
         while not self.catchup_done.is_set() and not self.stop.is_set():
             self.catchup_done.wait(0.1)
+        self.waiting_for = ""
         self.pacer.restart_at(self.trainer.step_count)
         if self.algorithm.owns_local_update:
             self._run_step_mode()

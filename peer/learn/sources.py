@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
-from peer.config import DataConfig
+from peer.config import DATA_SOURCES, DataConfig
 from peer.errors import ConfigError, DataError
 from peer.learn.data import load_dataset, local_partition, partition_indices, stratified_split
 from peer.learn.plugins import call_data_factory, call_plugin, first_sample
@@ -52,7 +52,18 @@ class TaskData:
 
 
 def load_task_data(data: DataConfig) -> TaskData:
-    """Load what `data` names. The built-in and .npz data are partitioned here; a factory partitions itself."""
+    """Load what `data` names. The built-in and .npz data are partitioned here; a factory partitions itself.
+    A DataError names the key that chose the source (`data.path: x.npz: data file not found`)."""
+    try:
+        return _load(data)
+    except DataError as exc:
+        key = next((k for k in DATA_SOURCES[1:] if getattr(data, k) is not None), "dataset")
+        if str(exc).startswith("data."):
+            raise
+        raise DataError(f"data.{key}: {exc}") from None
+
+
+def _load(data: DataConfig) -> TaskData:
     if data.factory is not None:
         return _from_factory(data)
     if data.image_folder is not None:

@@ -6,6 +6,7 @@ on that address's interface, and 0.0.0.0 on every non-loopback IPv4 interface th
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import socket
@@ -13,7 +14,7 @@ import struct
 
 import ifaddr
 
-from peer.errors import ConfigError
+from peer.errors import ConfigError, StartupError
 
 
 def _available_interfaces() -> dict[str, list[str]]:
@@ -112,3 +113,23 @@ def resolve_interfaces(interfaces: list[str]) -> list[str]:
             raise ConfigError(f"unknown interface {entry!r}; available: {listing()}", field=fld)
         resolved.extend(ip for ip in ips if ip not in resolved)
     return resolved
+
+
+def check_ports_free(listens: dict[str, str | None]) -> None:
+    """Bind each `host:port` (port 0 and None skipped) with a plain socket and close it at once, so that a port in
+    use is a StartupError naming the key before the data and model load, and before gRPC logs its own line."""
+    for key, listen in listens.items():
+        if listen is None:
+            continue
+        host, _, port_text = listen.rpartition(":")
+        host = "127.0.0.1" if host == "localhost" else host.strip("[]")
+        if int(port_text) == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            try:
+                s.bind((host, int(port_text)))
+            except OSError as exc:
+                why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+                raise StartupError(f"{key}: cannot listen on {listen}: {why}") from None

@@ -4,7 +4,8 @@ The demo launches `peer run` processes on 127.0.0.1 (each with its own state_dir
 their progress from the metrics files, stops them once every peer finished its epochs (plus a few seconds of
 consensus-only rounds), and compares the peers' test accuracy with two references trained in this process on
 the same data, model and hyperparameters: *centralized* (all partitions together) and *local-only* (every
-partition alone). With `--out DIR` it keeps the run's files and draws accuracy and consensus distance over time.
+partition alone). It draws accuracy and consensus distance over time (plot.png) and prints the plot's path; with
+`--out DIR` it keeps every file of the run there, else only plot.png and summary.json stay in the temporary run dir.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def format_table(summary: dict[str, Any]) -> str:
         ("training wall time", f"{summary['training_wall_s']:.1f} s"),
         ("demo wall time", f"{summary['wall_s']:.1f} s"),
     ]
+    rows += _fault_rows(summary)
     if "layer_errors_vs_centralized" in summary:
         worst = max(summary["layer_errors_vs_centralized"])
         rows.append(("max layer error vs centralized", f"{worst:.2e} (relative Frobenius, worst peer and layer)"))
@@ -108,6 +110,20 @@ def format_table(summary: dict[str, Any]) -> str:
     )
     width = max(len(k) for k, _ in rows)
     return "\n".join([head, "-" * len(head), *(f"{k.ljust(width)}  {v}" for k, v in rows)])
+
+
+FAULT_COUNTS = {"faults_dropped": "dropped", "faults_outage_dropped": "lost in outages", "faults_delayed": "delayed"}
+
+
+def _fault_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """Which faults were injected (`--faults`, one row per kind) and how many messages each hit, all peers."""
+    spec = str(summary.get("faults") or "")
+    if not spec:
+        return [("faults injected", "none")]
+    rows = [(f"fault {item.partition('=')[0]}", item.partition("=")[2]) for item in spec.split(",") if item]
+    counts = summary.get("injected_faults", {})
+    hit = ", ".join(f"{counts.get(k, 0)} {word}" for k, word in FAULT_COUNTS.items())
+    return [*rows, ("messages hit by faults", hit)]
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -156,7 +172,8 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--timeout-s must be > 0, got {args.timeout_s}", field="timeout_s")
 
 
-STATE_NAMES = frozenset({"checkpoint.pt", "metrics.jsonl", "config.yaml", "snapshots"})
+KEPT_WITHOUT_OUT = frozenset({"plot.png", "summary.json"})
+STATE_NAMES = frozenset({"checkpoint.pt", "metrics.jsonl", "config.yaml", "snapshots", "ready.json"})
 
 
 def _clear_state_dir(path: Path) -> None:
@@ -168,6 +185,20 @@ def _clear_state_dir(path: Path) -> None:
     if foreign:
         raise DemoError(f"{path} exists and is not a peer state_dir from an earlier demo; choose another --out")
     shutil.rmtree(path)
+
+
+def tidy_temporary_run_dir(work_dir: Path) -> None:
+    """Without --out, the run dir keeps only plot.png and summary.json (their paths were printed); a run that
+    wrote neither leaves nothing behind."""
+    for child in work_dir.iterdir() if work_dir.is_dir() else []:
+        if child.name in KEPT_WITHOUT_OUT:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()  # only when empty
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -200,7 +231,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if procs:
             stop_all(procs, 5.0, quiet=True)  # no-op after a normal run; SIGTERM then SIGKILL otherwise
         if not keep:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            tidy_temporary_run_dir(work_dir)
 
 
 def _labels(cfg: Any) -> tuple[str, str]:
@@ -305,24 +336,26 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
     if time.monotonic() > deadline:
         raise TimeoutError("while evaluating")
     t_mark = time.monotonic()
-    if args.out:
-        try:
-            from peer.tools.plot import write_plot
+    # The plot is kept without --out too, in the temporary run dir (its path is printed).
+    try:
+        from peer.tools.plot import write_plot
 
-            with _one_torch_thread():
-                curves = snapshot_curves(cfgs)
-            write_plot(work_dir / "plot.png", curves, summary, done_at_s=training_done_offset(cfgs))
-            summary["plot"] = str(work_dir / "plot.png")
-        except Exception as exc:  # the plot is a bonus; never lose the results over it
-            print(f"warning: could not draw the plot: {type(exc).__name__}: {exc}", file=sys.stderr)
+        with _one_torch_thread():
+            curves = snapshot_curves(cfgs)
+        write_plot(work_dir / "plot.png", curves, summary, done_at_s=training_done_offset(cfgs))
+        summary["plot"] = str(work_dir / "plot.png")
+    except Exception as exc:  # the plot is a bonus; never lose the results over it
+        print(f"warning: could not draw the plot: {type(exc).__name__}: {exc}", file=sys.stderr)
     phases["plot_s"] = time.monotonic() - t_mark
     summary["phases"] = {k: round(v, 2) for k, v in phases.items()}
     summary["wall_s"] = time.monotonic() - t_start
     print()
     print(format_table(summary))
     text = json.dumps(summary, indent=2)
-    if args.out:
-        (work_dir / "summary.json").write_text(text + "\n", encoding="utf-8")
+    (work_dir / "summary.json").write_text(text + "\n", encoding="utf-8")
+    if "plot" in summary:
+        print(f"plot: {summary['plot']}")
+    print(f"summary: {work_dir / 'summary.json'}")
     if args.json:
         Path(args.json).write_text(text + "\n", encoding="utf-8")
     if bad:

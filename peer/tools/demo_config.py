@@ -38,7 +38,9 @@ PKI_DIR = "pki"  # the run's throwaway cluster CA and the peers' certificates, i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=DEFAULT_PEERS, help="number of daemons (default 4)")
     parser.add_argument(
-        "--algorithm", default="cdl", help="consensus algorithm, see `algorithm.name` in the README (default cdl)"
+        "--algorithm",
+        default="cdl",
+        help="consensus algorithm, any `algorithm.name` (docs/reference/algorithms.md; default cdl)",
     )
     parser.add_argument("--topology", default="ring", help="ring | full (default ring)")
     parser.add_argument("--dataset", default="digits", help="digits | mnist1d (default digits)")
@@ -52,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="keep configs, logs, state dirs, summary.json and plot.png in DIR (default: temp dir)",
+        help="keep configs, logs, state dirs, summary.json and plot.png in DIR (default: a temporary run dir, "
+        "of which only plot.png and summary.json are kept)",
     )
     parser.add_argument(
         "--timeout-s",

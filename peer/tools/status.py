@@ -68,10 +68,33 @@ def _age(ms: Any) -> str:
     return f"{max(0.0, time.time() - int(ms) / 1000):.1f}s ago"
 
 
+def waiting_text(s: dict[str, Any]) -> str:
+    """What the daemon is doing or waiting for, in words, from its status (`info.waiting_for`, progress, peers)."""
+    waiting = s.get("info", {}).get("waiting_for")
+    alive = sum(1 for n in s.get("neighbours", []) if n.get("state") == "alive")
+    if waiting == "neighbours":
+        return (
+            f"waiting for neighbours ({alive} alive so far; the expected members, at most "
+            "train.wait_for_neighbors_s, then it trains alone)"
+        )
+    if waiting == "catch-up":
+        return "waiting for catch-up: fetching a neighbour's model before training (at most catchup.wait_s)"
+    if s.get("training_done"):
+        return "training done: consensus-only rounds with its neighbours (stop it when you are done)"
+    if waiting is None and int(s.get("step", 0)) == 0:
+        return "starting: waiting for neighbours or catch-up before the first step"
+    if alive == 0:
+        return "training alone: no neighbour alive"
+    return f"training with {alive} neighbour(s)"
+
+
 def format_status(s: dict[str, Any]) -> str:
+    started = int(s["step"]) > 0 or s.get("training_done")
+    loss = f"{float(s['loss']):.4f}" if started else "- (no step yet)"
     lines = [
         f"node      {s['node_id']} at {s['address']} ({s['algorithm']}, {s.get('info', {}).get('provenance', '')})",
-        f"training  step {s['step']}, epoch {float(s['epoch']):.2f}, loss {float(s['loss']):.4f}"
+        f"state     {waiting_text(s)}",
+        f"training  step {s['step']}, epoch {float(s['epoch']):.2f}, loss {loss}"
         + (" (done)" if s.get("training_done") else ""),
         f"traffic   sent {int(s['bytes_sent']):,} B, received {int(s['bytes_received']):,} B, "
         f"send failures {s['send_failures']}, rejected {s['rejected_messages']}",
