@@ -30,7 +30,7 @@ MH_GRAPH = random_graph(6, 0.4, seed=3)  # irregular degrees: Metropolis–Hasti
 @pytest.mark.parametrize(("form", "omega"), [("A", 0.0), ("A", 0.5), ("A", 1.0), ("B", 0.5)])
 def test_beta_zero_is_dpsgd_bit_for_bit(form: str, omega: float) -> None:
     prob = lsq(sorted(MH_GRAPH))
-    ref, _ = simulate(lambda i: Dpsgd(DpsgdParams(retransmit_s=0.01), i), MH_GRAPH, prob, 60)
+    ref, _ = simulate(lambda i: Dpsgd(DpsgdParams(retransmit_s=0.01, momentum=0.0), i), MH_GRAPH, prob, 60)
     sim, _ = simulate(dmsgd(beta=0.0, omega=omega, form=form), MH_GRAPH, prob, 60)
     for i in MH_GRAPH:
         assert torch.equal(sim.x[i], ref.x[i]), i

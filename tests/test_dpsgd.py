@@ -16,6 +16,8 @@ from tests.sim_harness import F64, Recorder, grad, initial, lsq, max_err, oracle
 
 
 def dpsgd(**kw: object) -> Callable[[str], Algorithm]:
+    # Plain D-PSGD (momentum 0, the paper's rule) unless a test asks otherwise; the daemon's default is 0.9.
+    kw = {"momentum": 0.0, **kw}
     return lambda i: Dpsgd(DpsgdParams(retransmit_s=0.01, **kw), i)  # type: ignore[arg-type]
 
 
@@ -47,7 +49,7 @@ def test_matches_the_synchronous_reference() -> None:
 
 def test_message_is_p_floats_per_neighbour_per_round() -> None:
     p = 6
-    algo = Dpsgd(DpsgdParams(), "a")
+    algo = Dpsgd(DpsgdParams(momentum=0.0), "a")
     view = NeighbourView("a", {"b": 2, "c": 1})
     x = torch.ones(p, dtype=F64)
     oracle = FunctionOracle(lambda x: (0.0, x.clone()))
@@ -106,7 +108,9 @@ def test_dead_neighbour_is_given_up_and_the_survivors_advance() -> None:
     x0 = initial(sorted(adj))
     algos: dict[str, Algorithm] = {"n0": Dead(AlgoParams(name="dead"), "n0")}
     for i in live:
-        algos[i] = Dpsgd(DpsgdParams(retransmit_s=0.01, give_up_s=give_up if i in ("n1", "n4") else 5.0), i)
+        algos[i] = Dpsgd(
+            DpsgdParams(momentum=0.0, retransmit_s=0.01, give_up_s=give_up if i in ("n1", "n4") else 5.0), i
+        )
     rec = Recorder(x0)
     sim = Simulation(
         algos, {i: x.clone() for i, x in x0.items()}, oracles(prob, lambda k: gamma), adj, after_advance=rec
@@ -131,7 +135,7 @@ def test_dead_neighbour_is_given_up_and_the_survivors_advance() -> None:
 
 
 def test_a_node_whose_neighbour_is_far_ahead_jumps_to_its_round() -> None:
-    algo = Dpsgd(DpsgdParams(), "a")
+    algo = Dpsgd(DpsgdParams(momentum=0.0), "a")
     view = NeighbourView("a", {"b": 1})
     x = torch.tensor([1.0, 2.0], dtype=F64)
     oracle = FunctionOracle(lambda x: (0.0, torch.zeros_like(x)))
@@ -156,7 +160,7 @@ def test_a_slow_node_jumps_instead_of_replaying_rounds() -> None:
     adj = ring(4)
     prob = lsq(sorted(adj))
     x0 = initial(sorted(adj))
-    algos = {i: Dpsgd(DpsgdParams(retransmit_s=0.01, give_up_s=0.02), i) for i in adj}
+    algos = {i: Dpsgd(DpsgdParams(momentum=0.0, retransmit_s=0.01, give_up_s=0.02), i) for i in adj}
     sim = Simulation(
         dict(algos),
         {i: x.clone() for i, x in x0.items()},

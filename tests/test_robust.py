@@ -96,6 +96,8 @@ def sim_run(name: str, rule: str, attack: str | None, iterations: int = 100) -> 
     settings: dict[str, object] = {"name": name, "robust": rule, "retransmit_s": 0.01}
     if name == "choco":
         settings |= {"compressor": "topk:0.5", "gamma": 0.5, "momentum": 0.0}
+    if name == "dpsgd":
+        settings |= {"momentum": 0.0}  # plain D-PSGD; heavy ball is dmsgd's row
     params = REGISTRY[name].params_type(**settings)
     algorithms = {i: create(params, i) for i in ids}
     if attack is not None:

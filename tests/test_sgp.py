@@ -14,7 +14,7 @@ D = 5
 
 
 def make_sim(adj, x0, oracles, drop: float = 0.0, seed: int = 0, **params) -> Simulation:  # type: ignore[no-untyped-def]
-    algos = {i: Sgp(SgpParams(**params), i) for i in adj}
+    algos = {i: Sgp(SgpParams(**{"momentum": 0.0, **params}), i) for i in adj}
     return Simulation(algos, dict(x0), oracles, adj, links=Links(drop=drop, duplicate=0.1), seed=seed)
 
 
@@ -75,7 +75,7 @@ def test_converges_near_the_optimum_of_a_convex_problem() -> None:
 
 
 def test_wire_is_p_plus_one_per_out_peer() -> None:
-    algo = Sgp(SgpParams(), "n0")
+    algo = Sgp(SgpParams(momentum=0.0), "n0")
     view = NeighbourView("n0", {"n1": 2, "n2": 2, "n3": 2})
     algo.start(torch.zeros(D), 0.0, view)
     algo.advance(torch.zeros(D), FunctionOracle(zero_grad), 0.0, view)
@@ -85,7 +85,7 @@ def test_wire_is_p_plus_one_per_out_peer() -> None:
     assert algo.sends(0.0) == []  # latest-wins, sent once
     assert algo.metrics()["weight"] == pytest.approx(0.25)  # kept 1/(d+1) of the weight
     assert algo.expected_by_kind(D) == {"push_sum": {"params": ((D,), "float64"), "weight": ((1,), "float64")}}
-    one = Sgp(SgpParams(one_peer=True), "n0")
+    one = Sgp(SgpParams(one_peer=True, momentum=0.0), "n0")
     one.start(torch.zeros(D), 0.0, view)
     targets = []
     for _ in range(4):
@@ -96,7 +96,7 @@ def test_wire_is_p_plus_one_per_out_peer() -> None:
 
 
 def test_alone_it_is_plain_sgd() -> None:
-    algo = Sgp(SgpParams(), "solo")
+    algo = Sgp(SgpParams(momentum=0.0), "solo")
     view = NeighbourView("solo", {})
     x = torch.tensor([4.0], dtype=torch.float64)
     algo.start(x, 0.0, view)
@@ -108,11 +108,11 @@ def test_alone_it_is_plain_sgd() -> None:
 
 
 def test_checkpoint_round_trip_keeps_the_model() -> None:
-    algo = Sgp(SgpParams(), "n0")
+    algo = Sgp(SgpParams(momentum=0.0), "n0")
     view = NeighbourView("n0", {"n1": 1})
     algo.start(torch.ones(D), 0.0, view)
     x = algo.advance(torch.ones(D), FunctionOracle(lambda w: (0.0, w), lr_fn=lambda k: 0.1), 0.0, view)
-    other = Sgp(SgpParams(), "n0")
+    other = Sgp(SgpParams(momentum=0.0), "n0")
     other.load_state_dict(algo.state_dict())
     other.start(torch.zeros(D), 0.0, view)  # start does not overwrite the restored mass
     assert other.iteration == 1

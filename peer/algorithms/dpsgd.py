@@ -20,7 +20,9 @@ from peer.algorithms.sync import SynchronousAlgorithm, SyncParams
 
 class DpsgdParams(SyncParams):
     name: Literal["dpsgd"] = "dpsgd"
-    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="local heavy-ball momentum on the gradient step")
+    momentum: float = Field(
+        0.9, ge=0.0, lt=1.0, description="local heavy-ball momentum on the gradient step (as train.momentum)"
+    )
     robust: Literal["none", "clip", "trimmed_mean", "median"] = Field(
         "none", description="robust aggregation of neighbours' models (peer.algorithms.robust)"
     )
