@@ -48,6 +48,10 @@ class PacingSettings:
     max_wait_s: float = 2.0
     wait_factor: float = 4.0
     slow_fraction: float = 0.1  # neighbours computing slower than this fraction of our rate are not awaited
+    # A neighbour not yet seen stepping (still starting up, waiting for its own members) is waited for this long:
+    # the moving-average deadline, learned from a burst of first states, marked such neighbours late within 0.1 s,
+    # and one peer of a compose cluster trained alone to the end while the others started (62.9%).
+    start_wait_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class _Neighbour:
     rate: float | None = None  # its compute rate (steps per second while stepping), from its last message
     late: bool = False  # missed a deadline: not awaited until heard from again
     their_step: int | None = None  # the neighbour's own step count in the state last counted as fresh
+    stepped: bool = False  # seen stepping (two different step counts), so its usual gap applies
 
 
 @dataclass
@@ -117,6 +122,7 @@ class Pacer:
         if sender_step is not None:
             if sender_step == n.their_step:
                 return  # mixed but not stepped: not progress
+            n.stepped = n.stepped or n.their_step is not None
             n.their_step = sender_step
         if self._last_fresh_at is not None:
             self.gap_s = _ewma(self.gap_s, max(0.0, now - self._last_fresh_at))
@@ -148,7 +154,10 @@ class Pacer:
         if self._waiting_since is None:
             self._waiting_since = now
             self.waits += 1
-        remaining = self._waiting_since + self.deadline_s() - now
+        deadline = self.deadline_s()
+        if any(not self._stepped(j) for j in blocking):
+            deadline = max(deadline, self.s.start_wait_s)
+        remaining = self._waiting_since + deadline - now
         if remaining > 0:
             return PaceDecision(False, remaining)
         self.missed_deadlines += 1
@@ -164,6 +173,10 @@ class Pacer:
         if n is None or n.rate is None or self.own_rate is None or n.rate >= self.own_rate:
             return self.s.max_steps
         return math.ceil(self.s.max_steps * self.own_rate / n.rate * RATE_HEADROOM)
+
+    def _stepped(self, j: str) -> bool:
+        n = self.neighbours.get(j)
+        return n is not None and (n.stepped or n.their_step is None)  # no step counts known: the usual rule
 
     def _merged_at(self, j: str) -> int:
         n = self.neighbours.get(j)

@@ -50,7 +50,12 @@ def pacing_settings(cfg: TrainConfig, algorithm: Algorithm) -> PacingSettings:
     bound = cfg.max_steps_without_merge
     if bound is None:
         bound = algorithm.default_max_steps_without_merge
-    return PacingSettings(max_steps=bound, max_wait_s=cfg.pace_max_wait_s, min_wait_s=min(0.05, cfg.pace_max_wait_s))
+    return PacingSettings(
+        max_steps=bound,
+        max_wait_s=cfg.pace_max_wait_s,
+        min_wait_s=min(0.05, cfg.pace_max_wait_s),
+        start_wait_s=max(cfg.pace_max_wait_s, cfg.wait_for_neighbors_s),
+    )
 
 
 class TrainingWorker:
