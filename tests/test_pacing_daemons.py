@@ -35,5 +35,7 @@ def test_steps_ten_times_faster_than_mixing_cost_at_most_one_point(tmp_path: Pat
     fast = demo(tmp_path, "fast")
     slow = demo(tmp_path, "slow", "--set", "faults.slowdown=10")
     gap = 100 * (slow["mean_accuracy"] - fast["mean_accuracy"])
+    # The figures the issue asks for (seen with -s); the assertion below is the property.
+    print(f"\npacing: fast steps {fast['mean_accuracy']:.2%}, 10x slowed steps {slow['mean_accuracy']:.2%}")
     assert gap <= 1.0, f"fast steps {fast['mean_accuracy']:.2%} vs slow steps {slow['mean_accuracy']:.2%}"
     assert fast["injected_faults"]["faults_delayed"] > 0
