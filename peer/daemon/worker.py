@@ -138,6 +138,10 @@ class TrainingWorker:
             self.catchup_done.wait(0.1)
         self.waiting_for = ""
         self.pacer.restart_at(self.trainer.step_count)
+        # Resumed from a finished checkpoint: say so at once, not after the first consensus wait (a status query
+        # in between saw training_done false on a daemon that had nothing left to train).
+        if not self.algorithm.owns_local_update:
+            self._mark_done_once()
         if self.algorithm.owns_local_update:
             self._run_step_mode()
             return
@@ -240,12 +244,7 @@ class TrainingWorker:
                     break
             if not math.isfinite(loss):
                 self.log.error("training loss is %s at step %d; check train.lr", loss, trainer.step_count)
-        if self.done and not self.counters.training_done:
-            self.counters.training_done = True
-            if self._first_step_at is not None:
-                self.counters.training_s = time.monotonic() - self._first_step_at
-            self.on_trained()
-            self.log.info("training done after %d steps (%.2f epochs)", trainer.step_count, self.cfg.epochs)
+        self._mark_done_once()
         now = time.monotonic()
         dropped = 0
         while self.forget:
@@ -294,6 +293,14 @@ class TrainingWorker:
         if self.checkpoint_requested.is_set():
             self.checkpoint_requested.clear()
             self.on_checkpoint(self.state())
+
+    def _mark_done_once(self) -> None:
+        if self.done and not self.counters.training_done:
+            self.counters.training_done = True
+            if self._first_step_at is not None:
+                self.counters.training_s = time.monotonic() - self._first_step_at
+            self.on_trained()
+            self.log.info("training done after %d steps (%.2f epochs)", self.trainer.step_count, self.cfg.epochs)
 
     def _mix_before_step(self) -> None:
         """The states kept during a pacing wait, mixed in one go before the step they released (mix, then step:
