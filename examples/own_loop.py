@@ -27,6 +27,7 @@ def train_one(
     started: threading.Event,
     epochs: int,
     results: dict[int, tuple[float, int]],
+    algorithm: str = "cdl",
 ) -> None:
     torch.manual_seed(0)  # the same initial model on both peers
     model = bn_cnn((1, 8, 8), 10, width=8)
@@ -38,6 +39,7 @@ def train_one(
         "listen": "127.0.0.1:0",  # any free port; the second peer dials the first
         "discovery": {"mdns": False, "static_peers": first if index else []},
         "train": {"device": "cpu", "torch_threads": 1},
+        "algorithm": {"name": algorithm},  # cdl (mix mode) or dpsgd (one synchronous round per step)
     }
     if index:
         started.wait()
@@ -59,14 +61,14 @@ def train_one(
         results[index] = (float((model(x).argmax(1) == y).float().mean()), merges)
 
 
-def main(epochs: int = 5) -> dict[int, tuple[float, int]]:
+def main(epochs: int = 5, algorithm: str = "cdl") -> dict[int, tuple[float, int]]:
     """Train both peers (each in a thread, as two robots would each run their own process); returns
     {peer: (test accuracy, steps at which neighbour state was merged)}."""
     first: list[str] = []
     started = threading.Event()
     results: dict[int, tuple[float, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        args = (Path(tmp), first, started, epochs, results)
+        args = (Path(tmp), first, started, epochs, results, algorithm)
         threads = [threading.Thread(target=train_one, args=(i, *args)) for i in range(2)]
         for t in threads:
             t.start()
@@ -77,5 +79,5 @@ def main(epochs: int = 5) -> dict[int, tuple[float, int]]:
     return results
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python examples/own_loop.py [cdl|dpsgd]
+    main(algorithm=sys.argv[1] if len(sys.argv) > 1 else "cdl")

@@ -9,21 +9,42 @@ import torch
 
 import peer
 from examples.custom_model import bn_cnn
+from peer.algorithms import REGISTRY
 from peer.errors import ConfigError
 
 
 @pytest.mark.timeout(120)
-def test_gossip_in_a_plain_pytorch_loop_merges_and_learns() -> None:
+@pytest.mark.parametrize("algorithm", ["cdl", "dpsgd"])
+def test_gossip_in_a_plain_pytorch_loop_merges_and_learns(algorithm: str) -> None:
+    """Mix mode (cdl) and a round-synchronous algorithm that follows the caller's step (dpsgd)."""
     from examples.own_loop import main
 
-    results = main(epochs=3)
+    results = main(epochs=3, algorithm=algorithm)
     for acc, merges in results.values():
         assert merges > 0 and acc > 0.6, results
 
 
-@pytest.mark.parametrize("name", ["dmsgd", "dpsgd", "sgp"])
+def test_dpsgd_round_applies_exactly_the_callers_step() -> None:
+    """One D-PSGD round driven by the caller's step: x_{k+1} = Σ_j w_ij x_j^k − (x_k − x_k stepped), so a peer
+    alone ends exactly where its optimizer put it, and the round's gradient is the caller's step."""
+    from peer.algorithms.dpsgd import Dpsgd, DpsgdParams
+    from peer.core.view import NeighbourView
+    from peer.learn.oracle import CallerStepOracle
+
+    algo = Dpsgd(DpsgdParams(momentum=0.0), "a")
+    x0 = torch.tensor([1.0, 2.0])
+    view = NeighbourView("a", {})
+    algo.start(x0, 0.0, view)
+    stepped = torch.tensor([0.5, 2.5])
+    assert algo.ready(0.0, view)
+    x1 = algo.advance(x0, CallerStepOracle(x0, stepped), 0.0, view)
+    assert torch.allclose(x1, stepped)
+    assert Dpsgd.follows_caller_step and not REGISTRY["local_sgd"].follows_caller_step
+
+
+@pytest.mark.parametrize("name", ["dmsgd", "choco", "sgp"])
 def test_gossip_refuses_step_mode_algorithms_naming_the_field(tmp_path: Path, name: str) -> None:
-    with pytest.raises(ConfigError, match=r"algorithm\.name: .*owns the local update.*supports cdl, none"):
+    with pytest.raises(ConfigError, match=r"algorithm\.name: .*owns the local update.*supports cdl, dpsgd, none"):
         peer.Gossip(bn_cnn((1, 8, 8), 10), {"node_id": "a", "state_dir": str(tmp_path), "algorithm": {"name": name}})
 
 

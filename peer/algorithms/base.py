@@ -123,6 +123,10 @@ class Algorithm(abc.ABC):
     # A faithful-to-paper label: runs of reconstructed rules are reported as "reconstructed (spec v1)".
     provenance: ClassVar[str] = "standard"
     owns_local_update: ClassVar[bool] = False
+    # Step-mode algorithms that can follow an optimizer the caller steps (library API, `peer.Gossip`): each round
+    # takes exactly one gradient, at the iterate the round returned, and applies it as x - lr * g with nothing
+    # built from it (no shared momentum, tracker or compressed half-step), so the caller's step can stand in for it.
+    follows_caller_step: ClassVar[bool] = False
     # Step-mode algorithms that train something other than the model's flat parameters (dSSFN) set this;
     # the shell then reports `result_state()` instead of the parameters.
     trains_own_model: ClassVar[bool] = False

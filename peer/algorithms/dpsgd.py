@@ -40,6 +40,7 @@ def mix(x: torch.Tensor, received: dict[str, torch.Tensor], weights: dict[str, f
 class Dpsgd(SynchronousAlgorithm):
     name: ClassVar[str] = "dpsgd"
     params_type: ClassVar[type[AlgoParams]] = DpsgdParams
+    follows_caller_step: ClassVar[bool] = True  # one gradient per round at the returned iterate (momentum 0)
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         super().__init__(params, node_id)

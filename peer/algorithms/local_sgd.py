@@ -36,6 +36,8 @@ class LocalSgdParams(DpsgdParams):
 class LocalSgd(Dpsgd):
     """D-PSGD's messages, momentum rule and checkpoint, with H local steps per round."""
 
+    follows_caller_step: ClassVar[bool] = False  # H gradients per round: one caller step cannot stand in for them
+
     name: ClassVar[str] = "local_sgd"
     params_type: ClassVar[type[AlgoParams]] = LocalSgdParams
 

@@ -16,6 +16,7 @@ import torch
 
 from peer import config as config_mod
 from peer.algorithms import REGISTRY
+from peer.algorithms.base import AlgoParams
 from peer.config import PeerConfig
 from peer.daemon.node import Node
 from peer.errors import ConfigError, PeerError, StartupError
@@ -38,11 +39,17 @@ class Gossip:
                 loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
                 gossip.step()
 
-    Mix-mode algorithms only (`cdl`, `none`): they take the caller's parameters after each local step and mix
-    them with the neighbours'. The step-mode algorithms (dmsgd, dpsgd, next, sgp, choco, digest, local_sgd,
-    next_pushsum, dssfn) own the local update: they ask for gradients and apply their own update (momentum,
-    trackers, push-sum weights, round barriers), so a loop whose optimizer already stepped cannot drive them.
-    Float buffers (BatchNorm statistics) are mixed with the parameters (`Algorithm.mixes_buffers`).
+    Which algorithms: the mix-mode ones (`cdl`, `none`) take the caller's parameters after each local step and
+    mix them with the neighbours'. Of the step-mode ones, `dpsgd` (P1, round-synchronous) runs one round per
+    `step()`: the caller's step stands in for its gradient step (x_{k+1} = Σ_j w_ij x_j^k − (the caller's step)),
+    and `step()` waits for the round's neighbour states (bounded by `algorithm.give_up_s`); its own `momentum` is
+    set to 0, since the caller's optimizer already carries one. The others own the local update and cannot follow
+    an optimizer the caller steps: `dmsgd`/`dmsgd_async` share a momentum built from raw gradients, `next` and
+    `next_pushsum` track gradients, `choco` needs the gradient when a round opens (its compressed half-step,
+    before the caller's next step exists), `local_sgd` takes H gradients per round, `sgp` and `digest` scale or
+    carry the step in their push-sum mass or tokens, and `dssfn` trains its own model.
+    Float buffers (BatchNorm statistics) are mixed with the parameters by the mix-mode algorithms
+    (`Algorithm.mixes_buffers`) and stay local with dpsgd.
     """
 
     def __init__(
@@ -51,14 +58,18 @@ class Gossip:
         self.cfg = as_config(config, "peer.Gossip config")
         name: str = self.cfg.algorithm.name  # type: ignore[attr-defined]
         algo = REGISTRY[name]
-        if algo.owns_local_update:
-            mix = sorted(n for n, a in REGISTRY.items() if not a.owns_local_update)
+        if algo.owns_local_update and not algo.follows_caller_step:
+            ok = sorted(n for n, a in REGISTRY.items() if not a.owns_local_update or a.follows_caller_step)
             raise ConfigError(
                 f"{algo.name} owns the local update (it computes its own steps from gradients), so it cannot follow "
-                f"an optimizer the caller steps; peer.Gossip supports {', '.join(mix)} (or run `peer run` with "
+                f"an optimizer the caller steps; peer.Gossip supports {', '.join(ok)} (or run `peer run` with "
                 "model.factory/data.factory)",
                 field="algorithm.name",
             )
+        params: AlgoParams = self.cfg.algorithm  # type: ignore[assignment]
+        if algo.owns_local_update and float(getattr(params, "momentum", 0.0)):
+            # The caller's optimizer carries the momentum; a second heavy ball on its step would compound it.
+            self.cfg = self.cfg.model_copy(update={"algorithm": params.model_copy(update={"momentum": 0.0})})
         self.model = model
         self.node = Node(self.cfg, model=model, external=True, stdout=io.StringIO())
         self.start_timeout_s = start_timeout_s

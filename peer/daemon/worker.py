@@ -23,7 +23,7 @@ from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload, Send
 from peer.config import TrainConfig
 from peer.core.pacing import GO, RATE_SCALAR, PaceDecision, Pacer, PacingSettings
 from peer.daemon.metrics import Counters
-from peer.learn.oracle import TrainerOracle
+from peer.learn.oracle import CallerStepOracle, TrainerOracle
 from peer.learn.training import LocalTrainer, scheduled_lr
 
 # How long a step-mode worker blocked on its neighbours sleeps at most between looks at its retransmission
@@ -112,6 +112,7 @@ class TrainingWorker:
         self._last_publish = -math.inf
         self.external = False  # set by the shell for the library API (peer.Gossip)
         self._deferred_mix = False  # states taken in during a pacing wait, not yet mixed
+        self._external_x: torch.Tensor | None = None  # library API, step mode: the iterate our last round returned
         self.waiting_for = ""  # before the first step: "neighbours", then "catch-up" (GetStatus shows it)
 
     @property
@@ -205,9 +206,11 @@ class TrainingWorker:
 
     def external_step(self) -> bool:
         """The library API (`peer.Gossip.step`), in the caller's thread: the caller's optimizer just took one
-        step. Wait as pacing asks (bounded), merge what arrived into the model, publish it. Mix mode only.
+        step. Mix mode: wait as pacing asks (bounded), merge what arrived into the model, publish it. An algorithm
+        that follows the caller's step (D-PSGD): run its round with that step (`_external_round`).
         Returns whether neighbour state was merged."""
-        assert not self.algorithm.owns_local_update
+        if self.algorithm.owns_local_update:
+            return self._external_round()
         while not self.stop.is_set():
             decision = self._pace(time.monotonic())
             if decision.go:
@@ -293,6 +296,39 @@ class TrainingWorker:
         if self.checkpoint_requested.is_set():
             self.checkpoint_requested.clear()
             self.on_checkpoint(self.state())
+
+    def _external_round(self) -> bool:
+        """Library API, step mode (`Algorithm.follows_caller_step`): the caller's optimizer stepped from the
+        iterate our last round returned; that step becomes the round's gradient step (`CallerStepOracle`), and the
+        round waits for its neighbours' messages as the training thread would (bounded by the algorithm's own
+        give-up), in the caller's thread."""
+        algo, trainer = self.algorithm, self.trainer
+        assert algo.follows_caller_step, algo.name
+        stepped = trainer.get_flat()
+        if self._external_x is None:  # the first round starts from the model as it was before the caller's step
+            self._external_x = self.latest_params
+            algo.start(self._external_x, time.monotonic(), self.view)
+            self._flush_sends()
+            self._first_step_at = time.monotonic()
+        oracle = CallerStepOracle(self._external_x, stepped)
+        while True:
+            self.wake.clear()
+            now = time.monotonic()
+            self._drain_step_mode(now)
+            if algo.ready(now, self.view):
+                break
+            if self.stop.is_set():
+                return False  # shutting down: the caller keeps its own step
+            self._flush_sends()  # retransmissions
+            self.wake.wait(STEP_MODE_POLL_S)
+        x = algo.advance(self._external_x, oracle, now, self.view)
+        self._external_x = x
+        trainer.set_flat(x)
+        self.latest_params = x
+        trainer.step_count += 1
+        self._flush_sends()
+        self._after_iteration(math.nan, x)
+        return bool(algo.last_report.used)
 
     def _mark_done_once(self) -> None:
         if self.done and not self.counters.training_done:

@@ -43,3 +43,23 @@ class TrainerOracle:
 
     def local_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.trainer.x.detach().to("cpu").reshape(self.trainer.n, -1), self.trainer.y.detach().to("cpu")
+
+
+class CallerStepOracle:
+    """The library API's `Oracle` for algorithms that follow the caller's optimizer (`follows_caller_step`): the
+    caller already stepped from `before` to `after`, and that step is the round's gradient step, given as the
+    gradient `before - after` with a learning rate of 1, so the algorithm applies exactly the caller's step."""
+
+    last_loss = math.nan
+
+    def __init__(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        self.step = before - after
+
+    def gradient(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        return math.nan, self.step.to(x.dtype)
+
+    def lr(self) -> float:
+        return 1.0
+
+    def local_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("the caller's own loop owns the data")
