@@ -139,8 +139,7 @@ class TrainingWorker:
             self.catchup_done.wait(0.1)
         self.waiting_for = ""
         self.pacer.restart_at(self.trainer.step_count)
-        # Resumed from a finished checkpoint: say so at once, not after the first consensus wait (a status query
-        # in between saw training_done false on a daemon that had nothing left to train).
+        # Resumed from a finished checkpoint: say so at once (a status query saw training_done false before).
         if not self.algorithm.owns_local_update:
             self._mark_done_once()
         if self.algorithm.owns_local_update:
@@ -178,9 +177,7 @@ class TrainingWorker:
         if now - self._last_publish >= CONSENSUS_IDLE_S:
             return True
         if not self.done:
-            # A paced peer waiting for its neighbours mixes what arrives but publishes only after its next step:
-            # every neighbour that is itself waiting would mix the echo and publish it back, a storm of messages
-            # that carry no progress and take the CPU that the steps need.
+            # A waiting paced peer publishes only after its next step: echoes carry no progress, only CPU cost.
             return stepped or not self.pacer.enabled
         if after is before:
             return False
@@ -265,9 +262,8 @@ class TrainingWorker:
         if not local_steps and not took_in and not external_step:
             return  # a pacing wait that ended with nothing new: nothing to mix or to publish
         if not local_steps and not external_step and not self.done and self.pacer.enabled:
-            # A pacing wait: keep what arrived and mix it all at once after the next step. Mixing each state as
-            # it lands (ours with a, then the result with b) weighs the neighbours unevenly (4/9, 2/9, 1/3 on
-            # a ring), so the peers agree on a biased point, and training diverged at twice the learning rate.
+            # A pacing wait: keep what arrived and mix it all at once before the next step. Mixing each state as
+            # it lands weighs the neighbours unevenly (4/9, 2/9, 1/3 on a ring): a biased consensus.
             self._deferred_mix = True
             return
         x = trainer.get_flat()
@@ -339,8 +335,7 @@ class TrainingWorker:
             self.log.info("training done after %d steps (%.2f epochs)", self.trainer.step_count, self.cfg.epochs)
 
     def _mix_before_step(self) -> None:
-        """The states kept during a pacing wait, mixed in one go before the step they released (mix, then step:
-        the neighbours' latest steps count in full, as in a synchronous round)."""
+        """The states kept during a pacing wait, mixed in one go before the step they released."""
         self._deferred_mix = False
         x = self.trainer.get_flat()
         mixed = self.algorithm.mix(x, time.monotonic(), self.view)
