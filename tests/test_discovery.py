@@ -49,7 +49,7 @@ class Probe:
 
 
 class Node:
-    def __init__(self, node_id: str, port: int, schema: str) -> None:
+    def __init__(self, node_id: str, port: int, schema: str, cluster: str | None = None) -> None:
         self.node_id = node_id
         self.port = port
         self.probe = Probe()
@@ -62,6 +62,7 @@ class Node:
             schema_fingerprint=schema,
             on_candidate=self.probe.on_candidate,
             on_removed=self.probe.on_removed,
+            extra_txt={"cluster": cluster} if cluster else None,
         )
 
 
@@ -241,6 +242,25 @@ async def test_duplicate_node_id_fails_startup(bystanders: int) -> None:
     finally:
         for n in [first, *others]:
             await n.disc.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_the_same_node_id_in_two_clusters_is_not_a_duplicate() -> None:
+    """Two demos on one host each have a peer-0: the instance name says node_id@cluster, and each cluster's
+    peer-0 is proposed to the other under its own node id (the Hello then refuses the other cluster)."""
+    schema = uid("schema")
+    node_id = uid("peer")
+    a = Node(node_id, 41300, schema, cluster=uid("c1"))
+    b = Node(node_id, 41301, schema, cluster=uid("c2"))
+    dup = Node(node_id, 41302, schema, cluster=a.disc.cluster)
+    async with running([a, b]):
+        await a.probe.wait_until(lambda: node_id in a.probe.candidates, 10)
+        assert a.probe.candidates[node_id].address == f"{LOOPBACK}:41301"
+        assert a.disc.instance_name == f"{node_id}@{a.disc.cluster}.{SERVICE_TYPE}"
+        with pytest.raises(StartupError, match=f"node_id '{node_id}' in cluster '{a.disc.cluster}'"):
+            await dup.disc.start()
+        await dup.disc.close()
 
 
 @pytest.mark.asyncio

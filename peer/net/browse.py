@@ -55,5 +55,6 @@ async def browse(timeout_s: float, interfaces: list[str] | None = None) -> list[
         if not ok or not ipv4 or not info.port:
             continue
         txt = {k: v for k, v in info.decoded_properties.items() if v is not None}
-        out.append(Announced(info.name[: -len(SERVICE_TYPE) - 1], f"{ipv4[0]}:{info.port}", txt))
+        node_id = txt.get("node_id") or info.name[: -len(SERVICE_TYPE) - 1]  # the instance may say node_id@cluster
+        out.append(Announced(node_id, f"{ipv4[0]}:{info.port}", txt))
     return sorted(out, key=lambda a: (a.node_id, a.address))

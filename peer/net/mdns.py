@@ -86,7 +86,12 @@ class MdnsDiscovery:
         self.protocol_version = protocol_version
         self.schema_fingerprint = schema_fingerprint
         self.service_type = service_type
-        self.instance_name = f"{node_id}.{service_type}"
+        # The instance name carries the cluster (node_id@cluster) when it is not the default one: node ids are
+        # unique within a cluster, and two clusters on one LAN (two `peer demo` runs on one host, each with its
+        # peer-0) must not take each other's names. Peers read the node id from the TXT record.
+        self.cluster = extra.get("cluster", "default")
+        label = node_id if self.cluster == "default" else f"{node_id}@{self.cluster}"
+        self.instance_name = f"{label if len(label.encode()) <= 63 else node_id}.{service_type}"
         self._on_candidate = on_candidate
         self._on_removed = on_removed
         self._extra_txt = extra
@@ -192,8 +197,8 @@ class MdnsDiscovery:
             raise group.exceptions[0] from None
         if probed.result() or looked.result():
             raise StartupError(
-                f"another live peer already uses node_id {self.node_id!r} on the network "
-                f"(mDNS name {self.instance_name!r} is taken); give this node a unique node_id"
+                f"another live peer already uses node_id {self.node_id!r} in cluster {self.cluster!r} on the "
+                f"network (mDNS name {self.instance_name!r} is taken); give this node a unique node_id"
             )
 
     async def update_txt(self, extra: dict[str, str]) -> None:
@@ -298,7 +303,7 @@ class MdnsDiscovery:
             self._forget(name, "is no longer compatible")
             return
         candidate = Candidate(
-            node_id=instance,
+            node_id=txt["node_id"],
             address=where,
             source="mdns",
             protocol_version=txt["proto"],
@@ -314,7 +319,7 @@ class MdnsDiscovery:
     def _incompatibility(self, instance: str, txt: dict[str, str], has_address: bool) -> tuple[str, str] | None:
         """(dedup key, message) if the peer must not be proposed, else None."""
         theirs_proto, theirs_schema = txt.get("proto"), txt.get("schema")
-        if txt.get("node_id") != instance:
+        if txt.get("node_id") not in (instance, instance.split("@", 1)[0]):
             return "node_id", f"TXT node_id {txt.get('node_id')!r} != instance name (not a peer daemon?)"
         if theirs_proto is None:
             return "proto-missing", "no 'proto' in TXT (not a peer daemon?)"
