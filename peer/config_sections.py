@@ -299,11 +299,11 @@ class CatchupConfig(_Section):
 
     enabled: bool = Field(True, description="fetch a neighbour's model first when ours is stale")
     max_state_age_s: float = Field(60.0, ge=0, description="fetch a neighbour's model when ours is older than this")
-    max_epochs_behind: float | None = Field(
-        None,
+    max_epochs_behind: float = Field(
+        2.0,
         gt=0,
         description="a neighbour this many epochs ahead is caught up with even if our state is fresh (a straggler "
-        "rejoins); null = half of train.epochs, at least 2",
+        "rejoins the cluster's progress instead of training alone at the end)",
     )
     wait_s: float = Field(10.0, ge=0, description="how long a starting peer waits for a model to fetch")
 

@@ -123,6 +123,9 @@ class Algorithm(abc.ABC):
     # A faithful-to-paper label: runs of reconstructed rules are reported as "reconstructed (spec v1)".
     provenance: ClassVar[str] = "standard"
     owns_local_update: ClassVar[bool] = False
+    # Whether `Payload.step` is the sender's own step count (pacing counts a state as fresh only when it moved).
+    # Tokens (DIGEST) carry a walk's hop count instead: every visit is fresh.
+    messages_carry_step: ClassVar[bool] = True
     # Step-mode algorithms that can follow an optimizer the caller steps (library API, `peer.Gossip`): each round
     # takes exactly one gradient, at the iterate the round returned, and applies it as x - lr * g with nothing
     # built from it (no shared momentum, tracker or compressed half-step), so the caller's step can stand in for it.

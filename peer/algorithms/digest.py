@@ -51,6 +51,7 @@ class Digest(Algorithm):
     provenance: ClassVar[str] = "reconstructed (spec v1)"
     default_max_steps_without_merge: ClassVar[int] = 16
     owns_local_update: ClassVar[bool] = True
+    messages_carry_step: ClassVar[bool] = False  # tokens carry hop counts, not the sender's step
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         super().__init__(params, node_id)

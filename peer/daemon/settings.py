@@ -26,11 +26,7 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
         catchup=CatchUpSettings(
             enabled=cfg.catchup.enabled,
             max_state_age_s=cfg.catchup.max_state_age_s,
-            # Half a run by default: a peer that computes a few times slower on a shared host keeps training on its
-            # own data; only one that would otherwise train alone for half the run (a straggler) adopts the lead.
-            max_epochs_behind=cfg.catchup.max_epochs_behind
-            if cfg.catchup.max_epochs_behind is not None
-            else max(2.0, cfg.train.epochs / 2),
+            max_epochs_behind=cfg.catchup.max_epochs_behind,
             wait_s=cfg.catchup.wait_s,
             mid_run=mid_run_catchup,
             can_fetch=cfg.discovery.mdns or bool(cfg.discovery.static_peers),

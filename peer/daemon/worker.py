@@ -198,7 +198,7 @@ class TrainingWorker:
             msg.payload.scalars.get(RATE_SCALAR),
             self.trainer.step_count,
             msg.received_at,
-            msg.payload.step,
+            msg.payload.step if self.algorithm.messages_carry_step else None,
         )
 
     def external_step(self) -> bool:
