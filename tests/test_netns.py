@@ -203,6 +203,9 @@ def hold(tb: Testbed, seconds: float) -> None:
         time.sleep(0.05)
 
 
+# About 100 s on two idle cores (220 s loaded): under --slow, so that CI stays within its 10 minutes; the two
+# discovery tests above keep real namespaces in CI.
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("testbed", [SCENARIO], indirect=True)
 @pytest.mark.parametrize("cut_s", [CUT_S])
