@@ -2,9 +2,9 @@
 
 Node i holds push-sum mass (x_i, w_i), with x_i = w_i = ... = the initial model and weight 1. One iteration:
 
-1. x_i ← x_i − γ w_i m_i with m_i ← μ m_i + ∇F_i(z_i; ξ) (a local heavy ball, `momentum` μ = 0.9 by default, as
-   the paper's experiments use local momentum; μ = 0 is the plain rule), z_i = x_i / w_i the de-biased model and
-   γ = `oracle.lr()`. The factor
+1. x_i ← x_i − γ w_i m_i with m_i ← μ m_i + ∇F_i(z_i; ξ) (`momentum` μ, 0 by default: the plain rule; 0.9, as the
+   paper's experiments use, trains faster but diverged under 30% message loss), z_i = x_i / w_i the de-biased
+   model and γ = `oracle.lr()`. The factor
    w_i (`step_scale: weight`, the default) is this project's choice: it makes the step on z exactly γ∇F whatever
    the weight, where the published rule (`step_scale: none`) takes γ∇F / w_i, which explodes when a node's weight
    collapses (it pushed mass and heard nothing back: a late start or lost messages). Both agree when w_i = 1;
@@ -49,11 +49,11 @@ class SgpParams(AlgoParams):
         "float64", description="dtype of the running sums on the wire; float32 halves the bytes but loses precision"
     )
     momentum: float = Field(
-        0.9,
+        0.0,
         ge=0.0,
         lt=1.0,
-        description="local heavy-ball momentum on the gradient (the paper's experiments use local Nesterov "
-        "momentum; 0 is the plain rule)",
+        description="local heavy-ball momentum on the gradient (the paper's experiments use local momentum: 0.9 "
+        "gives 96.4% instead of 87.5% on the 4-peer digits demo, but diverged with 30% of messages dropped)",
     )
     step_scale: Literal["weight", "none"] = Field(
         "weight",
