@@ -27,7 +27,6 @@ import logging
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from peer.tools.revision import git_revision  # noqa: E402
 from tests.attackers import ATTACKS, DPSGD, attacked_cluster  # noqa: E402
 
 RULES = ("none", "clip", "trimmed_mean", "median")
@@ -90,22 +90,13 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def git_revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "command": "python scripts/bench_attack.py " + shlex.join(sys.argv[1:]),
         "cpus": os.cpu_count(),
-        "revision": git_revision(),
+        "revision": git_revision(ROOT),
         "algorithms": {},
     }
     for name in args.algorithms:

@@ -38,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from peer.tools.revision import git_revision  # noqa: E402
 
 STRAGGLER_ID = "peer-1"
 STRAGGLER_FACTOR = 4.0
@@ -215,20 +218,6 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def git_revision() -> str:
-    """The commit the benchmark ran on, with "+dirty" when the working tree has uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
@@ -255,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [v for v in VARIANTS if v.name in args.variants]
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    revision = git_revision()
+    revision = git_revision(ROOT)
     for seed in args.seeds:
         baseline: dict[str, Any] | None = None
         for variant in chosen:

@@ -48,6 +48,7 @@ from peer.errors import SendError  # noqa: E402
 from peer.net.encoder import encode  # noqa: E402
 from peer.net.rpc_errors import guarded  # noqa: E402
 from peer.net.wire import Envelope, Payload  # noqa: E402
+from peer.tools.revision import git_revision  # noqa: E402
 from peer.v1 import gossip_pb2, gossip_pb2_grpc  # noqa: E402
 
 SERVICE = "/peer.v1.GossipService/"
@@ -341,15 +342,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def git_revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     # Attackers abandon their stalled request generators mid-await; asyncio then reports that aclose() raced them.
     loop = asyncio.get_running_loop()
@@ -364,7 +356,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": "python scripts/bench_hostile.py " + shlex.join(sys.argv[1:]),
         "cpus": os.cpu_count(),
-        "revision": git_revision(),
+        "revision": git_revision(ROOT),
         "rate_per_client": args.rate_per_client,
     }
     result["unloaded"] = await run_mode(work, "unloaded", 0, args)

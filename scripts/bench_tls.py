@@ -25,7 +25,6 @@ import logging
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from peer.algorithms.base import Payload  # noqa: E402
 from peer.daemon.node import Node  # noqa: E402
 from peer.net.encoder import encode, iter_requests  # noqa: E402
 from peer.tools import certs  # noqa: E402
+from peer.tools.revision import git_revision  # noqa: E402
 
 WIDTH = 2048  # WIDTH² float32 parameters = 16 MiB
 
@@ -128,15 +128,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def git_revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     for _ in range(args.repeats):
@@ -151,7 +142,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python scripts/bench_tls.py " + shlex.join(sys.argv[1:]),
         "cpus": os.cpu_count(),
-        "revision": git_revision(),
+        "revision": git_revision(ROOT),
         "pushes": args.pushes,
         "repeats": args.repeats,
         "state_bytes": runs[False][0]["state_bytes"],
