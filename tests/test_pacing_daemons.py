@@ -1,9 +1,17 @@
 """Pacing with real daemons: when local steps are ~10x faster than the network mixes, the bound on steps since
-the last merge keeps the consensus model as good as a run whose steps are slow enough for gossip to keep up."""
+the last merge keeps the consensus model as good as a run whose steps are slow enough for gossip to keep up.
+
+The issue's property is "within 1 point". One point is about one binomial standard error of an accuracy near 96%
+on the 360 test digits (sqrt(0.96 * 0.04 / 360) = 1.0 point), and two asynchronous runs differ by about as much
+from timing alone, so a single pair of runs cannot resolve it without failing by chance (CI once saw 94.99% against
+96.10%). The CI test runs one pair and allows 3 points, which still catches the failure this guards against (steps
+outrunning gossip: local training followed by averaging, 49% before pacing); the slow test asserts the property
+itself, on the mean gap over three seeds."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +22,14 @@ import pytest
 # Every push waits 10 ms in the fault layer; an MLP step on digits takes about 1 ms here, so the fast run steps
 # about 10x faster than it mixes. The slow run slows every step 10x (faults.slowdown), so gossip keeps up.
 DELAY = "delay=const:0.01"
-COMMON = ["--peers", "4", "--epochs", "30", "--seed", "0", "--timeout-s", "200"]
+COMMON = ["--peers", "4", "--epochs", "30", "--timeout-s", "200"]
 
 
-def demo(tmp_path: Path, name: str, *extra: str) -> dict[str, Any]:
-    out = tmp_path / f"{name}.json"
+def demo(tmp_path: Path, name: str, seed: int, *extra: str) -> dict[str, Any]:
+    out = tmp_path / f"{name}-{seed}.json"
+    cmd = [sys.executable, "-m", "peer", "demo", *COMMON, "--seed", str(seed), "--faults", DELAY, "--json", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "peer", "demo", *COMMON, "--faults", DELAY, "--json", str(out), *extra],
+        [*cmd, *extra],
         capture_output=True,
         text=True,
         timeout=230,
@@ -30,12 +39,29 @@ def demo(tmp_path: Path, name: str, *extra: str) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.timeout(480)
-def test_steps_ten_times_faster_than_mixing_cost_at_most_one_point(tmp_path: Path) -> None:
-    fast = demo(tmp_path, "fast")
-    slow = demo(tmp_path, "slow", "--set", "faults.slowdown=10")
-    gap = 100 * (slow["mean_accuracy"] - fast["mean_accuracy"])
-    # The figures the issue asks for (seen with -s); the assertion below is the property.
-    print(f"\npacing: fast steps {fast['mean_accuracy']:.2%}, 10x slowed steps {slow['mean_accuracy']:.2%}")
-    assert gap <= 1.0, f"fast steps {fast['mean_accuracy']:.2%} vs slow steps {slow['mean_accuracy']:.2%}"
+def gap_points(tmp_path: Path, seed: int) -> float:
+    """Accuracy of the slow-step run minus that of the fast-step run, in points."""
+    fast = demo(tmp_path, "fast", seed)
+    slow = demo(tmp_path, "slow", seed, "--set", "faults.slowdown=10")
+    # The figures the issue asks for (seen with -s).
+    print(
+        f"\npacing, seed {seed}: fast steps {fast['mean_accuracy']:.2%}, 10x slowed steps {slow['mean_accuracy']:.2%}"
+    )
     assert fast["injected_faults"]["faults_delayed"] > 0
+    # Pacing did the work: the fast peers were held for fresh neighbour state.
+    assert fast["pace_waits"] > 0, fast
+    return 100 * (slow["mean_accuracy"] - fast["mean_accuracy"])
+
+
+@pytest.mark.timeout(480)
+def test_steps_ten_times_faster_than_mixing_cost_no_more_than_run_to_run_noise(tmp_path: Path) -> None:
+    gap = gap_points(tmp_path, seed=0)
+    assert gap <= 3.0, f"fast steps lost {gap:.2f} points against slowed steps"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_steps_ten_times_faster_than_mixing_cost_at_most_one_point_on_average(tmp_path: Path) -> None:
+    gaps = [gap_points(tmp_path, seed) for seed in (0, 1, 2)]
+    print(f"\npacing gaps (points, slow minus fast): {[round(g, 2) for g in gaps]}")
+    assert statistics.mean(gaps) <= 1.0, gaps

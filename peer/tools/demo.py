@@ -329,6 +329,8 @@ def _run(args: argparse.Namespace, work_dir: Path, procs: list[PeerProc], t_star
             k: sum(int((r or {}).get(k) or 0) for r in last)
             for k in ("faults_dropped", "faults_outage_dropped", "faults_delayed")
         },
+        # How often pacing held a peer until fresh neighbour state arrived (0 when steps never outran gossip).
+        "pace_waits": sum(int((r or {}).get("pace_waits") or 0) for r in last),
         "provenance": REGISTRY[args.algorithm].provenance,
         "overrides": list(args.set or []),
         "hyperparameters": cfgs[0].train.model_dump(mode="json"),
