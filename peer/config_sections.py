@@ -324,6 +324,13 @@ class MetricsConfig(_Section):
     listen: str | None = Field(
         None, description="serve Prometheus metrics on http://HOST:PORT/metrics (port 0: any free port); null = off"
     )
+    eval_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="score the model on the test set this often while it changes, for `peer status`, "
+        "metrics.jsonl and Prometheus (0 = off; a worker thread, training never waits)",
+    )
+    eval_max_samples: int = Field(10_000, gt=0, description="score on at most this many (the first) test samples")
 
     @field_validator("listen")
     @classmethod

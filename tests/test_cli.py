@@ -32,18 +32,27 @@ def test_init_config_prints_a_valid_annotated_config() -> None:
 
 @pytest.mark.timeout(120)
 async def test_eval_status_and_health_against_a_running_daemon(tmp_path: Path) -> None:
-    node = Node(fast_config(tmp_path, unique("cli"), train={"epochs": 3}), stdout=io.StringIO())
+    cfg = fast_config(tmp_path, unique("cli"), train={"epochs": 3}, metrics={"eval_interval_s": 0.2})
+    node = Node(cfg, stdout=io.StringIO())
     task = asyncio.create_task(node.run())
     try:
         await asyncio.wait_for(node.ready.wait(), 60)
         await asyncio.wait_for(node.trained.wait(), 60)
+        # The live evaluation scores the final model (alone, it no longer changes after training).
+        await node.wait_for(lambda: node.counters.eval_step == node.trainer.step_count, 30, "the live evaluation")
         status = await asyncio.to_thread(_peer, "status", node.address, "--json")
         assert status.returncode == 0, status.stderr
         data = json.loads(status.stdout)
         assert data["node_id"] == node.cfg.node_id and int(data["step"]) == node.trainer.step_count
         assert data["training_done"] is True
+        live = data["info"]
+        assert int(live["eval.step"]) == node.trainer.step_count and int(live["eval.samples"]) == len(
+            node.built.dataset.test
+        )  # type: ignore[arg-type]
         human = await asyncio.to_thread(_peer, "status", node.address)
         assert node.cfg.node_id in human.stdout and "(no peers known yet)" in human.stdout
+        assert f"accuracy {float(live['eval.accuracy']):.2%}" in human.stdout
+        assert f"on {live['eval.samples']} test samples, at step {node.trainer.step_count}" in human.stdout
         health = await asyncio.to_thread(_peer, "health", "--addr", node.address)
         assert health.returncode == 0 and "SERVING" in health.stdout
     finally:
@@ -54,6 +63,9 @@ async def test_eval_status_and_health_against_a_running_daemon(tmp_path: Path) -
     ev = json.loads(result.stdout)
     assert ev["node_id"] == node.cfg.node_id and ev["step"] == node.trainer.step_count
     assert 0.8 < ev["accuracy"] <= 1.0  # logreg on iid digits after 3 epochs
+    # What the daemon reported live is what `peer eval` computes from the checkpoint of the same model.
+    assert float(live["eval.accuracy"]) == pytest.approx(ev["accuracy"], abs=1e-12)
+    assert float(live["eval.loss"]) == pytest.approx(ev["loss"], rel=1e-5)
 
 
 def test_status_of_nothing_is_a_clear_error(tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ async def test_metrics_endpoint(tmp_path: Path) -> None:
         ("peer_push_duration_seconds", "histogram"),
         ("peer_neighbors", "gauge"),
         ("peer_train_loss", "gauge"),
+        ("peer_eval_accuracy", "gauge"),
         ("peer_consensus_distance", "gauge"),
         ("peer_pace_waits", "counter"),
     ]:

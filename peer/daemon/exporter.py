@@ -89,6 +89,12 @@ class PeerCollector(Collector):
             rejected.add_metric([reason], float(n))
         yield rejected
         yield GaugeMetricFamily("peer_train_loss", "Training loss of the latest local step.", value=_num(c["loss"]))
+        yield GaugeMetricFamily(
+            "peer_eval_accuracy",
+            "Test accuracy of the live evaluation (NaN before it or for regression).",
+            value=_num(c["eval_accuracy"]),
+        )
+        yield GaugeMetricFamily("peer_eval_loss", "Test loss of the live evaluation.", value=_num(c["eval_loss"]))
         yield GaugeMetricFamily("peer_epoch", "Epochs done over the local partition.", value=float(c["epoch"]))
         yield GaugeMetricFamily("peer_training_done", "1 once train.epochs are done.", value=_num(c["training_done"]))
         yield GaugeMetricFamily(

@@ -177,6 +177,9 @@ class RpcHandlers:
             resp.info[f"neighbour.{row.node_id}"] = "yes" if row.neighbour else "no"
         resp.info["provenance"] = self.algorithm.provenance
         resp.info["waiting_for"] = self.worker.waiting_for
+        if c["eval_step"] >= 0:  # the live evaluation (peer.daemon.evaluator) has scored the model at least once
+            for key in ("eval_step", "eval_accuracy", "eval_loss", "eval_samples"):
+                resp.info[key.replace("_", ".", 1)] = repr(c[key])
         for reason, n in sorted(c["rejected"].items()):
             resp.info[f"rejected.{reason}"] = str(n)
         return resp

@@ -63,6 +63,11 @@ class Counters:
     readmissions: int = 0
     training_done: bool = False
     training_s: float = 0.0  # wall time from the first local step of this run to the last one
+    # The live evaluation (peer.daemon.evaluator): the step it scored, accuracy (NaN unless classification), loss.
+    eval_step: int = -1
+    eval_accuracy: float = float("nan")
+    eval_loss: float = float("nan")
+    eval_samples: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # refused remote input, by reason
     # Push durations by outcome ("ok", "error"); for the Prometheus endpoint only, not in metrics.jsonl.
     push_seconds: dict[str, Histogram] = field(default_factory=dict, repr=False, compare=False)

@@ -36,6 +36,7 @@ from peer.daemon.catchup import CatchUpFetcher
 from peer.daemon.changes import Changes
 from peer.daemon.checkpoint import Checkpointer
 from peer.daemon.credentials import load_credentials
+from peer.daemon.evaluator import evaluation_task
 from peer.daemon.exporter import Exporter, serve_metrics
 from peer.daemon.handlers import DaemonFacts, RpcHandlers
 from peer.daemon.membership import DiscoveryInputs, HelloCaller
@@ -257,6 +258,9 @@ class Node:
         )
         self.worker.view = self.core.view()
         self.worker.external = self.external
+        self._pending += evaluation_task(
+            cfg, built.trainer.model, built.dataset.test, self.counters, self._sleep, self._stop.is_set
+        )
         if not cfg.discovery.mdns and not cfg.discovery.static_peers:
             self.worker.neighbours_ready.set()  # no way to find anyone: waiting for neighbours would be pointless
         self.client = Client(cfg.gossip, self.credentials)
@@ -451,13 +455,8 @@ class Node:
 
     # ------------------------------------------------------------------------------- thread bridges, waits
     def _threadsafe(self, fn: Callable[[Any], None]) -> Callable[..., None]:
-        """A callback for the training thread that runs `fn` on the event loop."""
-
-        def call(arg: Any = None) -> None:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(fn, arg)
-
-        return call
+        """A callback for the training thread that runs `fn` on the event loop (set before training starts)."""
+        return lambda arg=None: self._loop.call_soon_threadsafe(fn, arg)  # type: ignore[union-attr,return-value]
 
     def _trained(self) -> None:
         self.trained.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -88,6 +89,15 @@ def waiting_text(s: dict[str, Any]) -> str:
     return f"training with {alive} neighbour(s)"
 
 
+def evaluation_text(info: dict[str, str]) -> str:
+    """The live evaluation's line (`metrics.eval_interval_s`)."""
+    if "eval.step" not in info:
+        return "not scored yet (metrics.eval_interval_s; needs a test set)"
+    acc, loss = float(info["eval.accuracy"]), float(info["eval.loss"])
+    score = f"accuracy {acc:.2%}, loss {loss:.4f}" if math.isfinite(acc) else f"test loss {loss:.4f}"
+    return f"{score} on {info['eval.samples']} test samples, at step {info['eval.step']}"
+
+
 def format_status(s: dict[str, Any]) -> str:
     started = int(s["step"]) > 0 or s.get("training_done")
     loss = f"{float(s['loss']):.4f}" if started else "- (no step yet)"
@@ -96,6 +106,7 @@ def format_status(s: dict[str, Any]) -> str:
         f"state     {waiting_text(s)}",
         f"training  step {s['step']}, epoch {float(s['epoch']):.2f}, loss {loss}"
         + (" (done)" if s.get("training_done") else ""),
+        f"model     {evaluation_text(s.get('info', {}))}",
         f"traffic   sent {int(s['bytes_sent']):,} B, received {int(s['bytes_received']):,} B, "
         f"send failures {s['send_failures']}, rejected {s['rejected_messages']}",
         f"degree    {s['degree']}",
