@@ -172,6 +172,22 @@ def test_catch_up_from_a_neighbour_far_ahead_and_timeout() -> None:
     assert of(out, CatchUpDone) and any("no neighbour ahead" in e.message for e in of(out, Log))
 
 
+def test_mid_run_catch_up_only_behind_most_neighbours() -> None:
+    c = core(catchup=CatchUpSettings(max_state_age_s=60, max_epochs_behind=2.0, wait_s=10))
+    started(c, 0.0, saved=1e9, epoch=5.0)
+    c.handle(HelloAnswered("10.0.0.97:7000", "join", info("a", epoch=5.0), True, "", 0.1))
+    c.handle(HelloAnswered("10.0.0.100:7000", "join", info("d", epoch=5.0), True, "", 0.1))
+    assert set(c.table.neighbours()) == {"a", "d"}
+    # a raced ahead (uneven compute shares) while d trains at our pace: we train on with d.
+    c.handle(HelloAnswered("10.0.0.97:7000", "heartbeat", info("a", epoch=9.0), True, "", 1.9, node_id="a"))
+    c.handle(HelloAnswered("10.0.0.100:7000", "heartbeat", info("d", epoch=5.6), True, "", 1.9, node_id="d"))
+    assert not of(c.handle(Tick(2.0, 1e9 + 2.0, Progress(10, 5.5, False))), StartCatchUp)
+    # Behind both: we are the straggler, and take the most advanced model.
+    c.handle(HelloAnswered("10.0.0.100:7000", "heartbeat", info("d", epoch=8.0), True, "", 3.9, node_id="d"))
+    out = c.handle(Tick(4.0, 1e9 + 4.0, Progress(12, 5.6, False)))
+    assert of(out, StartCatchUp) == [StartCatchUp("a", "10.0.0.97:7000", 0, 9.0)]
+
+
 def test_no_catch_up_without_discovery_or_for_step_mode_mid_run() -> None:
     c = core(catchup=CatchUpSettings(can_fetch=False))
     assert of(started(c), CatchUpDone)

@@ -2,7 +2,7 @@
 
 When: a new peer, or one back from a long time without neighbours (its state is older than `max_state_age_s`),
 takes any neighbour at least an epoch ahead; any peer, however fresh its state, takes a neighbour more than
-`max_epochs_behind` ahead (after a restart, or when it straggles). A search lasts at most `wait_s`; a starting
+`max_epochs_behind` ahead (after a restart, or when it straggles behind most of its neighbours). A search lasts at most `wait_s`; a starting
 peer's training waits for its verdict. Progress comes from every Hello and heartbeat answer.
 
 Pure: `now` is an argument; the shell performs the download (`StartCatchUp`) and reports `FetchDone`.
@@ -89,13 +89,15 @@ class CatchUpPolicy:
         return f"back from {now - since:.0f} s without neighbours: catching up"
 
     def check_progress(self, now: float, mine: float, done: bool, neighbours: Collection[str]) -> None:
-        """A straggler that falls more than max_epochs_behind behind a neighbour rejoins the cluster's progress:
-        training on alone after the others finished would pull the consensus towards its own classes."""
+        """A straggler that falls more than max_epochs_behind behind most of its neighbours rejoins the cluster's
+        progress: training on alone after the others finished would pull the consensus towards its own classes.
+        A peer behind only some of them (uneven compute shares: one neighbour raced ahead) still trains with the
+        others at its own pace; adopting the leader's model would throw away their remaining epochs."""
         s = self.settings
-        if not s.enabled or not s.mid_run or done or self.active:
+        if not s.enabled or not s.mid_run or done or self.active or not neighbours:
             return
-        lead = max((e for j, (_, e) in self.progress.items() if j in neighbours), default=0.0)
-        if lead > mine + s.max_epochs_behind:
+        ahead = sum(1 for j, (_, e) in self.progress.items() if j in neighbours and e > mine + s.max_epochs_behind)
+        if 2 * ahead > len(neighbours):
             self.search = Search(now + s.wait_s, old=False, starting=False)
 
     def decide(
