@@ -2,8 +2,9 @@
 
 When: a new peer, or one back from a long time without neighbours (its state is older than `max_state_age_s`),
 takes any neighbour at least an epoch ahead; any peer, however fresh its state, takes a neighbour more than
-`max_epochs_behind` ahead (after a restart, or when it straggles behind most of its neighbours). A search lasts at most `wait_s`; a starting
-peer's training waits for its verdict. Progress comes from every Hello and heartbeat answer.
+`max_epochs_behind` ahead (after a restart, or when it straggles behind most of its neighbours). A search lasts
+at most `wait_s`; a starting peer's training waits for its verdict. Progress comes from every Hello and heartbeat
+answer.
 
 Pure: `now` is an argument; the shell performs the download (`StartCatchUp`) and reports `FetchDone`.
 """
