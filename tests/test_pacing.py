@@ -172,3 +172,19 @@ def test_a_neighbour_not_yet_seen_stepping_is_waited_for_as_long_as_a_start_up_t
     assert not p.decide(2, 25.0, ("a",)).go
     assert p.decide(2, 27.1, ("a",)).go  # seen stepping now: the usual deadline (at most max_wait_s)
     assert p.missed_deadlines == 1
+
+
+def test_a_neighbour_that_finished_training_is_mixed_but_never_awaited() -> None:
+    p = pacer(max_steps=2)
+    p.took_in("a", None, 0, 0.0, sender_step=10)
+    p.took_in("b", None, 0, 0.0, sender_step=10)
+    assert p.decide(1, 0.0, AB).go
+    # b is done: its idle consensus rounds repeat step 10, which is never fresh, yet we do not wait for it.
+    p.took_in("b", None, 1, 0.1, sender_step=10, sender_done=True)
+    p.took_in("a", None, 2, 0.1, sender_step=11)
+    assert p.awaited(AB) == ["a"]
+    assert p.decide(2, 0.1, AB).go and p.decide(3, 0.1, AB).go
+    assert not p.decide(4, 0.1, AB).go  # a still bounds us
+    # Restarted with a larger budget, b trains again and is awaited again.
+    p.took_in("b", None, 4, 0.2, sender_step=11)
+    assert p.awaited(AB) == ["a", "b"]

@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 
 # The payload scalar that carries the sender's compute rate (added by the training thread, ignored by algorithms).
 RATE_SCALAR = "_pace_steps_per_s"
+# 1.0 when the sender finished its training budget: its consensus-only rounds never step again, so waiting for
+# its "fresh" state would cost a full deadline at each of its idle publishes (and any state clears "late").
+DONE_SCALAR = "_pace_done"
 # Weight of the newest sample in the moving averages (gaps between messages, compute rate windows).
 EWMA_WEIGHT = 0.2
 # The compute rate is measured over windows of at least this much busy time: a single step's duration is
@@ -74,6 +77,7 @@ class _Neighbour:
     late: bool = False  # missed a deadline: not awaited until heard from again
     their_step: int | None = None  # the neighbour's own step count in the state last counted as fresh
     stepped: bool = False  # seen stepping (two different step counts), so its usual gap applies
+    done: bool = False  # said it finished training: mixed, never awaited
 
 
 @dataclass
@@ -102,7 +106,13 @@ class Pacer:
         return min(self.s.max_wait_s, max(self.s.min_wait_s, self.s.wait_factor * self.gap_s))
 
     def took_in(
-        self, sender: str, sender_rate: float | None, step: int, now: float, sender_step: int | None = None
+        self,
+        sender: str,
+        sender_rate: float | None,
+        step: int,
+        now: float,
+        sender_step: int | None = None,
+        sender_done: bool = False,
     ) -> None:
         """State from `sender` (computing at `sender_rate` steps/s, if it says; at its own step `sender_step`) was
         accepted; it is merged before our local step `step`.
@@ -119,6 +129,7 @@ class Pacer:
         # step let a ring of four fall apart: a neighbour that missed a deadline because it was itself waiting
         # stayed unawaited, and we ran 200 steps ahead of it.)
         n.late = False
+        n.done = sender_done
         if sender_step is not None:
             if sender_step == n.their_step:
                 return  # mixed but not stepped: not progress
@@ -131,7 +142,8 @@ class Pacer:
         n.late = False
 
     def awaited(self, neighbours: Collection[str]) -> list[str]:
-        """The neighbours whose fresh state we wait for: not late, and not much slower than we compute."""
+        """The neighbours whose fresh state we wait for: not late, not done training, and not much slower than
+        we compute."""
         out = []
         for j in neighbours:
             n = self.neighbours.get(j)
@@ -139,7 +151,7 @@ class Pacer:
                 out.append(j)  # never heard from yet: give it one deadline
                 continue
             slow = self.own_rate is not None and n.rate is not None and n.rate < self.s.slow_fraction * self.own_rate
-            if not n.late and not slow:
+            if not n.late and not slow and not n.done:
                 out.append(j)
         return out
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from peer.config import PeerConfig
+from peer.algorithms import Algorithm
+from peer.config import PeerConfig, TrainConfig
 from peer.core.admission import AdmissionSettings
 from peer.core.backoff import BreakerPolicy
 from peer.core.catchup import CatchUpSettings
+from peer.core.pacing import PacingSettings
 from peer.core.peers import LivenessPolicy
 from peer.core.settings import CoreSettings, Identity
 from peer.net.addresses import StaticPeers
@@ -46,4 +48,17 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
         expected_members=cfg.data.num_partitions,
         checkpoint_interval_s=cfg.checkpoint.interval_s,
         metrics_interval_s=cfg.metrics.interval_s,
+    )
+
+
+def pacing_settings(cfg: TrainConfig, algorithm: Algorithm) -> PacingSettings:
+    """The pacer's bound and waits: `train.max_steps_without_merge`, else the algorithm's own default."""
+    bound = cfg.max_steps_without_merge
+    if bound is None:
+        bound = algorithm.default_max_steps_without_merge
+    return PacingSettings(
+        max_steps=bound,
+        max_wait_s=cfg.pace_max_wait_s,
+        min_wait_s=min(0.05, cfg.pace_max_wait_s),
+        start_wait_s=max(cfg.pace_max_wait_s, cfg.wait_for_neighbors_s),
     )

@@ -21,8 +21,9 @@ import torch
 
 from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload, Send
 from peer.config import TrainConfig
-from peer.core.pacing import GO, RATE_SCALAR, PaceDecision, Pacer, PacingSettings
+from peer.core.pacing import DONE_SCALAR, GO, RATE_SCALAR, PaceDecision, Pacer
 from peer.daemon.metrics import Counters
+from peer.daemon.settings import pacing_settings
 from peer.learn.oracle import CallerStepOracle, TrainerOracle
 from peer.learn.training import LocalTrainer, scheduled_lr
 
@@ -44,18 +45,6 @@ CONSENSUS_ROUND_S = 0.1
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return scheduled_lr(cfg.lr, cfg.lr_schedule, step, total_steps)
-
-
-def pacing_settings(cfg: TrainConfig, algorithm: Algorithm) -> PacingSettings:
-    bound = cfg.max_steps_without_merge
-    if bound is None:
-        bound = algorithm.default_max_steps_without_merge
-    return PacingSettings(
-        max_steps=bound,
-        max_wait_s=cfg.pace_max_wait_s,
-        min_wait_s=min(0.05, cfg.pace_max_wait_s),
-        start_wait_s=max(cfg.pace_max_wait_s, cfg.wait_for_neighbors_s),
-    )
 
 
 class TrainingWorker:
@@ -185,11 +174,14 @@ class TrainingWorker:
         return float((after - before).norm()) > CONSENSUS_TOLERANCE * scale
 
     def _with_rate(self, payload: Payload) -> Payload:
-        """The payload with our compute rate, so that neighbours know whether to wait for us (peer.core.pacing)."""
-        rate = self.pacer.own_rate
-        if not self.pacer.enabled or rate is None:
+        """The payload with our compute rate and whether we finished, so that neighbours know whether to wait for
+        us (peer.core.pacing)."""
+        pace = {DONE_SCALAR: 1.0} if self.done else {}
+        if self.pacer.own_rate is not None:
+            pace[RATE_SCALAR] = self.pacer.own_rate
+        if not self.pacer.enabled or not pace:
             return payload
-        return dataclasses.replace(payload, scalars={**payload.scalars, RATE_SCALAR: rate})
+        return dataclasses.replace(payload, scalars={**payload.scalars, **pace})
 
     def _took_in(self, msg: InMessage, now: float) -> None:
         """A neighbour's message was accepted: it is merged before our next local step."""
@@ -199,6 +191,7 @@ class TrainingWorker:
             self.trainer.step_count,
             msg.received_at,
             msg.payload.step if self.algorithm.messages_carry_step else None,
+            msg.payload.scalars.get(DONE_SCALAR) == 1.0,
         )
 
     def external_step(self) -> bool:
