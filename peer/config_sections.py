@@ -302,8 +302,8 @@ class CatchupConfig(_Section):
     max_epochs_behind: float = Field(
         2.0,
         gt=0,
-        description="a neighbour this many epochs ahead is caught up with even if our state is fresh (a straggler "
-        "rejoins the cluster's progress instead of training alone at the end)",
+        description="a peer this many epochs behind most of its neighbours catches up with the most advanced one "
+        "even if its state is fresh (a straggler rejoins the cluster's progress instead of training alone at the end)",
     )
     wait_s: float = Field(10.0, ge=0, description="how long a starting peer waits for a model to fetch")
 
