@@ -20,6 +20,7 @@ disagreement round by round without collecting every model.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import resource
@@ -138,6 +139,7 @@ class PeerGroup:
         self.model = model_from_config(cfg.model, ds.input_shape, ds.num_classes)
         self.peers: dict[str, _Peer] = {}
         members = frozenset(setup.group_of)
+        self._warm_up(ds.x_test[: cfg.train.batch_size], ds.y_test[: cfg.train.batch_size])
         self.rss_before = rss_bytes()  # the peers' own memory is what the group holds beyond this
         for plan in setup.plans:
             algo = algorithms.create(cfg.algorithm, plan.node_id)
@@ -176,6 +178,14 @@ class PeerGroup:
         self._rounds: dict[int, tuple[torch.Tensor, float, int, int]] = {}
         for peer in self.peers.values():
             self._record(peer)
+
+    def _warm_up(self, x: Any, y: Any) -> None:
+        """A throwaway trainer's gradient and one evaluation, so that what torch allocates once per process (the
+        optimizer machinery, autograd, allocator pools) is not counted as the peers' memory."""
+        self._trainer(x, y, 0, buffers=False).gradient()
+        self.model.zero_grad(set_to_none=True)
+        evaluate(self.model, x, y)
+        gc.collect()
 
     def _trainer(self, x: Any, y: Any, index: int, buffers: bool) -> LocalTrainer:
         t = self.setup.cfg.train

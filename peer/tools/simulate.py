@@ -24,7 +24,7 @@ from peer.config import PeerConfig
 from peer.core.topology import graph, is_time_varying, parse_topology
 from peer.errors import ConfigError
 from peer.tools.revision import git_revision
-from peer.tools.sim_backends import make_backend
+from peer.tools.sim_backends import import_ray, make_backend
 from peer.tools.sim_faults import plan_faults
 from peer.tools.sim_measure import RoundTracker, measured_rate, predicted_rounds
 from peer.tools.sim_peers import GroupSetup, PeerPlan
@@ -261,6 +261,8 @@ def format_comparison(runs: list[dict[str, Any]]) -> str:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    if args.backend == "ray":
+        import_ray()  # before any work: a missing extra is one line and exit 2
     topologies = [t.strip() for t in args.topology.split(",") if t.strip()]
     runs = []
     for topology in topologies:
