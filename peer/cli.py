@@ -244,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(d)
     d.set_defaults(fn=cmd_demo)
 
-    sim = sub.add_parser("simulate", help="simulate hundreds of peers (real algorithm and wire code), locally or on Ray")
+    sim = sub.add_parser(
+        "simulate", help="simulate hundreds of peers (real algorithm and wire code), locally or on Ray"
+    )
     from peer.tools.simulate import add_arguments as add_simulate_arguments
 
     add_simulate_arguments(sim)

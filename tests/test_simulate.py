@@ -88,7 +88,7 @@ def test_backend_ray_without_ray_is_one_line_and_exit_2(
 
 
 def test_mix_mode_algorithms_are_refused_with_the_field() -> None:
-    with pytest.raises(ConfigError, match="algorithm.name"):
+    with pytest.raises(ConfigError, match=r"algorithm\.name"):
         _run("--set", "algorithm.name=cdl")
 
 

@@ -112,8 +112,9 @@ class GroupFinal:
     accuracies: list[float]
     counters: dict[str, int]
     algo_metrics: dict[str, float]
+    pid: int  # several groups may share a process (the local backend)
+    rss_before_bytes: int  # the process just before this group built its peers
     rss_bytes: int  # the process at the end
-    peers_rss_bytes: int  # what it grew by from just before the peers were built to the end of the run
     peers: int
 
 
@@ -327,5 +328,5 @@ class PeerGroup:
                 if k in ("retransmissions", "gave_up", "jumps", "duplicates", "stale"):
                     metrics[k] = metrics.get(k, 0.0) + float(v)
         return GroupFinal(
-            accuracies, dict(self.counters), metrics, (end := rss_bytes()), end - self.rss_before, len(self.peers)
+            accuracies, dict(self.counters), metrics, os.getpid(), self.rss_before, rss_bytes(), len(self.peers)
         )

@@ -27,7 +27,7 @@ from peer.tools.revision import git_revision
 from peer.tools.sim_backends import import_ray, make_backend
 from peer.tools.sim_faults import plan_faults
 from peer.tools.sim_measure import RoundTracker, measured_rate, predicted_rounds
-from peer.tools.sim_peers import GroupSetup, PeerPlan
+from peer.tools.sim_peers import GroupFinal, GroupSetup, PeerPlan
 
 # What makes a run a simulation: a small model, heterogeneous shards, a synchronous algorithm whose mixing is
 # exactly W (so the spectral-gap prediction applies), and a constant step so that training ends visibly apart.
@@ -146,7 +146,7 @@ def simulate_one(args: argparse.Namespace, topology: str) -> dict[str, Any]:
         "actors": actors,
         "topology": cfg.topology,
         "degree_mean": sum(len(v) for v in adj.values()) / n,
-        "algorithm": cfg.algorithm.name,
+        "algorithm": algorithms.create(cfg.algorithm, "check").name,
         "model": cfg.model.name,
         "dataset": cfg.data.dataset,
         "partition": cfg.data.partition,
@@ -163,9 +163,19 @@ def simulate_one(args: argparse.Namespace, topology: str) -> dict[str, Any]:
         "bytes_sent": int(counters.get("bytes", 0)),
         "bytes_per_peer_round": counters.get("bytes", 0) / max(1, n * rounds),
         "counters": {k: int(v) for k, v in sorted(counters.items())},
-        "memory_per_peer_bytes": sum(f.peers_rss_bytes for f in finals) / n,
-        "process_rss_bytes": [f.rss_bytes for f in finals],
+        "memory_per_peer_bytes": memory_per_peer(finals),
+        "process_rss_bytes": sorted({f.pid: f.rss_bytes for f in finals}.values()),
     }
+
+
+def memory_per_peer(finals: list[GroupFinal]) -> float:
+    """What the peers cost: per process, its growth from just before its first group built peers to the end of
+    the run, summed over processes and divided by the peers."""
+    grown: dict[int, tuple[int, int]] = {}
+    for f in finals:
+        before, end = grown.get(f.pid, (f.rss_before_bytes, f.rss_bytes))
+        grown[f.pid] = (min(before, f.rss_before_bytes), max(end, f.rss_bytes))
+    return sum(end - before for before, end in grown.values()) / sum(f.peers for f in finals)
 
 
 def _run(backend: Any, args: argparse.Namespace, n: int, tick_s: float) -> dict[str, Any]:
@@ -223,18 +233,27 @@ def format_run(r: dict[str, Any]) -> str:
     reached = "reached" if r["reached"] else f"NOT reached in {r['rounds_to_consensus']} rounds"
     c = r["counters"]
     rows = [
-        ("consensus (tol %g)" % r["tol"], f"{reached}: {r['rounds_to_consensus']} rounds after training"),
-        ("  predicted from λ", f"{r['predicted_rounds']} rounds (from disagreement {r['disagreement_after_training']:.3g})"),
+        (f"consensus (tol {r['tol']:g})", f"{reached}: {r['rounds_to_consensus']} rounds after training"),
+        ("  predicted from λ", f"{r['predicted_rounds']} rounds from {r['disagreement_after_training']:.3g}"),
         ("rate per round", f"measured {rate}, predicted λ = {r['slem_predicted']:.4f}"),
         ("training", f"{r['rounds_training']} rounds, {r['wall_s_training']:.1f} s"),
         ("time to consensus", f"{r['wall_s_to_consensus']:.1f} s wall ({r['virtual_s_to_consensus']:.2f} s virtual)"),
         ("wall time", f"{r['wall_s']:.1f} s run + {r['setup_s']:.1f} s setup, {r['ticks']} ticks"),
-        ("accuracy", f"average model {100 * r['accuracy_of_average']:.2f}%, peers mean "
-         f"{100 * r['accuracy_mean_peer']:.2f}% min {100 * r['accuracy_min_peer']:.2f}%"),
-        ("bytes sent", f"{_mib(r['bytes_sent'])} ({r['bytes_per_peer_round']:.0f} per peer and round), "
-         f"{c.get('messages', 0)} messages, {c.get('retransmissions', 0)} retransmissions"),
-        ("faults", f"{r['faults'] or 'none'}: {c.get('dropped', 0)} dropped, {c.get('outage_dropped', 0)} in outages, "
-         f"{c.get('delayed', 0)} delayed, {c.get('lost_away', 0)} lost to churn, {c.get('gave_up', 0)} gave up"),
+        (
+            "accuracy",
+            f"average model {100 * r['accuracy_of_average']:.2f}%, peers mean "
+            f"{100 * r['accuracy_mean_peer']:.2f}% min {100 * r['accuracy_min_peer']:.2f}%",
+        ),
+        (
+            "bytes sent",
+            f"{_mib(r['bytes_sent'])} ({r['bytes_per_peer_round']:.0f} per peer and round), "
+            f"{c.get('messages', 0)} messages, {c.get('retransmissions', 0)} retransmissions",
+        ),
+        (
+            "faults",
+            f"{r['faults'] or 'none'}: {c.get('dropped', 0)} dropped, {c.get('outage_dropped', 0)} in outages, "
+            f"{c.get('delayed', 0)} delayed, {c.get('lost_away', 0)} lost to churn, {c.get('gave_up', 0)} gave up",
+        ),
         ("memory per peer", f"{_mib(r['memory_per_peer_bytes'])} (process RSS growth / peers)"),
     ]
     head = (
