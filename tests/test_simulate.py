@@ -101,3 +101,19 @@ def test_ray_backend_gives_what_the_local_backend_gives() -> None:
     for key in ("rounds_training", "rounds_to_consensus", "bytes_sent", "accuracy_of_average"):
         assert ray[key] == local[key], key
     assert ray["disagreement_final"] == pytest.approx(local["disagreement_final"], rel=1e-9)
+
+
+def test_round_tracker_waits_for_every_peer_and_skips_jumped_rounds() -> None:
+    import torch
+
+    from peer.tools.sim_measure import RoundTracker
+
+    tracker = RoundTracker()
+    a, b = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([3.0, 0.0], dtype=torch.float64)
+    tracker.add({0: (a.clone(), float(a @ a), 1, 0)})
+    assert tracker.final(min_iteration=-1) == []  # the other group has not reported round 0 yet
+    tracker.add({0: (b.clone(), float(b @ b), 1, 0), 2: (a + b, float(a @ a + b @ b), 2, 2)})
+    rounds = tracker.final(min_iteration=2)  # round 1: both peers jumped over it
+    assert [r.k for r in rounds] == [0, 2]
+    # mean (2, 0), each peer 1 away: relative RMS disagreement 1/2; round 2 is a mixing-only round.
+    assert rounds[0].disagreement == pytest.approx(0.5) and not rounds[0].trained and rounds[1].trained

@@ -72,11 +72,15 @@ class RayBackend:
         object_store_bytes: int,
     ) -> None:
         ray = self.ray = import_ray()
-        common: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-        if address:
-            ray.init(address=address, **common)
+        if address:  # an existing cluster brings its own resources and dashboard
+            ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, **common)
+            ray.init(
+                num_cpus=num_cpus,
+                object_store_memory=object_store_bytes,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
         try:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             share = min(1.0, cpus / len(setups))  # every actor must fit at once: they step in lockstep

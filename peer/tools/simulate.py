@@ -22,7 +22,7 @@ from peer import algorithms, config
 from peer.algorithms.mixing import WEIGHT_RULES, mixing_matrix, second_largest_eigenvalue_modulus
 from peer.config import PeerConfig
 from peer.core.topology import graph, is_time_varying, parse_topology
-from peer.errors import ConfigError
+from peer.errors import ConfigError, SimulationStalledError
 from peer.tools.revision import git_revision
 from peer.tools.sim_backends import import_ray, make_backend
 from peer.tools.sim_faults import plan_faults
@@ -129,7 +129,8 @@ def simulate_one(args: argparse.Namespace, topology: str) -> dict[str, Any]:
     backend = make_backend(args.backend, setups, **ray_options)
     try:
         setup_s = time.perf_counter() - start
-        run = _run(backend, args, n, tick_s)
+        give_up_ticks = float(getattr(cfg.algorithm, "give_up_s", 10.0)) / tick_s
+        run = _run(backend, args, tick_s, stall_ticks=max(10_000, math.ceil(4 * give_up_ticks)))
         finals = backend.finish()
         mean_accuracy = backend.evaluate(run.pop("mean"))
     finally:
@@ -178,21 +179,22 @@ def memory_per_peer(finals: list[GroupFinal]) -> float:
     return sum(end - before for before, end in grown.values()) / sum(f.peers for f in finals)
 
 
-def _run(backend: Any, args: argparse.Namespace, n: int, tick_s: float) -> dict[str, Any]:
-    """Tick until consensus after training, or `--max-rounds` mixing rounds; the round-by-round figures."""
+def _run(backend: Any, args: argparse.Namespace, tick_s: float, *, stall_ticks: int) -> dict[str, Any]:
+    """Tick until consensus after training, or `--max-rounds` mixing rounds; the round-by-round figures.
+    A network where no round completes for `stall_ticks` ticks is reported as an error, not waited on forever."""
     tracker = RoundTracker()
     begin = last_note = time.perf_counter()
     trained_at: tuple[int, float, int, float] | None = None  # round, disagreement, tick, wall
     phase: list[float] = []
     last = None
     done = None
-    tick = 0
+    tick = last_tick = 0
     while done is None:
         reports = backend.step(tick)
         for rep in reports:
             tracker.add(rep.rounds)
         for rd in tracker.final(min(rep.min_iteration for rep in reports)):
-            last = rd
+            last, last_tick = rd, tick
             if trained_at is None and rd.trained:
                 trained_at = (rd.k, rd.disagreement, tick, time.perf_counter() - begin)
             if trained_at is not None:
@@ -204,6 +206,9 @@ def _run(backend: Any, args: argparse.Namespace, n: int, tick_s: float) -> dict[
             last_note = time.perf_counter()
             print(f"  tick {tick}: round {last.k}, disagreement {last.disagreement:.3g}", file=sys.stderr)
         tick += 1
+        if tick - last_tick > stall_ticks:
+            where = f"round {last.k}" if last is not None else "round 0"
+            raise SimulationStalledError(f"no round completed in {stall_ticks} ticks (stuck after {where})")
     wall = time.perf_counter() - begin
     assert trained_at is not None and last is not None
     return {
