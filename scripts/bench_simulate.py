@@ -53,7 +53,9 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         f"Command: `{out['command']}`  ",
         f"Machine: {out['cpus']} CPUs, backend {out['backend']} ({out['actors']} actors, several peers each).  ",
-        f"Revision: {out['revision']}",
+        f"Revision: {out['revision']}  ",
+        "Load average (1 min) around the runs: "
+        + ", ".join(f"{a:.1f}→{b:.1f}" for a, b in (r.get("load_average_1min", (0, 0)) for r in out["runs"])),
         "",
         "Each row is the `peer simulate` command below it. D-PSGD (P1 rounds, retransmitted until acknowledged), "
         "digits in label shards (`shards:2`), logistic regression, 100 local epochs = 100 training rounds, then "
@@ -99,8 +101,10 @@ def main() -> int:
         if args.only and peers != args.only:
             continue
         argv = ["simulate", "--backend", args.backend, "--peers", str(peers), "--topology", topology, *COMMON, *extra]
+        load_before = os.getloadavg()[0]
         run = simulate_one(build_parser().parse_args(argv), topology)
         run["command"] = shlex.join(["peer", *argv])
+        run["load_average_1min"] = [load_before, os.getloadavg()[0]]
         print(json.dumps({k: v for k, v in run.items() if k not in ("counters", "process_rss_bytes")}), flush=True)
         runs.append(run)
     out = {

@@ -8,6 +8,8 @@ outboxes travel as object references from actor to actor (the driver only collec
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -51,7 +53,12 @@ class LocalBackend:
         self.groups = []
 
 
-def import_ray() -> Any:
+def import_ray(*, loopback: bool) -> Any:
+    """Ray, or a one-line ConfigError saying how to install it. With `loopback`, the private Ray instance this
+    process starts uses 127.0.0.1 for all its services (Ray's single-machine mode, the default on macOS and
+    Windows), so a simulation opens no port on the LAN; Ray reads the switch when it is first imported."""
+    if loopback and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -71,7 +78,7 @@ class RayBackend:
         num_cpus: int | None,
         object_store_bytes: int,
     ) -> None:
-        ray = self.ray = import_ray()
+        ray = self.ray = import_ray(loopback=not address)
         if address:  # an existing cluster brings its own resources and dashboard
             ray.init(address=address, logging_level=logging.WARNING)
         else:

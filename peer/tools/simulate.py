@@ -286,7 +286,7 @@ def format_comparison(runs: list[dict[str, Any]]) -> str:
 
 def run_simulate(args: argparse.Namespace) -> int:
     if args.backend == "ray":
-        import_ray()  # before any work: a missing extra is one line and exit 2
+        import_ray(loopback=not args.address)  # before any work: a missing extra is one line and exit 2
     topologies = [t.strip() for t in args.topology.split(",") if t.strip()]
     runs = []
     for topology in topologies:
