@@ -83,6 +83,7 @@ class RayBackend:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             ray.init(
+                address="local",  # a new private instance, even when a local cluster is running
                 num_cpus=num_cpus,
                 object_store_memory=object_store_bytes,
                 include_dashboard=False,
