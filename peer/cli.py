@@ -195,6 +195,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from peer.tools.simulate import run_simulate
+
+    return run_simulate(args)
+
+
 EXIT_CODES_HELP = """exit codes:
   0    success (`peer health`: the daemon is serving)
   1    any other failure: a daemon that cannot be reached, `peer health` not serving, no daemon found
@@ -237,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(d)
     d.set_defaults(fn=cmd_demo)
+
+    sim = sub.add_parser(
+        "simulate", help="simulate hundreds of peers (real algorithm and wire code), locally or on Ray"
+    )
+    from peer.tools.simulate import add_arguments as add_simulate_arguments
+
+    add_simulate_arguments(sim)
+    sim.set_defaults(fn=cmd_simulate)
 
     e = sub.add_parser("eval", help="test accuracy of a checkpoint")
     e.add_argument(

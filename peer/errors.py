@@ -6,6 +6,7 @@
     ├── DataError              a dataset or a user data file cannot be loaded or partitioned
     ├── CheckpointError        a checkpoint is missing, corrupt or incompatible (never silently reset)
     ├── StartupError           the daemon cannot start (port in use, duplicate node id, no interface)
+    ├── SimulationStalledError `peer simulate`: no round completed for a long time (exit 1)
     └── PayloadError           a received message is rejected; carries the gRPC status name to answer with
         ├── SchemaMismatchError    another fingerprint, algorithm, protocol or encoding, or tensors whose
         │                          names, shapes or dtypes differ from our model's   -> FAILED_PRECONDITION
@@ -74,6 +75,10 @@ class CheckpointError(PeerError):
 
 class StartupError(PeerError):
     """The daemon cannot start: port in use, duplicate node id, bad interface."""
+
+
+class SimulationStalledError(PeerError):
+    """`peer simulate`: no round completed for a long time; every peer waits for one that never answers."""
 
 
 class PayloadError(PeerError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+
 
 def metropolis_hastings(self_degree: int, neighbour_degrees: Mapping[str, int]) -> dict[str, float]:
     """w_ij = 1 / (1 + max(d_i, d_j)) for each neighbour j. The self weight is 1 − Σ w_ij.
@@ -33,3 +35,21 @@ def mixing_matrix(adjacency: Mapping[str, list[str]], rule: str = "metropolis") 
         row[i] = 1.0 - sum(row.values())
         rows[i] = row
     return rows
+
+
+def second_largest_eigenvalue_modulus(rows: Mapping[str, Mapping[str, float]]) -> float:
+    """λ = max(|λ_2|, |λ_n|) of a symmetric, doubly stochastic mixing matrix W (as `mixing_matrix` returns it).
+
+    The spectral-gap prediction of gossip averaging: x ← W x shrinks the disagreement ‖x − x̄1‖ by at most λ per
+    round, and asymptotically by exactly λ, so about log(1/tol) / (1 − λ) rounds reach a relative tolerance tol.
+    """
+    ids = sorted(rows)
+    if len(ids) < 2:
+        return 0.0
+    index = {node: i for i, node in enumerate(ids)}
+    w = torch.zeros(len(ids), len(ids), dtype=torch.float64)
+    for i, row in rows.items():
+        for j, value in row.items():
+            w[index[i], index[j]] = value
+    moduli = torch.linalg.eigvalsh((w + w.T) / 2).abs().sort(descending=True).values
+    return float(moduli[1])
