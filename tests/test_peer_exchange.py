@@ -4,6 +4,7 @@ in-memory network split in two subnets, and real daemons over gRPC on loopback."
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from peer.core.gossip import GossipCore
 from peer.core.peers import PeerTable
 from peer.core.settings import CoreSettings, Identity
 from peer.daemon.node import Node
+from peer.tools import certs
 
 PROTO, FP = "peer.v1", "fp0"
 
@@ -205,14 +207,24 @@ def test_two_subnets_and_one_seed_every_core_finds_every_core() -> None:
 
 
 # ------------------------------------------------------------------------------------------- real daemons
-async def test_daemons_learn_each_other_from_a_common_seed(tmp_path: Path) -> None:
-    """a and c know only b (a static seed); over real gRPC, b's Hello answers name each to the other."""
+def tls(d: Path, node_id: str) -> dict[str, str]:
+    return {"ca_file": str(d / "ca.pem"), "cert_file": str(d / f"{node_id}.pem"), "key_file": str(d / f"{node_id}.key")}
+
+
+async def test_daemons_learn_each_other_from_a_common_seed_over_mutual_tls(tmp_path: Path) -> None:
+    """a and c know only b (a static seed); over real gRPC with mutual TLS, b's Hellos name each to the other,
+    and each dials the other expecting the certificate of the node id b named."""
     cluster = unique("px")
     ids = [f"{cluster}-{s}" for s in "abc"]
-    b = Node(fast_config(tmp_path, ids[1], **{"membership.heartbeat_interval_s": 0.3, "train.epochs": 50}))
+    certs.make_cluster(tmp_path / "pki", ids)
+    common = {"membership.heartbeat_interval_s": 0.3, "train.epochs": 50}
+    b = Node(fast_config(tmp_path, ids[1], security=tls(tmp_path / "pki", ids[1]), **common), stdout=io.StringIO())
     tasks = await start_nodes([b])
-    seed = {"discovery.static_peers": [b.address], "membership.heartbeat_interval_s": 0.3, "train.epochs": 50}
-    a, c = (Node(fast_config(tmp_path, i, **seed)) for i in (ids[0], ids[2]))
+    seed = {"discovery.static_peers": [b.address], **common}
+    a, c = (
+        Node(fast_config(tmp_path, i, security=tls(tmp_path / "pki", i), **seed), stdout=io.StringIO())
+        for i in (ids[0], ids[2])
+    )
     tasks += await start_nodes([a, c])
     nodes = [a, b, c]
     try:
