@@ -50,9 +50,15 @@ class Discovery:
                 tg.create_task(self.mdns.run())
             if d.dns_srv:
                 # Imported here: dnspython is only loaded by daemons that use DNS SRV.
+                import dns.exception
+
                 from peer.net.dns import SrvDiscovery, SrvResolver
 
-                resolver = SrvResolver(d.dns_nameservers, timeout_s=self.cfg.gossip.rpc_timeout_s)
+                try:
+                    resolver = SrvResolver(d.dns_nameservers, timeout_s=self.cfg.gossip.rpc_timeout_s)
+                except dns.exception.DNSException as exc:  # no /etc/resolv.conf, say
+                    self.once.warning(("dns",), "DNS SRV discovery is off: %s", exc)
+                    return
                 srv = SrvDiscovery(d.dns_srv, d.dns_interval_s, resolver, self.inputs.candidate, self._dns_error)
                 tg.create_task(srv.run())
 

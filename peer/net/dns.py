@@ -30,6 +30,7 @@ class SrvResolver:
     """Resolves SRV names to "ip:port" candidates with the given DNS servers (`ip:port`; none = the system's)."""
 
     def __init__(self, nameservers: list[str], timeout_s: float = 5.0) -> None:
+        """Raises dns.exception.DNSException when there are no servers given and no system configuration."""
         self.resolver = dns.asyncresolver.Resolver(configure=not nameservers)
         if nameservers:
             servers: list[str | dns.nameserver.Nameserver] = []
@@ -98,7 +99,7 @@ class SrvDiscovery:
         for name in self.names:
             try:
                 candidates = await self.resolver.resolve(name)
-            except dns.exception.DNSException as exc:
+            except (dns.exception.DNSException, OSError) as exc:
                 self.on_error(name, f"{type(exc).__name__}: {exc}")
                 continue
             if not candidates:
