@@ -177,6 +177,7 @@ class RpcHandlers:
             resp.info[f"neighbour.{row.node_id}"] = "yes" if row.neighbour else "no"
         resp.info["provenance"] = self.algorithm.provenance
         resp.info["waiting_for"] = self.worker.waiting_for
+        resp.info["peer_exchange.learned"] = str(self.core.exchange.learned)  # named peers we dialled
         for reason, n in sorted(c["rejected"].items()):
             resp.info[f"rejected.{reason}"] = str(n)
         return resp
