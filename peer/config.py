@@ -82,6 +82,11 @@ class PeerConfig(_Section):
     listen: str = Field(
         "127.0.0.1:0", description="gRPC `host:port`; port 0 picks a free port (reported in the ready line)"
     )
+    health_listen: str | None = Field(
+        None,
+        description="also serve `grpc.health.v1` alone, in plaintext, on this `ip:port` (port 0: any free port), "
+        "for probes that cannot show a client certificate (Kubernetes `grpc` probes); null = off",
+    )
     state_dir: str = Field(
         "",
         description="checkpoint, `metrics.jsonl`, a copy of the config, `ready.json` while serving, optional "
@@ -111,6 +116,11 @@ class PeerConfig(_Section):
     @classmethod
     def _listen(cls, v: str) -> str:
         return _check_ip_hostport(v)
+
+    @field_validator("health_listen")
+    @classmethod
+    def _health_listen(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ip_hostport(v)
 
     @field_validator("state_dir", mode="before")
     @classmethod

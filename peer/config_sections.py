@@ -44,7 +44,8 @@ def _check_ip_hostport(value: str) -> str:
 
 
 class DiscoveryConfig(_Section):
-    """How a peer finds its neighbours: mDNS on the LAN, static addresses as a fallback."""
+    """How a peer finds its neighbours: mDNS on the LAN, static addresses, DNS SRV names, and peer exchange
+    (members' members) beyond them."""
 
     mdns: bool = Field(True, description="announce and browse `_peer._tcp.local.` with zeroconf")
     cluster: str = Field(
@@ -64,11 +65,56 @@ class DiscoveryConfig(_Section):
         default_factory=list, description="fallback `host:port` list, dialled with a Hello until it answers"
     )
     hello_retry_s: float = Field(2.0, gt=0, description="how often unanswered static peers are tried again")
+    peer_exchange: bool = Field(
+        True,
+        description="peer exchange: each Hello names some of our members, and members named in a member's Hello "
+        "are dialled (each joins once its address answers our own Hello); finds peers beyond one subnet from one "
+        "seed",
+    )
+    peer_exchange_max: int = Field(
+        16, ge=1, le=64, description="members named in one Hello, and the most read from one (a rotating sample)"
+    )
+    dns_srv: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="DNS SRV names resolved every `dns_interval_s` (e.g. a Kubernetes headless Service, "
+        "`_gossip._tcp.peer.default.svc.cluster.local`); each target's address is dialled with a Hello",
+    )
+    dns_interval_s: float = Field(10.0, gt=0, description="how often the `dns_srv` names are resolved again")
+    dns_nameservers: list[str] = Field(
+        default_factory=list,
+        description="`ip:port` of the DNS servers asked for `dns_srv`; empty = the system's (`/etc/resolv.conf`)",
+    )
 
     @field_validator("static_peers")
     @classmethod
     def _peers(cls, v: list[str]) -> list[str]:
         return [_check_hostport(p, allow_port_zero=False) for p in v]
+
+    @field_validator("dns_srv")
+    @classmethod
+    def _srv_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            labels = name.rstrip(".").split(".")
+            if not name or len(name) > 253 or not all(0 < len(label) <= 63 for label in labels):
+                raise ValueError(f"{name!r} is not a DNS name")
+        return v
+
+    @field_validator("dns_nameservers")
+    @classmethod
+    def _nameservers(cls, v: list[str]) -> list[str]:
+        for ns in v:
+            _check_hostport(ns, allow_port_zero=False)
+            try:
+                ipaddress.ip_address(ns.rpartition(":")[0].strip("[]"))
+            except ValueError:
+                raise ValueError(f"a DNS server must be given as ip:port, got {ns!r}") from None
+        return v
+
+    @property
+    def finds_peers(self) -> bool:
+        """Some way to find neighbours is configured (mDNS, static peers or DNS SRV)."""
+        return self.mdns or bool(self.static_peers) or bool(self.dns_srv)
 
 
 _PLUGIN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"

@@ -22,8 +22,16 @@ Level = Literal["debug", "info", "warning", "error"]
 
 
 @dataclass(frozen=True)
+class KnownPeer:
+    """One member a peer names in its Hello (peer exchange): a candidate, never a member by itself."""
+
+    node_id: str
+    address: str
+
+
+@dataclass(frozen=True)
 class PeerInfo:
-    """What a peer says about itself in a Hello (request or answer)."""
+    """What a peer says about itself in a Hello (request or answer), with a sample of its members."""
 
     node_id: str
     protocol_version: str
@@ -34,6 +42,7 @@ class PeerInfo:
     incarnation: int
     step: int = 0
     epoch: float = 0.0
+    known_peers: tuple[KnownPeer, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ Theory of operation.
            Hellos are rate-limited per source host. No remote claim stops this daemon: a Hello saying our node
            id is in use elsewhere is checked by dialling that address, and acts only if a daemon with our id and
            another incarnation answers there (`Refused` otherwise, which changes nothing).
+  Peer exchange (`peer.core.exchange`): our Hellos name a rotating sample of our members; members named in a
+           member's Hello are candidates like any other, dialled within the same admission limits.
 No clocks, sockets or global randomness: `now` comes with every input and an `random.Random` with the core.
 """
 
@@ -32,8 +34,9 @@ from peer.core import topology as topo
 from peer.core.addresses import reachable_address
 from peer.core.admission import RateLimiter, clip, source_of
 from peer.core.catchup import CatchUpPolicy, Fetch, Finish
+from peer.core.exchange import PeerExchange
 from peer.core.peers import PeerRecord, PeerTable
-from peer.core.settings import DUPLICATE_PREFIX, CoreSettings
+from peer.core.settings import DUPLICATE_PREFIX, CoreSettings, incompatibility
 from peer.core.view import NeighbourView
 
 
@@ -53,6 +56,7 @@ class GossipCore:
         a = s.admission
         self.hello_limiter = RateLimiter(a.hello_rate_per_s, a.hello_burst, a.max_sources)
         self.heartbeats_in_flight: set[str] = set()  # node ids
+        self.exchange = PeerExchange(s.exchange)  # peer exchange: whom we name in Hellos, whom we learnt of
         self.evictions = 0
         self.readmissions = 0
         self._last_view: NeighbourView | None = None
@@ -88,6 +92,10 @@ class GossipCore:
     def address_of(self, node_id: str) -> str | None:
         return self.table.address_of(node_id)
 
+    def offer(self) -> tuple[ev.KnownPeer, ...]:
+        """The members to name in our next Hello (peer exchange)."""
+        return self.exchange.offer(self.table)
+
     def next_deadline(self, now: float) -> float:
         """When the next ev.Tick is due (the earliest timer, probe, breaker or catch-up deadline)."""
         times = [*self._timers.values()]
@@ -95,20 +103,6 @@ class GossipCore:
             if t is not None:
                 times.append(t)
         return min(times, default=now + 1.0)
-
-    def incompatibility(self, info: ev.PeerInfo) -> str:
-        me = self.me
-        if info.protocol_version != me.protocol_version:
-            return f"protocol {clip(repr(info.protocol_version), 80)} != ours {me.protocol_version!r}"
-        if info.schema_fingerprint != me.schema_fingerprint:
-            theirs = clip(info.schema_fingerprint, 80)
-            return (
-                f"schema fingerprint {theirs} != ours {me.schema_fingerprint} (a different model.name, model.factory, "
-                "model.kwargs, input shape or buffer rule?)"
-            )
-        if info.algorithm != me.algorithm:
-            return f"algorithm {clip(repr(info.algorithm), 80)} != ours {me.algorithm!r}"
-        return ""
 
     # ------------------------------------------------------------------------------------------- inputs
     def handle(self, event: ev.Input) -> list[ev.Effect]:
@@ -216,7 +210,7 @@ class GossipCore:
                 )
             )
             return
-        rec = self.table.peers.get(e.node_id) if e.node_id else None
+        rec = self.table.peers.get(e.node_id) if e.node_id else self.table.answering_at(e.address)
         if rec is not None and rec.answers_at(e.address) and not rec.evicted and rec.misses == 0:
             return
         self._say_hello(e.address, e.node_id, e.now, out)
@@ -233,6 +227,11 @@ class GossipCore:
             return
         self.hellos_in_flight[address] = now
         out.append(ev.SayHello(address, "join", self.settings.rpc_timeout_s, node_id))
+
+    def _learn(self, info: ev.PeerInfo, now: float, out: list[ev.Effect]) -> None:
+        """Peer exchange: a member named its members; each joins once its address answers our own Hello."""
+        for k in self.exchange.learn(info.known_peers, self.table, self.address, now):
+            self._say_hello(k.address, k.node_id, now, out)
 
     def _goodbye(self, e: ev.CandidateGone, out: list[ev.Effect]) -> None:
         rec = self.table.peer_gone(e.node_id)
@@ -261,7 +260,7 @@ class GossipCore:
             else:
                 out.append(ev.Reply(True))
             return
-        problem = self.incompatibility(info)
+        problem = incompatibility(self.me, info)
         if problem:
             msg = f"ignoring hello from {clip(repr(info.node_id), 80)} at {clip(info.address, 80)}: {problem}"
             out += [ev.Refused("incompatible", source, msg), ev.Reply(False, problem)]
@@ -271,6 +270,7 @@ class GossipCore:
             # A member we admitted, greeting from an address we confirmed: alive.
             self.catchup.report(info.node_id, info.step, info.epoch)
             self._peer_up(info.node_id, address, info.degree, info.incarnation, "hello-in", e.now, out)
+            self._learn(info, e.now, out)
         else:
             # Admission: the peer joins once its address answers our own Hello (HelloAnswered).
             self._say_hello(address, info.node_id, e.now, out)
@@ -309,7 +309,8 @@ class GossipCore:
             return
         if e.purpose == "join":
             self.hellos_in_flight.pop(e.address, None)
-            self._apply_answer(e, "hello", out)
+            if self._apply_answer(e, "hello", out):
+                self._learn(e.info, e.now, out)
             return
         assert e.node_id is not None
         self.heartbeats_in_flight.discard(e.node_id)
@@ -321,6 +322,7 @@ class GossipCore:
             return
         if self._apply_answer(e, "heartbeat", out):
             self.table.heartbeat_ok(e.node_id, e.info.degree, e.now)
+            self._learn(e.info, e.now, out)
         else:
             self._missed(e.node_id, e.address, "refused", e.now, out)
 
@@ -341,7 +343,7 @@ class GossipCore:
             return False
         if info.node_id == self.me.node_id:
             return False  # ourselves, or a twin that accepts us: never a member
-        problem = self.incompatibility(info)
+        problem = incompatibility(self.me, info)
         if problem:
             msg = f"ignoring peer {clip(info.node_id, 80)} at {e.address}: {problem}"
             out.append(ev.Log("warning", msg, ("incompatible", info.node_id)))

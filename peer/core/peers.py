@@ -238,6 +238,10 @@ class PeerTable:
         rec = self.peers.get(node_id)
         return rec is not None and rec.breaker.allows(now)
 
+    def answering_at(self, address: str) -> PeerRecord | None:
+        """The member that answers at `address` (its address in use or an alias), if any."""
+        return next((r for r in self.peers.values() if r.answers_at(address)), None)
+
     def address_of(self, node_id: str) -> str | None:
         rec = self.peers.get(node_id)
         return rec.address if rec is not None else None

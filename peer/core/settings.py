@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peer.core.admission import AdmissionSettings
+from peer.core.admission import AdmissionSettings, clip
 from peer.core.backoff import BreakerPolicy
 from peer.core.catchup import CatchUpSettings
+from peer.core.events import PeerInfo
+from peer.core.exchange import ExchangeSettings
 from peer.core.peers import LivenessPolicy
 
 # A Hello refusal that starts with this says our node id is taken by the daemon that refused.
@@ -35,6 +37,7 @@ class CoreSettings:
     liveness: LivenessPolicy = field(default_factory=LivenessPolicy)
     catchup: CatchUpSettings = field(default_factory=CatchUpSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
     cluster: str = "default"
     static_peers: tuple[str, ...] = ()
     hello_retry_s: float = 2.0
@@ -42,3 +45,18 @@ class CoreSettings:
     expected_members: int = 1  # one peer per data partition: the cluster a waiting peer waits for
     checkpoint_interval_s: float = 10.0
     metrics_interval_s: float = 1.0
+
+
+def incompatibility(me: Identity, info: PeerInfo) -> str:
+    """Why a peer that says `info` cannot mix with us ("" when it can)."""
+    if info.protocol_version != me.protocol_version:
+        return f"protocol {clip(repr(info.protocol_version), 80)} != ours {me.protocol_version!r}"
+    if info.schema_fingerprint != me.schema_fingerprint:
+        theirs = clip(info.schema_fingerprint, 80)
+        return (
+            f"schema fingerprint {theirs} != ours {me.schema_fingerprint} (a different model.name, model.factory, "
+            "model.kwargs, input shape or buffer rule?)"
+        )
+    if info.algorithm != me.algorithm:
+        return f"algorithm {clip(repr(info.algorithm), 80)} != ours {me.algorithm!r}"
+    return ""

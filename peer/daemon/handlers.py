@@ -180,6 +180,7 @@ class RpcHandlers:
         if c["eval_step"] >= 0:  # the live evaluation (peer.daemon.evaluator) has scored the model at least once
             for key in ("eval_step", "eval_accuracy", "eval_loss", "eval_samples"):
                 resp.info[key.replace("_", ".", 1)] = repr(c[key])
+        resp.info["peer_exchange.learned"] = str(self.core.exchange.learned)  # named peers we dialled
         for reason, n in sorted(c["rejected"].items()):
             resp.info[f"rejected.{reason}"] = str(n)
         return resp

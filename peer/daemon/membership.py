@@ -17,6 +17,7 @@ from peer.core.events import (
     HelloAnswered,
     HelloFailed,
     Input,
+    KnownPeer,
     PeerInfo,
     SayHello,
 )
@@ -26,6 +27,10 @@ from peer.net.client import Client
 from peer.v1 import gossip_pb2
 
 Dispatch = Callable[[Input], list[Effect]]
+
+# The most peer-exchange entries read from one Hello (`discovery.peer_exchange_max` is at most this); the core
+# reads at most its own bound of these.
+MAX_KNOWN_PEERS = 64
 
 
 def info_of(msg: gossip_pb2.HelloRequest | gossip_pb2.HelloResponse) -> PeerInfo:
@@ -40,7 +45,12 @@ def info_of(msg: gossip_pb2.HelloRequest | gossip_pb2.HelloResponse) -> PeerInfo
         incarnation=msg.incarnation,
         step=msg.step,
         epoch=msg.epoch,
+        known_peers=tuple(KnownPeer(k.node_id, k.address) for k in msg.known_peers[:MAX_KNOWN_PEERS]),
     )
+
+
+def known_peers(me: PeerInfo) -> list[gossip_pb2.KnownPeer]:
+    return [gossip_pb2.KnownPeer(node_id=k.node_id, address=k.address) for k in me.known_peers]
 
 
 def hello_request(me: PeerInfo) -> gossip_pb2.HelloRequest:
@@ -54,6 +64,7 @@ def hello_request(me: PeerInfo) -> gossip_pb2.HelloRequest:
         incarnation=me.incarnation,
         step=me.step,
         epoch=me.epoch,
+        known_peers=known_peers(me),
     )
 
 
@@ -70,6 +81,7 @@ def hello_response(me: PeerInfo, accepted: bool, reason: str) -> gossip_pb2.Hell
         epoch=me.epoch,
         accepted=accepted,
         reason=reason,
+        known_peers=known_peers(me),
     )
 
 

@@ -36,6 +36,7 @@ from peer.daemon.catchup import CatchUpFetcher
 from peer.daemon.changes import Changes
 from peer.daemon.checkpoint import Checkpointer
 from peer.daemon.credentials import load_credentials
+from peer.daemon.discovery import Discovery
 from peer.daemon.evaluator import evaluation_task
 from peer.daemon.exporter import Exporter, serve_metrics
 from peer.daemon.handlers import DaemonFacts, RpcHandlers
@@ -53,7 +54,6 @@ from peer.logs import OnceLogger, node_logger
 from peer.net.assembler import ReceiveLimits
 from peer.net.client import Client
 from peer.net.interfaces import check_ports_free, is_wildcard_host, mdns_interfaces
-from peer.net.mdns import MdnsDiscovery
 from peer.net.server import Server, start_server
 from peer.net.tls import Credentials
 from peer.net.wire import Envelope
@@ -118,7 +118,6 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self._pending: list[Coroutine[Any, Any, None]] = []  # tasks asked for before the TaskGroup exists
         self._server: Server | None = None
-        self._mdns: MdnsDiscovery | None = None
         self.credentials: Credentials | None = None
 
     # Read-only views of what the build made (tools, tests and the library API read them).
@@ -205,6 +204,7 @@ class Node:
             self.incarnation,
             p.step,
             p.epoch,
+            self.core.offer(),
         )
 
     def _envelope(self) -> Envelope:
@@ -261,7 +261,7 @@ class Node:
         self._pending += evaluation_task(
             cfg, built.trainer.model, built.dataset.test, self.counters, self._sleep, self._stop.is_set
         )
-        if not cfg.discovery.mdns and not cfg.discovery.static_peers:
+        if not cfg.discovery.finds_peers:
             self.worker.neighbours_ready.set()  # no way to find anyone: waiting for neighbours would be pointless
         self.client = Client(cfg.gossip, self.credentials)
         self.pusher = Pusher(
@@ -279,6 +279,7 @@ class Node:
         self.pusher.on_ack = self._on_ack
         self.hellos = HelloCaller(self.client, self.me, self.dispatch)
         self.discovery = DiscoveryInputs(self.dispatch)
+        self._discovery = Discovery(cfg, self.discovery, self.once)
         self.handlers = RpcHandlers(
             DaemonFacts(
                 cfg.node_id,
@@ -321,7 +322,10 @@ class Node:
     # ------------------------------------------------------------------------------------------------ run
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        check_ports_free({"listen": self.cfg.listen, "metrics.listen": self.cfg.metrics.listen})  # before the load
+        cfg = self.cfg
+        check_ports_free(
+            {"listen": cfg.listen, "metrics.listen": cfg.metrics.listen, "health_listen": cfg.health_listen}
+        )  # before the load
         self.credentials = load_credentials(self.cfg, self.log)
         built = await asyncio.to_thread(
             build,
@@ -336,7 +340,7 @@ class Node:
         self._assemble(built)
         if self.worker.done:
             self.trained.set()
-        self._server = await start_server(self.cfg.listen, self.cfg.gossip, self.handlers, self.credentials)
+        self._server = await start_server(cfg.listen, cfg.gossip, self.handlers, self.credentials, cfg.health_listen)
         try:
             host = self.cfg.listen_host
             interfaces = mdns_interfaces(host, self.cfg.discovery.interfaces)
@@ -346,19 +350,7 @@ class Node:
             elif host == "localhost":
                 host = "127.0.0.1"
             self.address = f"{host}:{self._server.port}"
-            if self.cfg.discovery.mdns:
-                self._mdns = MdnsDiscovery(
-                    node_id=self.cfg.node_id,
-                    port=self._server.port,
-                    advertise_ip=host,
-                    interfaces=interfaces,
-                    protocol_version=PROTOCOL_VERSION,
-                    schema_fingerprint=built.fingerprint,
-                    on_candidate=self.discovery.candidate,
-                    on_removed=self.discovery.removed,
-                    extra_txt={"cluster": self.cfg.discovery.cluster},
-                )
-                await self._mdns.start()
+            await self._discovery.start(self._server.port, host, interfaces, built.fingerprint)
             if self.cfg.metrics.listen is not None:
                 self.exporter = serve_metrics(self.cfg, self.built.algorithm.name, self.counters, self._started)
                 self.metrics_address = self.exporter.address
@@ -376,9 +368,9 @@ class Node:
                 self.dispatch(ev.Started(now, time.time(), self.address, self._progress(), built.state_saved_unix_s))
                 tg.create_task(self._clock())
                 tg.create_task(self.notifier.watchdog(self._stop))
-                mdns_task = tg.create_task(self._mdns.run()) if self._mdns is not None else None
+                discovery_task = tg.create_task(self._discovery.run())
                 await self._stop.wait()
-                await self._shutdown(train_task, mdns_task)
+                await self._shutdown(train_task, discovery_task)
                 drain.cancel()
             if self._fatal is not None:
                 raise self._fatal
@@ -387,11 +379,10 @@ class Node:
             readyfile.remove(self.state_dir, os.getpid())
             for coro in self._pending:
                 coro.close()
-            if self._mdns is not None:
-                await self._mdns.close()
+            await self._discovery.close()
             await self.client.close()
             if self._server is not None:
-                await self._server.server.stop(None)
+                await self._server.abort()
             if self.exporter is not None:
                 await asyncio.to_thread(self.exporter.close)
 
@@ -433,12 +424,10 @@ class Node:
             self.notifier.stopping()
         self._stop.set()
 
-    async def _shutdown(self, train_task: asyncio.Task[None], mdns_task: asyncio.Task[None] | None) -> None:
+    async def _shutdown(self, train_task: asyncio.Task[None], discovery_task: asyncio.Task[None]) -> None:
         self.log.info("shutting down")
-        if self._mdns is not None:
-            await self._mdns.close()  # goodbye first, so neighbours stop dialling us
-        if mdns_task is not None:
-            mdns_task.cancel()
+        await self._discovery.close()  # mDNS goodbye first, so neighbours stop dialling us
+        discovery_task.cancel()
         self.worker.stop.set()
         await train_task
         if self._server is not None:

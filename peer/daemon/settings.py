@@ -7,6 +7,7 @@ from peer.config import PeerConfig, TrainConfig
 from peer.core.admission import AdmissionSettings
 from peer.core.backoff import BreakerPolicy
 from peer.core.catchup import CatchUpSettings
+from peer.core.exchange import ExchangeSettings
 from peer.core.pacing import PacingSettings
 from peer.core.peers import LivenessPolicy
 from peer.core.settings import CoreSettings, Identity
@@ -31,7 +32,7 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
             max_epochs_behind=cfg.catchup.max_epochs_behind,
             wait_s=cfg.catchup.wait_s,
             mid_run=mid_run_catchup,
-            can_fetch=cfg.discovery.mdns or bool(cfg.discovery.static_peers),
+            can_fetch=cfg.discovery.finds_peers,
         ),
         admission=AdmissionSettings(
             max_peers=cfg.membership.max_peers,
@@ -40,6 +41,13 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
             hello_rate_per_s=cfg.membership.hello_rate_per_s,
             hello_burst=cfg.membership.hello_burst,
             log_interval_s=cfg.log.refusal_interval_s,
+        ),
+        exchange=ExchangeSettings(
+            enabled=cfg.discovery.peer_exchange,
+            max_per_hello=cfg.discovery.peer_exchange_max,
+            max_known=4 * cfg.membership.max_peers,
+            # A learned address that did not answer is tried again this much later, however often it is named.
+            retry_s=5 * max(cfg.discovery.hello_retry_s, cfg.membership.heartbeat_interval_s),
         ),
         cluster=cfg.discovery.cluster,
         static_peers=tuple(c.address for c in static),

@@ -19,7 +19,7 @@ class Candidate:
 
     node_id: str | None  # None for static peers (unknown until Hello)
     address: str  # "host:port", IPv6 hosts in brackets
-    source: Literal["mdns", "static"]
+    source: Literal["mdns", "static", "dns"]
     protocol_version: str | None = None
     schema_fingerprint: str | None = None
     # The peer's whole TXT record (mDNS only), e.g. a `degree` it re-announces with update_txt.

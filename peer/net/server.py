@@ -267,6 +267,11 @@ async def _refuse_undecodable(context: grpc.aio.ServicerContext, what: str) -> N
 def _add_health_and_reflection(hs: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
     """Like `add_HealthServicer_to_server` and `enable_server_reflection`, with deserializers that never raise:
     undecodable bytes get INVALID_ARGUMENT here too, not UNKNOWN and a traceback."""
+    _add_health(hs, server)
+    _add_reflection(server)
+
+
+def _add_health(hs: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
     parse = _lenient(health_pb2.HealthCheckRequest.FromString, "grpc.health.v1.HealthCheckRequest")
 
     async def check(request: Any, context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
@@ -293,6 +298,8 @@ def _add_health_and_reflection(hs: health.aio.HealthServicer, server: grpc.aio.S
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(health.SERVICE_NAME, health_handlers),))
 
+
+def _add_reflection(server: grpc.aio.Server) -> None:
     reflector = reflection.aio.ReflectionServicer(REFLECTED_SERVICES)
     request_name = "grpc.reflection.v1alpha.ServerReflectionRequest"
 
@@ -324,17 +331,32 @@ class Server:
     health: health.aio.HealthServicer
     port: int
     servicer: GossipServicer
+    probe: grpc.aio.Server | None = None  # the plaintext health-only server (`health_listen`)
+    probe_port: int = 0
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.probe is not None:
+            await self.probe.stop(None)
+
+    async def abort(self) -> None:
+        """Stop both servers at once (in-flight calls are cancelled)."""
+        await self.server.stop(None)
+        if self.probe is not None:
+            await self.probe.stop(None)
 
 
 async def start_server(
-    listen: str, cfg: GossipConfig, handlers: Handlers, credentials: Credentials | None = None
+    listen: str,
+    cfg: GossipConfig,
+    handlers: Handlers,
+    credentials: Credentials | None = None,
+    health_listen: str | None = None,
 ) -> Server:
     """Bind and start (mutual TLS with `credentials`, else plaintext). A port in use or a bad address raises
-    StartupError naming the address."""
+    StartupError naming the address. With `health_listen`, a second server answers `grpc.health.v1` alone there,
+    in plaintext (for probes without a client certificate), from the same health states."""
     server = grpc.aio.server(options=server_options(cfg))
     servicer = GossipServicer(handlers, cfg)
     _add_servicer(servicer, server)
@@ -342,6 +364,21 @@ async def start_server(
     # Health, and server reflection, so that grpcurl and other generic clients list and call the services without
     # .proto files.
     _add_health_and_reflection(hs, server)
+    port = _bind(server, listen, credentials)
+    probe, probe_port = None, 0
+    if health_listen is not None:
+        probe = grpc.aio.server(options=server_options(cfg))
+        _add_health(hs, probe)
+        probe_port = _bind(probe, health_listen, None)
+        await probe.start()
+    await server.start()
+    # Health per service name: "" is the whole server; each goes NOT_SERVING at a graceful stop.
+    for name in HEALTH_SERVICES:
+        await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Server(server, hs, port, servicer, probe, probe_port)
+
+
+def _bind(server: grpc.aio.Server, listen: str, credentials: Credentials | None) -> int:
     host, _, port_text = listen.rpartition(":")
     # gRPC binds every address a name resolves to and succeeds if any one binds: "localhost:P" with 127.0.0.1:P
     # taken would quietly listen on [::1]:P alone, beside the other daemon. Bind the IPv4 loopback only.
@@ -357,8 +394,4 @@ async def start_server(
         ) from None
     if port == 0:
         raise StartupError(f"cannot listen on {listen}: the port is in use or the address is not on this host")
-    await server.start()
-    # Health per service name: "" is the whole server; each goes NOT_SERVING at a graceful stop.
-    for name in HEALTH_SERVICES:
-        await hs.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Server(server, hs, port, servicer)
+    return port

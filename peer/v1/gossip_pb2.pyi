@@ -164,6 +164,7 @@ class HelloRequest(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    KNOWN_PEERS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The caller's node id, unique in the swarm."""
     protocol_version: _builtins.str
@@ -182,6 +183,12 @@ class HelloRequest(_message.Message):
     """The caller's local training step (how far its model has come), for catch-up decisions."""
     epoch: _builtins.float
     """The caller's training progress in epochs over its own partition (comparable across partition sizes)."""
+    @_builtins.property
+    def known_peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnownPeer]:
+        """Peer exchange: a bounded sample of the caller's members. Only candidates: each joins once it answers the
+        receiver's own Hello.
+        """
+
     def __init__(
         self,
         *,
@@ -194,10 +201,11 @@ class HelloRequest(_message.Message):
         incarnation: _builtins.int = ...,
         step: _builtins.int = ...,
         epoch: _builtins.float = ...,
+        known_peers: _abc.Iterable[Global___KnownPeer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "known_peers", b"known_peers", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,6 +228,7 @@ class HelloResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    KNOWN_PEERS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The callee's node id."""
     protocol_version: _builtins.str
@@ -242,6 +251,12 @@ class HelloResponse(_message.Message):
     """The callee's local training step."""
     epoch: _builtins.float
     """The callee's training progress in epochs over its own partition."""
+    @_builtins.property
+    def known_peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnownPeer]:
+        """Peer exchange: a bounded sample of the callee's members. Only candidates: each joins once it answers the
+        caller's own Hello.
+        """
+
     def __init__(
         self,
         *,
@@ -256,14 +271,41 @@ class HelloResponse(_message.Message):
         reason: _builtins.str = ...,
         step: _builtins.int = ...,
         epoch: _builtins.float = ...,
+        known_peers: _abc.Iterable[Global___KnownPeer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "known_peers", b"known_peers", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HelloResponse: _TypeAlias = HelloResponse  # noqa: Y015
+
+@_typing.final
+class KnownPeer(_message.Message):
+    """KnownPeer names one member of the sender's peer table and the address the sender reaches it at."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The member's node id."""
+    address: _builtins.str
+    """"host:port" where the sender's own Hello reached it."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KnownPeer: _TypeAlias = KnownPeer  # noqa: Y015
 
 @_typing.final
 class PushRequest(_message.Message):

@@ -40,16 +40,22 @@ class BedBase:
         port: int = DEFAULT_PORT,
         host_overrides: dict[int, dict[str, Any]] | None = None,
         detached: bool = False,
+        subnets: int = 1,
     ) -> None:
         """`base_config` is merged into every host's config; `host_overrides[i]` into host i's only.
+        `subnets=2`: the first half of the hosts on 198.18.0.0/24 (bridge br0), the rest on 198.18.1.0/24 (br1),
+        joined by a router namespace; multicast (mDNS) stays within each subnet.
         `detached=True` starts daemons in their own session with stdout to a file, so that they outlive this
         process (the CLI); otherwise they die with it and their stdout is piped."""
         if not NAME_RE.match(name):
             raise TestbedError(f"testbed name {name!r}: use 1..64 letters, digits, '.', '_', '-'")
         if not 1 <= n <= MAX_HOSTS:
             raise TestbedError(f"n must be in 1..{MAX_HOSTS}, got {n}")
+        if subnets not in (1, 2):
+            raise TestbedError(f"subnets must be 1 or 2, got {subnets}")
         self.name = name
         self.n = n
+        self.subnets = subnets
         self.workdir = Path(workdir).resolve()
         self.base_config = copy.deepcopy(base_config or {})
         self.python = python
@@ -81,8 +87,19 @@ class BedBase:
         """Host i's switch port (the bridge end of its veth), inside the bridge namespace."""
         return f"{self.prefix}b{i}"
 
+    @property
+    def router_ns(self) -> str:
+        return f"{self.prefix}rt"
+
+    def subnet_of(self, i: int) -> int:
+        """0, or 1 for the second half of the hosts when the testbed has two routed subnets."""
+        return 1 if self.subnets == 2 and i >= (self.n + 1) // 2 else 0
+
+    def ip(self, i: int) -> str:
+        return host_ip(i, self.subnet_of(i))
+
     def address(self, i: int) -> str:
-        return f"{host_ip(i)}:{self.port}"
+        return f"{self.ip(i)}:{self.port}"
 
     def node_id(self, i: int) -> str:
         return f"h{i}"
@@ -120,6 +137,7 @@ class BedBase:
             "name": self.name,
             "prefix": self.prefix,
             "n": self.n,
+            "subnets": self.subnets,
             "workdir": str(self.workdir),
             "python": self.python,
             "port": self.port,

@@ -45,6 +45,7 @@ class Testbed(NetworkMixin, DaemonsMixin, StatusMixin):
             port=st.get("port", DEFAULT_PORT),
             host_overrides={int(k): v for k, v in (st.get("host_overrides") or {}).items()},
             detached=True,  # whatever it was, daemons started from here must outlive this process
+            subnets=int(st.get("subnets", 1)),
         )
         prefix = st.get("prefix", "")
         if not PREFIX_RE.match(prefix):

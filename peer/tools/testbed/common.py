@@ -14,6 +14,7 @@ import yaml
 
 DEFAULT_STATE_DIR = Path("/run/peer-testbed")
 SUBNET = ipaddress.IPv4Network("198.18.0.0/24")  # inside 198.18.0.0/15; host i is .(i + 1)
+ROUTER_HOST = 254  # with two routed subnets, the router is 198.18.<subnet>.254
 MAX_HOSTS = 200
 DEFAULT_PORT = 50051
 HOST_IF = "eth0"
@@ -55,8 +56,14 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def host_ip(i: int) -> str:
-    return str(SUBNET.network_address + i + 1)
+def subnet_address(subnet: int, host: int) -> str:
+    """198.18.<subnet>.<host>"""
+    return str(SUBNET.network_address + 256 * subnet + host)
+
+
+def host_ip(i: int, subnet: int = 0) -> str:
+    """Host i's address: 198.18.<subnet>.(i + 1)."""
+    return subnet_address(subnet, i + 1)
 
 
 def _atomic_write(path: Path, text: str) -> None:

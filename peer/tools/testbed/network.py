@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Sequence
 
 from peer.tools.testbed.base import BedBase
-from peer.tools.testbed.common import HOST_IF, SUBNET, TestbedError, host_ip
+from peer.tools.testbed.common import HOST_IF, ROUTER_HOST, SUBNET, TestbedError, subnet_address
 from peer.tools.testbed.netns import _ip, list_netns
 
 
@@ -50,21 +50,42 @@ class NetworkMixin(BedBase):
         _ip("-n", br, "link", "set", "lo", "up")
         for k in (0, 1):
             self._add_bridge(k)
+        if self.subnets == 2:
+            self._add_router()
         for i in range(self.n):
             ns = self.host_ns(i)
+            s = self.subnet_of(i)
             _ip("netns", "add", ns)
             _ip("-n", ns, "link", "set", "lo", "up")
             # Created inside the host namespace, the other end moved straight into the bridge namespace:
             # no interface ever exists in the initial namespace.
             _ip("-n", ns, "link", "add", HOST_IF, "type", "veth", "peer", "name", self.port_name(i), "netns", br)
-            _ip("-n", br, "link", "set", self.port_name(i), "master", "br0")
+            _ip("-n", br, "link", "set", self.port_name(i), "master", f"br{s}")
             _ip("-n", br, "link", "set", self.port_name(i), "up")
-            _ip("-n", ns, "addr", "add", f"{host_ip(i)}/{SUBNET.prefixlen}", "dev", HOST_IF)
+            _ip("-n", ns, "addr", "add", f"{self.ip(i)}/{SUBNET.prefixlen}", "dev", HOST_IF)
             _ip("-n", ns, "link", "set", HOST_IF, "up")
             # mDNS sends to 224.0.0.251; zeroconf sets IP_MULTICAST_IF, but a route makes any other multicast
             # sender in the namespace work too.
             _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", HOST_IF)
-            self.placement[i] = 0
+            if self.subnets == 2:
+                other = f"{subnet_address(1 - s, 0)}/{SUBNET.prefixlen}"
+                _ip("-n", ns, "route", "add", other, "via", subnet_address(s, ROUTER_HOST))
+            self.placement[i] = s
+
+    def _add_router(self) -> None:
+        """A namespace with a leg on br0 (198.18.0.254) and one on br1 (198.18.1.254) that forwards between
+        them: unicast crosses, multicast (mDNS, link-local) does not."""
+        rt, br = self.router_ns, self.bridge_ns
+        _ip("netns", "add", rt)
+        _ip("-n", rt, "link", "set", "lo", "up")
+        for s in (0, 1):
+            leg, port = f"eth{s}", f"{self.prefix}r{s}"
+            _ip("-n", rt, "link", "add", leg, "type", "veth", "peer", "name", port, "netns", br)
+            _ip("-n", br, "link", "set", port, "master", f"br{s}")
+            _ip("-n", br, "link", "set", port, "up")
+            _ip("-n", rt, "addr", "add", f"{subnet_address(s, ROUTER_HOST)}/{SUBNET.prefixlen}", "dev", leg)
+            _ip("-n", rt, "link", "set", leg, "up")
+        _ip("netns", "exec", rt, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
 
     def _add_bridge(self, k: int) -> None:
         if k in self.bridges:
