@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""Benchmark: Push throughput between two daemon processes on loopback, against raw asyncio TCP (issue 11, part 1).
+
+For each state size (16 and 64 MiB of float32 by default) and each repeat, two modes run back to back, each with a
+fresh pair of processes:
+
+- **peer**: a receiving daemon process (`peer.daemon.node.Node`, `external=True`: no training thread competes)
+  and a sending daemon process. The sender encodes `--pushes + 1` states with the real encoder (new sequence
+  numbers), pushes one to warm up, then times the rest through its real client; the receiver runs every check
+  (manifest, integrity digest, decoding, finiteness) and hands each state to its algorithm before it answers, so
+  each timed Push covers the whole path.
+- **tcp**: the same two kinds of Python processes (torch imported, one torch thread), an asyncio TCP server and
+  client moving the same number of bytes per message (written chunk by chunk, read with `readexactly`), one
+  1-byte acknowledgement per message.
+
+Ratio = peer GB/s / tcp GB/s, medians over repeats, measured side by side in one run.
+
+Usage:
+    .venv/bin/python scripts/bench_transport.py --json bench-results/transport.json
+    .venv/bin/python scripts/bench_transport.py --sizes-mib 16 --pushes 3 --repeats 1 --json /tmp/t.json  # smoke
+
+Writes the markdown table next to the JSON (transport.md). `--profile DIR` writes a cProfile of the receiving
+daemon per size (peer mode, first repeat) under DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from peer import config  # noqa: E402
+from peer.algorithms.base import Payload  # noqa: E402
+from peer.daemon.node import Node  # noqa: E402
+from peer.net.encoder import encode_frames  # noqa: E402
+from peer.tools.revision import git_revision  # noqa: E402
+
+MIB = 1 << 20
+
+
+def node_config(work: Path, node_id: str, static: list[str], max_mib: int) -> config.PeerConfig:
+    raw: dict[str, Any] = {
+        "node_id": node_id,
+        "state_dir": str(work / node_id),
+        "listen": "127.0.0.1:0",
+        "discovery": {"mdns": False, "static_peers": static},
+        "train": {"torch_threads": 1},
+        "checkpoint": {"interval_s": 3600},
+        "gossip": {"max_message_bytes": max(2 * max_mib * MIB, 64 * MIB)},
+    }
+    return config.validate(raw, source="bench_transport")
+
+
+def bench_model(mib: float) -> torch.nn.Module:
+    """A bias-free linear layer holding `mib` MiB of float32 (rounded to whole rows of 1024)."""
+    rows = max(1, round(mib * MIB / 4 / 1024))
+    return torch.nn.Linear(1024, rows, bias=False)
+
+
+# ----------------------------------------------------------------------------------------------- child processes
+def say(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def serve_peer(mib: float, profile: str | None) -> None:
+    """The receiving daemon: prints its address, then serves until stdin closes."""
+    with tempfile.TemporaryDirectory() as d:
+        node = Node(
+            node_config(Path(d), "rx", [], int(mib) + 1), model=bench_model(mib), external=True, stdout=io.StringIO()
+        )
+        task = asyncio.create_task(node.run())
+        await node.ready.wait()
+        prof = None
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+        say({"address": node.address})
+        drain = asyncio.create_task(_drain_inbox(node))
+        await asyncio.to_thread(sys.stdin.read)  # the parent closes stdin when done
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(profile)
+        drain.cancel()
+        node.request_stop()
+        await task
+
+
+async def _drain_inbox(node: Node) -> None:
+    """Nobody merges in this benchmark: drop delivered states so memory stays flat (the algorithm's inbox)."""
+    while True:
+        node.worker.inbox.clear()
+        await asyncio.sleep(0.02)
+
+
+async def send_peer(mib: float, address: str, pushes: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        node = Node(
+            node_config(Path(d), "tx", [address], int(mib) + 1),
+            model=bench_model(mib),
+            external=True,
+            stdout=io.StringIO(),
+        )
+        task = asyncio.create_task(node.run())
+        await node.ready.wait()
+        try:
+            await node.wait_for(lambda: "rx" in node.core.peers, 30, "the receiver to answer Hello")
+            n = node.built.num_params
+            x = torch.randn(n)
+            env = node._envelope()
+            chunk = node.cfg.gossip.chunk_bytes
+            base_seq = 10**6
+            encoded = [
+                await asyncio.to_thread(
+                    encode_frames, env, Payload("state", {"params": x}, seq=base_seq + i), chunk_bytes=chunk
+                )
+                for i in range(pushes + 1)
+            ]
+            total = int(encoded[0][0].total_bytes)
+            walls = []
+            for i, (_, frames) in enumerate(encoded):
+                started = time.perf_counter()
+                resp = await node.client.push(address, frames, total, "rx")
+                if i:
+                    walls.append(time.perf_counter() - started)
+                assert resp.accepted and resp.bytes_received == total, resp
+            say({"bytes": total, "walls": walls})
+        finally:
+            node.request_stop()
+            await task
+
+
+async def serve_tcp(mib: float) -> None:
+    total = bench_model(mib).weight.numel() * 4
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readexactly(total)
+                writer.write(b"k")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    say({"address": f"127.0.0.1:{port}"})
+    await asyncio.to_thread(sys.stdin.read)
+    server.close()
+
+
+async def send_tcp(mib: float, address: str, pushes: int) -> None:
+    host, port = address.rsplit(":", 1)
+    x = bench_model(mib).weight.detach().reshape(-1)
+    data = memoryview(x.numpy()).cast("B")
+    total = data.nbytes
+    reader, writer = await asyncio.open_connection(host, int(port))
+    walls = []
+    for i in range(pushes + 1):
+        started = time.perf_counter()
+        for pos in range(0, total, MIB):
+            writer.write(data[pos : pos + MIB])
+            await writer.drain()
+        assert await reader.readexactly(1) == b"k"
+        if i:
+            walls.append(time.perf_counter() - started)
+    writer.close()
+    await writer.wait_closed()
+    say({"bytes": total, "walls": walls})
+
+
+def child(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    os.environ.setdefault("GRPC_VERBOSITY", "error")
+    logging.basicConfig(level=logging.ERROR)
+    role = args.child
+    if role == "serve-peer":
+        asyncio.run(serve_peer(args.mib, args.profile_out))
+    elif role == "serve-tcp":
+        asyncio.run(serve_tcp(args.mib))
+    elif role == "send-peer":
+        asyncio.run(send_peer(args.mib, args.address, args.pushes))
+    else:
+        asyncio.run(send_tcp(args.mib, args.address, args.pushes))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- parent
+def spawn(*argv: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def one_run(mode: str, mib: float, pushes: int, profile: str | None = None) -> dict[str, Any]:
+    """A fresh receiver and sender process; returns bytes per push and the timed push walls."""
+    extra = ["--profile-out", profile] if profile else []
+    rx = spawn("--child", f"serve-{mode}", "--mib", str(mib), *extra)
+    try:
+        assert rx.stdout is not None and rx.stdin is not None
+        address = json.loads(rx.stdout.readline())["address"]
+        tx = spawn("--child", f"send-{mode}", "--mib", str(mib), "--address", address, "--pushes", str(pushes))
+        out, _ = tx.communicate(timeout=600)
+        if tx.returncode != 0:
+            raise RuntimeError(f"{mode} sender failed with exit code {tx.returncode}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if rx.stdin is not None:
+            rx.stdin.close()
+        rx.wait(timeout=60)
+    return result
+
+
+def gbps(nbytes: int, walls: list[float]) -> float:
+    return nbytes / statistics.median(walls) / 1e9
+
+
+def main_parent(args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    for mib in args.sizes_mib:
+        runs: dict[str, list[float]] = {"peer": [], "tcp": []}
+        nbytes = 0
+        for rep in range(args.repeats):
+            for mode in ("tcp", "peer"):
+                prof = None
+                if args.profile and mode == "peer" and rep == 0:
+                    Path(args.profile).mkdir(parents=True, exist_ok=True)
+                    prof = str(Path(args.profile) / f"rx-{mib:g}mib.prof")
+                r = one_run(mode, mib, args.pushes, prof)
+                nbytes = r["bytes"]
+                runs[mode].append(gbps(nbytes, r["walls"]))
+                print(f"{mib:g} MiB {mode}: {runs[mode][-1]:.3f} GB/s", flush=True)
+        peer, tcp = statistics.median(runs["peer"]), statistics.median(runs["tcp"])
+        rows.append(
+            {
+                "mib": mib,
+                "state_bytes": nbytes,
+                "peer_gb_per_s": peer,
+                "tcp_gb_per_s": tcp,
+                "ratio_vs_tcp": peer / tcp,
+                "peer_runs": runs["peer"],
+                "tcp_runs": runs["tcp"],
+            }
+        )
+    return {
+        "command": "python scripts/bench_transport.py " + shlex.join(sys.argv[1:]),
+        "cpus": os.cpu_count(),
+        "revision": git_revision(ROOT),
+        "pushes": args.pushes,
+        "repeats": args.repeats,
+        "goal_ratio_vs_tcp": 0.8,
+        "rows": rows,
+        "ratio_vs_tcp": min(r["ratio_vs_tcp"] for r in rows),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Push throughput against raw asyncio TCP (issue 11, part 1)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['cpus']} CPUs; two processes on loopback per mode, plaintext.  ",
+        f"Revision: {result['revision']}",
+        "",
+        f"{result['pushes']} timed pushes per run after one warm-up, median push; {result['repeats']} runs per mode, "
+        "alternating, median of the runs. GB/s = 10^9 bytes/s.",
+        "",
+        "| state | peer GB/s | raw TCP GB/s | ratio_vs_tcp | peer runs | TCP runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['mib']:g} MiB | {r['peer_gb_per_s']:.3f} | {r['tcp_gb_per_s']:.3f} | **{r['ratio_vs_tcp']:.2f}** | "
+            f"{', '.join(f'{v:.2f}' for v in r['peer_runs'])} | {', '.join(f'{v:.2f}' for v in r['tcp_runs'])} |"
+        )
+    lines += ["", f"Worst ratio: **{result['ratio_vs_tcp']:.2f}** (goal >= {result['goal_ratio_vs_tcp']})", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes-mib", type=float, nargs="+", default=[16, 64])
+    p.add_argument("--pushes", type=int, default=5, help="timed pushes per run (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per mode and size (default 3)")
+    p.add_argument("--json", default=str(ROOT / "bench-results" / "transport.json"))
+    p.add_argument("--profile", default=None, help="write a cProfile of the receiving daemon per size here")
+    p.add_argument("--child", choices=["serve-peer", "serve-tcp", "send-peer", "send-tcp"], help=argparse.SUPPRESS)
+    p.add_argument("--mib", type=float, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--address", default="", help=argparse.SUPPRESS)
+    p.add_argument("--profile-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+    result = main_parent(args)
+    md = markdown(result)
+    print(md)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
