@@ -58,7 +58,10 @@ def run_fleet(work: Path, per_peer: list[dict[str, Any]], timeout_s: float = 600
         path.write_text(yaml.safe_dump(peer_config(i, n, work, cluster, extra)))
         paths.append(path)
     cfgs = [config_mod.load(p) for p in paths]
-    procs = [start_peer(i, c.node_id, p, Path(c.state_dir), work / f"{c.node_id}.log") for i, (p, c) in enumerate(zip(paths, cfgs, strict=True))]
+    procs = [
+        start_peer(i, c.node_id, p, Path(c.state_dir), work / f"{c.node_id}.log")
+        for i, (p, c) in enumerate(zip(paths, cfgs, strict=True))
+    ]
     deadline = time.monotonic() + timeout_s
     try:
         wait_ready(procs, deadline)

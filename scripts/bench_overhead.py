@@ -29,9 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fleet import ROOT, run_fleet, step_rate  # noqa: E402
+from _fleet import ROOT, run_fleet, step_rate
 
-from peer.tools.revision import git_revision  # noqa: E402
+from peer.tools.revision import git_revision
 
 ALGORITHMS = ("none", "cdl", "dpsgd", "choco")
 

@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -74,16 +75,21 @@ def bench_model(mib: float) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- child processes
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def say(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
 
 
-async def serve_peer(mib: float, profile: str | None) -> None:
-    """The receiving daemon: prints its address, then serves until stdin closes."""
+async def serve_peer(mib: float, profile: str | None, node_id: str = "rx") -> None:
+    """The receiving daemon: prints its address, then serves until stdin closes, then prints its peak RSS."""
     with tempfile.TemporaryDirectory() as d:
         node = Node(
-            node_config(Path(d), "rx", [], int(mib) + 1), model=bench_model(mib), external=True, stdout=io.StringIO()
+            node_config(Path(d), node_id, [], int(mib) + 1), model=bench_model(mib), external=True, stdout=io.StringIO()
         )
         task = asyncio.create_task(node.run())
         await node.ready.wait()
@@ -93,9 +99,10 @@ async def serve_peer(mib: float, profile: str | None) -> None:
 
             prof = cProfile.Profile()
             prof.enable()
-        say({"address": node.address})
+        say({"address": node.address, "peak_rss_mib_ready": peak_rss_mib()})
         drain = asyncio.create_task(_drain_inbox(node))
         await asyncio.to_thread(sys.stdin.read)  # the parent closes stdin when done
+        say({"peak_rss_mib": peak_rss_mib()})
         if prof is not None:
             prof.disable()
             prof.dump_stats(profile)
@@ -112,9 +119,12 @@ async def _drain_inbox(node: Node) -> None:
 
 
 async def send_peer(mib: float, address: str, pushes: int) -> None:
+    """Push to one receiver, or to every address of a comma-separated list at once (one task per neighbour, the
+    same encoded frames for all, as the daemon's pusher does); each timed wall is until every push was answered."""
+    addresses = address.split(",")
     with tempfile.TemporaryDirectory() as d:
         node = Node(
-            node_config(Path(d), "tx", [address], int(mib) + 1),
+            node_config(Path(d), "tx", addresses, int(mib) + 1),
             model=bench_model(mib),
             external=True,
             stdout=io.StringIO(),
@@ -122,27 +132,41 @@ async def send_peer(mib: float, address: str, pushes: int) -> None:
         task = asyncio.create_task(node.run())
         await node.ready.wait()
         try:
-            await node.wait_for(lambda: "rx" in node.core.peers, 30, "the receiver to answer Hello")
+            ids = ["rx"] if len(addresses) == 1 else [f"rx{i}" for i in range(len(addresses))]
+            await node.wait_for(lambda: all(i in node.core.peers for i in ids), 60, "the receivers to answer Hello")
             n = node.built.num_params
-            x = torch.randn(n)
+            x = torch.randn(n)  # the state to send: the model's flat parameters in a daemon
+            ready_rss = peak_rss_mib()
             env = node._envelope()
             chunk = node.cfg.gossip.chunk_bytes
             base_seq = 10**6
-            encoded = [
-                await asyncio.to_thread(
-                    encode_frames, env, Payload("state", {"params": x}, seq=base_seq + i), chunk_bytes=chunk
-                )
-                for i in range(pushes + 1)
-            ]
-            total = int(encoded[0][0].total_bytes)
-            walls = []
-            for i, (_, frames) in enumerate(encoded):
+            walls, encodes = [], []
+            total = 0
+            for i in range(pushes + 1):
+                # Encoded once per state, untimed (the daemon encodes once for all neighbours, off the loop);
+                # the time it takes is reported apart.
+                payload = Payload("state", {"params": x}, seq=base_seq + i)
                 started = time.perf_counter()
-                resp = await node.client.push(address, frames, total, "rx")
+                header, frames = await asyncio.to_thread(encode_frames, env, payload, chunk_bytes=chunk)
+                encodes.append(time.perf_counter() - started)
+                total = int(header.total_bytes)
+                started = time.perf_counter()
+                resps = await asyncio.gather(
+                    *(node.client.push(a, frames, total, j) for a, j in zip(addresses, ids, strict=True))
+                )
                 if i:
                     walls.append(time.perf_counter() - started)
-                assert resp.accepted and resp.bytes_received == total, resp
-            say({"bytes": total, "walls": walls})
+                assert all(r.accepted and r.bytes_received == total for r in resps), resps
+                del frames
+            say(
+                {
+                    "bytes": total,
+                    "walls": walls,
+                    "encode_s": statistics.median(encodes),
+                    "peak_rss_mib_ready": ready_rss,
+                    "peak_rss_mib": peak_rss_mib(),
+                }
+            )
         finally:
             node.request_stop()
             await task
@@ -193,7 +217,7 @@ def child(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)
     role = args.child
     if role == "serve-peer":
-        asyncio.run(serve_peer(args.mib, args.profile_out))
+        asyncio.run(serve_peer(args.mib, args.profile_out, args.node_id))
     elif role == "serve-tcp":
         asyncio.run(serve_tcp(args.mib))
     elif role == "send-peer":
@@ -305,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=["serve-peer", "serve-tcp", "send-peer", "send-tcp"], help=argparse.SUPPRESS)
     p.add_argument("--mib", type=float, default=16, help=argparse.SUPPRESS)
     p.add_argument("--address", default="", help=argparse.SUPPRESS)
+    p.add_argument("--node-id", default="rx", help=argparse.SUPPRESS)
     p.add_argument("--profile-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

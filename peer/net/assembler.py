@@ -192,7 +192,7 @@ class Assembler:
             self._check_against_any(list(expected))
         # No zero-fill: every byte is written by a chunk before `finish` reads it (it checks the count).
         self._buf = torch.empty(header.total_bytes, dtype=torch.uint8)
-        self._view = memoryview(self._buf.numpy())
+        self._view = self._buf.numpy().data  # a writable memoryview of the buffer
 
     def _check_encoding(self, value: int, where: str, *, inherit_ok: bool) -> None:
         if value == gossip_pb2.ENCODING_RAW or (inherit_ok and value == gossip_pb2.ENCODING_UNSPECIFIED):

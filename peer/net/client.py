@@ -90,9 +90,9 @@ class Client:
         """One Push stream. `requests` are PushRequests, or already serialized ones (`encoder.encode_frames`), which
         go out as they are: the stream serializes nothing per neighbour."""
         # No request serializer: the stream carries bytes (grpc passes them through untouched).
-        call = self._channel(address, peer_id).stream_unary(
-            PUSH_METHOD, request_serializer=None, response_deserializer=gossip_pb2.PushResponse.FromString
-        )
+        call: grpc.aio.StreamUnaryMultiCallable[bytes, gossip_pb2.PushResponse] = self._channel(
+            address, peer_id
+        ).stream_unary(PUSH_METHOD, request_serializer=None, response_deserializer=gossip_pb2.PushResponse.FromString)
 
         async def gen() -> AsyncIterator[bytes]:
             for r in requests:
