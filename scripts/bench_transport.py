@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import logging
 import os
@@ -49,7 +50,17 @@ import torch  # noqa: E402
 from peer import config  # noqa: E402
 from peer.algorithms.base import Payload  # noqa: E402
 from peer.daemon.node import Node  # noqa: E402
-from peer.net.encoder import encode_frames  # noqa: E402
+
+try:
+    from peer.net.encoder import encode_frames
+except ImportError:  # a revision before issue 11 (to measure it with this same script): PushRequests, not bytes
+    from peer.net.encoder import encode, iter_requests
+
+    def encode_frames(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        header, chunks = encode(*args, **kwargs)
+        return header, list(iter_requests(header, chunks))
+
+
 from peer.tools.revision import git_revision  # noqa: E402
 
 MIB = 1 << 20
@@ -142,7 +153,10 @@ async def send_peer(mib: float, address: str, pushes: int) -> None:
             base_seq = 10**6
             walls, encodes = [], []
             total = 0
-            for i in range(pushes + 1):
+            say({"ready": True})
+            for i in range(pushes + 1) if pushes >= 0 else itertools.count():
+                if pushes < 0 and not await asyncio.to_thread(sys.stdin.readline):
+                    break  # interactive: one push per line from the parent, until it closes stdin
                 # Encoded once per state, untimed (the daemon encodes once for all neighbours, off the loop);
                 # the time it takes is reported apart.
                 payload = Payload("state", {"params": x}, seq=base_seq + i)
@@ -154,10 +168,13 @@ async def send_peer(mib: float, address: str, pushes: int) -> None:
                 resps = await asyncio.gather(
                     *(node.client.push(a, frames, total, j) for a, j in zip(addresses, ids, strict=True))
                 )
-                if i:
-                    walls.append(time.perf_counter() - started)
+                wall = time.perf_counter() - started
                 assert all(r.accepted and r.bytes_received == total for r in resps), resps
                 del frames
+                if pushes < 0:
+                    say({"wall": wall})
+                elif i:
+                    walls.append(wall)
             say(
                 {
                     "bytes": total,
@@ -198,14 +215,20 @@ async def send_tcp(mib: float, address: str, pushes: int) -> None:
     total = data.nbytes
     reader, writer = await asyncio.open_connection(host, int(port))
     walls = []
-    for i in range(pushes + 1):
+    say({"ready": True})
+    for i in range(pushes + 1) if pushes >= 0 else itertools.count():
+        if pushes < 0 and not await asyncio.to_thread(sys.stdin.readline):
+            break
         started = time.perf_counter()
         for pos in range(0, total, MIB):
             writer.write(data[pos : pos + MIB])
             await writer.drain()
         assert await reader.readexactly(1) == b"k"
-        if i:
-            walls.append(time.perf_counter() - started)
+        wall = time.perf_counter() - started
+        if pushes < 0:
+            say({"wall": wall})
+        elif i:
+            walls.append(wall)
     writer.close()
     await writer.wait_closed()
     say({"bytes": total, "walls": walls})
@@ -235,7 +258,7 @@ def spawn(*argv: str) -> subprocess.Popen[str]:
 
 
 def one_run(mode: str, mib: float, pushes: int, profile: str | None = None) -> dict[str, Any]:
-    """A fresh receiver and sender process; returns bytes per push and the timed push walls."""
+    """A fresh receiver and sender process, `pushes` timed pushes after a warm-up (bench_scaling uses this)."""
     extra = ["--profile-out", profile] if profile else []
     rx = spawn("--child", f"serve-{mode}", "--mib", str(mib), *extra)
     try:
@@ -253,25 +276,71 @@ def one_run(mode: str, mib: float, pushes: int, profile: str | None = None) -> d
     return result
 
 
+def interleaved(mib: float, pushes: int, profile: str | None) -> dict[str, list[float]]:
+    """Both modes' processes at once; the parent lets the two senders push in turn (tcp, peer, peer, tcp, ...),
+    one push each per turn, so that both see the same background load. Returns the timed walls per mode."""
+    procs = []
+    senders: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for mode in ("tcp", "peer"):
+            extra = ["--profile-out", profile] if profile and mode == "peer" else []
+            rx = spawn("--child", f"serve-{mode}", "--mib", str(mib), *extra)
+            procs.append(rx)
+            assert rx.stdout is not None
+            address = json.loads(rx.stdout.readline())["address"]
+            tx = spawn("--child", f"send-{mode}", "--mib", str(mib), "--address", address, "--pushes", "-1")
+            procs.append(tx)
+            senders[mode] = tx
+        for tx in senders.values():
+            assert tx.stdout is not None
+            assert json.loads(tx.stdout.readline()).get("ready"), "sender did not start"
+        walls: dict[str, list[float]] = {"tcp": [], "peer": []}
+        for turn in range(pushes + 1):  # turn 0 warms both up
+            order = ("tcp", "peer") if turn % 2 else ("peer", "tcp")
+            for mode in order:
+                tx = senders[mode]
+                assert tx.stdin is not None and tx.stdout is not None
+                tx.stdin.write("go\n")
+                tx.stdin.flush()
+                line = tx.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{mode} sender exited early (code {tx.wait()})")
+                if turn:
+                    walls[mode].append(float(json.loads(line)["wall"]))
+    finally:
+        for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in procs:
+            p.wait(timeout=60)
+    return walls
+
+
 def gbps(nbytes: int, walls: list[float]) -> float:
     return nbytes / statistics.median(walls) / 1e9
 
 
 def main_parent(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
+    load_before = os.getloadavg()[0]
     for mib in args.sizes_mib:
         runs: dict[str, list[float]] = {"peer": [], "tcp": []}
-        nbytes = 0
+        pair_ratios: list[float] = []
+        nbytes = bench_model(mib).weight.numel() * 4
         for rep in range(args.repeats):
+            prof = None
+            if args.profile and rep == 0:
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+                prof = str(Path(args.profile) / f"rx-{mib:g}mib.prof")
+            walls = interleaved(mib, args.pushes, prof)
             for mode in ("tcp", "peer"):
-                prof = None
-                if args.profile and mode == "peer" and rep == 0:
-                    Path(args.profile).mkdir(parents=True, exist_ok=True)
-                    prof = str(Path(args.profile) / f"rx-{mib:g}mib.prof")
-                r = one_run(mode, mib, args.pushes, prof)
-                nbytes = r["bytes"]
-                runs[mode].append(gbps(nbytes, r["walls"]))
-                print(f"{mib:g} MiB {mode}: {runs[mode][-1]:.3f} GB/s", flush=True)
+                runs[mode].extend(nbytes / w / 1e9 for w in walls[mode])
+            pair_ratios.extend(t / p for p, t in zip(walls["peer"], walls["tcp"], strict=True))
+            print(
+                f"{mib:g} MiB run {rep + 1}: tcp {gbps(nbytes, walls['tcp']):.3f} GB/s, "
+                f"peer {gbps(nbytes, walls['peer']):.3f} GB/s",
+                flush=True,
+            )
         peer, tcp = statistics.median(runs["peer"]), statistics.median(runs["tcp"])
         rows.append(
             {
@@ -280,13 +349,15 @@ def main_parent(args: argparse.Namespace) -> dict[str, Any]:
                 "peer_gb_per_s": peer,
                 "tcp_gb_per_s": tcp,
                 "ratio_vs_tcp": peer / tcp,
-                "peer_runs": runs["peer"],
-                "tcp_runs": runs["tcp"],
+                "median_pair_ratio": statistics.median(pair_ratios),
+                "peer_pushes_gb_per_s": runs["peer"],
+                "tcp_pushes_gb_per_s": runs["tcp"],
             }
         )
     return {
         "command": "python scripts/bench_transport.py " + shlex.join(sys.argv[1:]),
         "cpus": os.cpu_count(),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
         "revision": git_revision(ROOT),
         "pushes": args.pushes,
         "repeats": args.repeats,
@@ -301,19 +372,21 @@ def markdown(result: dict[str, Any]) -> str:
         "# Push throughput against raw asyncio TCP (issue 11, part 1)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['cpus']} CPUs; two processes on loopback per mode, plaintext.  ",
+        f"Machine: {result['cpus']} CPUs, shared (1-minute load average {result['load_average_1min'][0]:.1f} at the "
+        f"start, {result['load_average_1min'][1]:.1f} at the end); two processes per mode on loopback, plaintext.  ",
         f"Revision: {result['revision']}",
         "",
-        f"{result['pushes']} timed pushes per run after one warm-up, median push; {result['repeats']} runs per mode, "
-        "alternating, median of the runs. GB/s = 10^9 bytes/s.",
+        f"{result['repeats']} runs, each with fresh processes for both modes, alive together; the two senders push "
+        f"in turn (one push each per turn, order alternating), {result['pushes']} timed turns after a warm-up. "
+        "GB/s = 10^9 bytes / median push time over all runs; pair ratio = median over turns of tcp time / peer time.",
         "",
-        "| state | peer GB/s | raw TCP GB/s | ratio_vs_tcp | peer runs | TCP runs |",
-        "|---|---|---|---|---|---|",
+        "| state | peer GB/s | raw TCP GB/s | ratio_vs_tcp | median pair ratio |",
+        "|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['mib']:g} MiB | {r['peer_gb_per_s']:.3f} | {r['tcp_gb_per_s']:.3f} | **{r['ratio_vs_tcp']:.2f}** | "
-            f"{', '.join(f'{v:.2f}' for v in r['peer_runs'])} | {', '.join(f'{v:.2f}' for v in r['tcp_runs'])} |"
+            f"{r['median_pair_ratio']:.2f} |"
         )
     lines += ["", f"Worst ratio: **{result['ratio_vs_tcp']:.2f}** (goal >= {result['goal_ratio_vs_tcp']})", ""]
     return "\n".join(lines)
@@ -322,7 +395,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes-mib", type=float, nargs="+", default=[16, 64])
-    p.add_argument("--pushes", type=int, default=5, help="timed pushes per run (default 5)")
+    p.add_argument("--pushes", type=int, default=8, help="timed turns per run (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode and size (default 3)")
     p.add_argument("--json", default=str(ROOT / "bench-results" / "transport.json"))
     p.add_argument("--profile", default=None, help="write a cProfile of the receiving daemon per size here")
