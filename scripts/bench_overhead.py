@@ -33,11 +33,18 @@ from _fleet import ROOT, run_fleet, step_rate
 
 from peer.tools.revision import git_revision
 
-ALGORITHMS = ("none", "cdl", "dpsgd", "choco")
+ALGORITHMS = ("none", "cdl", "cdl+nowait", "dpsgd", "choco")
 
 
 def one_run(algorithm: str, peers: int, epochs: float, model: str) -> list[dict[str, Any]]:
-    extra = {"algorithm": {"name": algorithm}, "train": {"epochs": epochs}, "model": {"name": model}}
+    """`name+nowait`: the algorithm with `train.max_steps_without_merge: 0` (never wait for a neighbour)."""
+    name, _, variant = algorithm.partition("+")
+    train: dict[str, Any] = {"epochs": epochs}
+    if variant == "nowait":
+        train["max_steps_without_merge"] = 0
+    elif variant:
+        raise SystemExit(f"unknown variant {variant!r} in {algorithm!r}; known: nowait")
+    extra = {"algorithm": {"name": name}, "train": train, "model": {"name": model}}
     with tempfile.TemporaryDirectory(prefix="peer-overhead-") as d:
         records = run_fleet(Path(d), [extra] * peers)
     out = []

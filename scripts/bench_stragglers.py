@@ -168,18 +168,26 @@ def main() -> int:
         gloo_worker(args.gloo_rank, args.gloo_world, args.gloo_port, args.epochs, args.gloo_slowdown)
         return 0
     runs: dict[str, dict[bool, list[float]]] = {s: {False: [], True: []} for s in SYSTEMS}
+    errors: list[str] = []
     for _ in range(args.repeats):
         for name, spec in SYSTEMS.items():
             for slow in (False, True):
-                if spec.get("gloo"):
-                    rates = gloo_rates(args.peers, args.epochs, slow)
-                else:
-                    rates = peer_rates(args.peers, args.epochs, slow, spec)
+                try:
+                    if spec.get("gloo"):
+                        rates = gloo_rates(args.peers, args.epochs, slow)
+                    else:
+                        rates = peer_rates(args.peers, args.epochs, slow, spec)
+                except RuntimeError as exc:  # e.g. a run too short to measure: reported, not fatal
+                    print(f"{name}: {exc}", flush=True)
+                    errors.append(f"{name}: {exc}")
+                    continue
                 runs[name][slow].extend(rates)
                 label = "straggler" if slow else "fault-free"
                 print(f"{name}, {label}: " + ", ".join(f"{r:.1f}" for r in rates) + " steps/s", flush=True)
     rows = []
     for name in SYSTEMS:
+        if not runs[name][False] or not runs[name][True]:
+            continue
         free, slow = statistics.median(runs[name][False]), statistics.median(runs[name][True])
         rows.append(
             {
@@ -201,6 +209,7 @@ def main() -> int:
         "straggler_slowdown": SLOWDOWN,
         "goal": "peer slowdown <= 1.1 while gloo slows about 4x",
         "rows": rows,
+        "errors": errors,
     }
     md = markdown(result)
     print(md)
@@ -231,6 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"**{r['slowdown']:.2f}x** |"
         )
     lines += ["", f"Goal: {result['goal']}.", ""]
+    lines += [f"Not measured: {e}" for e in result["errors"]]
     return "\n".join(lines)
 
 
