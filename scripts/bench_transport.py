@@ -1,23 +1,23 @@
 #!/usr/bin/env python3
 """Benchmark: Push throughput between two daemon processes on loopback, against raw asyncio TCP (issue 11, part 1).
 
-For each state size (16 and 64 MiB of float32 by default) and each repeat, two modes run back to back, each with a
-fresh pair of processes:
+For each state size (16 and 64 MiB of float32 by default) and each repeat, four fresh processes run at once:
 
 - **peer**: a receiving daemon process (`peer.daemon.node.Node`, `external=True`: no training thread competes)
-  and a sending daemon process. The sender encodes `--pushes + 1` states with the real encoder (new sequence
-  numbers), pushes one to warm up, then times the rest through its real client; the receiver runs every check
-  (manifest, integrity digest, decoding, finiteness) and hands each state to its algorithm before it answers, so
-  each timed Push covers the whole path.
+  and a sending daemon process. The sender encodes each state with the real encoder (`encode_frames`, untimed:
+  the daemon encodes once for all neighbours; its time is reported by bench_scaling) and pushes it through its
+  real client; the receiver runs every check (manifest, digest, decoding, finiteness) and hands the state to its
+  algorithm before it answers, so each timed Push covers the whole path.
 - **tcp**: the same two kinds of Python processes (torch imported, one torch thread), an asyncio TCP server and
   client moving the same number of bytes per message (written chunk by chunk, read with `readexactly`), one
   1-byte acknowledgement per message.
 
-Ratio = peer GB/s / tcp GB/s, medians over repeats, measured side by side in one run.
+The parent lets the two senders push in turn (one push each per turn, order alternating) so that both see the
+same background load. ratio_vs_tcp = median over turns of (tcp push time / peer push time).
 
 Usage:
     .venv/bin/python scripts/bench_transport.py --json bench-results/transport.json
-    .venv/bin/python scripts/bench_transport.py --sizes-mib 16 --pushes 3 --repeats 1 --json /tmp/t.json  # smoke
+    .venv/bin/python scripts/bench_transport.py --sizes-mib 16 --pushes 3 --repeats 1 --json /tmp/t.json  # a smoke run
 
 Writes the markdown table next to the JSON (transport.md). `--profile DIR` writes a cProfile of the receiving
 daemon per size (peer mode, first repeat) under DIR.
