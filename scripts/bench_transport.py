@@ -257,25 +257,6 @@ def spawn(*argv: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def one_run(mode: str, mib: float, pushes: int, profile: str | None = None) -> dict[str, Any]:
-    """A fresh receiver and sender process, `pushes` timed pushes after a warm-up (bench_scaling uses this)."""
-    extra = ["--profile-out", profile] if profile else []
-    rx = spawn("--child", f"serve-{mode}", "--mib", str(mib), *extra)
-    try:
-        assert rx.stdout is not None and rx.stdin is not None
-        address = json.loads(rx.stdout.readline())["address"]
-        tx = spawn("--child", f"send-{mode}", "--mib", str(mib), "--address", address, "--pushes", str(pushes))
-        out, _ = tx.communicate(timeout=600)
-        if tx.returncode != 0:
-            raise RuntimeError(f"{mode} sender failed with exit code {tx.returncode}")
-        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    finally:
-        if rx.stdin is not None:
-            rx.stdin.close()
-        rx.wait(timeout=60)
-    return result
-
-
 def interleaved(mib: float, pushes: int, profile: str | None) -> dict[str, list[float]]:
     """Both modes' processes at once; the parent lets the two senders push in turn (tcp, peer, peer, tcp, ...),
     one push each per turn, so that both see the same background load. Returns the timed walls per mode."""
