@@ -29,10 +29,10 @@ from peer.core.gossip import GossipCore
 from peer.daemon.metrics import Counters
 from peer.errors import SendError
 from peer.net.client import Client
-from peer.net.encoder import encode, iter_requests
+from peer.net.encoder import encode_frames
 from peer.net.wire import Envelope
 
-Encoded = tuple[Any, list[bytes], int]  # (PushHeader, chunks, total bytes)
+Encoded = tuple[Any, list[bytes], int]  # (PushHeader, serialized stream messages, total bytes)
 # How often the mix-mode loop looks again at neighbours it could not push to (breaker open, backing off).
 RETRY_POLL_S = 0.05
 
@@ -115,11 +115,11 @@ class Pusher:
         if cached is None or cached[0] is not send.payload:
             cached = (send.payload, await self._encode_payload(send.payload))
             self._encoded_sends[id(send.payload)] = cached
-        header, chunks, total = cached[1]
+        header, frames, total = cached[1]
         g = self.cfg.gossip
         for attempt in range(g.max_attempts):
             try:
-                await self._timed_push(address, header, chunks, total, to)
+                await self._timed_push(address, header, frames, total, to)
             except SendError as exc:
                 # Step-mode messages are idempotent at the receiver (de-duplicated by key or ordered by seq).
                 if attempt + 1 < g.max_attempts and should_retry(
@@ -185,12 +185,12 @@ class Pusher:
     async def _encode_payload(self, payload: Payload) -> Encoded:
         env = self.envelope()
         big = sum(t.numel() * t.element_size() for t in payload.tensors.values()) > (1 << 20)
-        fn = lambda: encode(env, payload, chunk_bytes=self.cfg.gossip.chunk_bytes)  # noqa: E731
-        header, chunks = await asyncio.to_thread(fn) if big else fn()
-        return header, chunks, int(header.total_bytes)
+        fn = lambda: encode_frames(env, payload, chunk_bytes=self.cfg.gossip.chunk_bytes)  # noqa: E731
+        header, frames = await asyncio.to_thread(fn) if big else fn()
+        return header, frames, int(header.total_bytes)
 
     async def push(self, node_id: str, seq: int, encoded: Encoded) -> None:
-        header, chunks, total = encoded
+        header, frames, total = encoded
         g = self.cfg.gossip
         attempt = 0
         try:
@@ -201,7 +201,7 @@ class Pusher:
                 if address is None or self.stopping():
                     return
                 try:
-                    await self._timed_push(address, header, chunks, total, node_id)
+                    await self._timed_push(address, header, frames, total, node_id)
                 except SendError as exc:
                     newer = self.outbox is not None and self.outbox.seq > seq
                     # Full-state pushes are idempotent (the receiver drops old sequence numbers), so a timed-out
@@ -226,12 +226,12 @@ class Pusher:
             if self.outbox is not None and self.outbox.seq > seq:
                 self.outbox_event.set()  # a newer state waits for this link
 
-    async def _timed_push(self, address: str, header: Any, chunks: list[bytes], total: int, node_id: str) -> None:
+    async def _timed_push(self, address: str, header: Any, frames: list[bytes], total: int, node_id: str) -> None:
         """One Push RPC; its duration goes into the push histogram by outcome (Prometheus)."""
         started = time.monotonic()
         outcome = "error"
         try:
-            await self.client.push(address, iter_requests(header, chunks), total, node_id)
+            await self.client.push(address, frames, total, node_id)
             outcome = "ok"
         finally:
             self.counters.observe_push(outcome, time.monotonic() - started)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,6 +40,18 @@ from peer.v1 import gossip_pb2
 
 __all__ = ["Assembler", "ReceiveLimits", "Received"]
 
+_NATIVE_LITTLE = sys.byteorder == "little"
+_FINITE_CHUNK = 1 << 20  # elements per isfinite call on the slow path: a bounded temporary, never a full-size one
+
+
+class _ChunkLike(Protocol):
+    """A `Chunk` message, or a `peer.net.frames.ChunkView` (data as a zero-copy view)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
+
 
 @dataclass(frozen=True)
 class Received:
@@ -59,6 +73,10 @@ class ReceiveLimits:
     expected_tensors: Manifest | None = None  # None: any names and shapes (the fingerprint still binds)
     # A kind may list several accepted manifests (e.g. dSSFN's layer 0 and later layers differ in shape).
     expected_by_kind: Mapping[str, Manifest | Sequence[Manifest]] | None = None
+    # False only where the transport itself authenticates every byte (mutual TLS: each TLS record carries an AEAD
+    # tag, so a corrupted or altered byte fails the record and ends the connection before it reaches us). The
+    # header's sha256 must still be 32 bytes; it is just not recomputed. See docs/reference/performance.md.
+    verify_digest: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,11 @@ class Assembler:
 
     Memory is bounded by `max_payload_bytes`: the buffer is allocated once the declared size has passed.
     Every rejection is a PayloadError whose `status` is the gRPC code to abort the stream with.
+
+    Cost per byte: each chunk is copied once, into a buffer allocated without zero-filling (`torch.empty`), and
+    hashed as it arrives; the decoded tensors are views of that buffer (no second copy) wherever the host is
+    little-endian and the tensor's offset is aligned to its element size (else one aligned copy); finiteness
+    is checked by a sum (see `_non_finite`), with no full-size temporary.
     """
 
     def __init__(self, limits: ReceiveLimits, *, peer: str = "") -> None:
@@ -82,7 +105,8 @@ class Assembler:
         self.peer = peer  # transport address (context.peer()), named in errors raised before the header
         self._header: gossip_pb2.PushHeader | None = None
         self._slots: list[_Slot] = []
-        self._buf = bytearray()
+        self._buf = torch.empty(0, dtype=torch.uint8)
+        self._view = memoryview(b"")
         self._received = 0
         self._next_index = 0
         self._digest = hashlib.sha256()
@@ -166,7 +190,9 @@ class Assembler:
             self._check_against_model(expected)
         elif expected is not None:
             self._check_against_any(list(expected))
-        self._buf = bytearray(header.total_bytes)
+        # No zero-fill: every byte is written by a chunk before `finish` reads it (it checks the count).
+        self._buf = torch.empty(header.total_bytes, dtype=torch.uint8)
+        self._view = self._buf.numpy().data  # a writable memoryview of the buffer
 
     def _check_encoding(self, value: int, where: str, *, inherit_ok: bool) -> None:
         if value == gossip_pb2.ENCODING_RAW or (inherit_ok and value == gossip_pb2.ENCODING_UNSPECIFIED):
@@ -248,7 +274,7 @@ class Assembler:
             raise self._reject(SchemaMismatchError, "this payload kind accepts no tensors")
         raise first
 
-    def on_chunk(self, chunk: gossip_pb2.Chunk) -> None:
+    def on_chunk(self, chunk: _ChunkLike) -> None:
         if self._done:
             raise self._reject(CorruptPayloadError, f"chunk {chunk.index} after the stream was finished")
         if self._header is None:
@@ -271,8 +297,10 @@ class Assembler:
                 PayloadTooLargeError,
                 f"stream carries more than the declared {total} bytes (at least {self._received + n})",
             )
-        self._buf[self._received : self._received + n] = chunk.data
-        self._digest.update(chunk.data)
+        data = chunk.data
+        self._view[self._received : self._received + n] = data
+        if self.limits.verify_digest:
+            self._digest.update(data)
         self._received += n
         self._next_index += 1
 
@@ -290,12 +318,13 @@ class Assembler:
                 f"in {self._next_index} chunks",
             )
         computed = self._digest.digest()
-        if computed != header.sha256:
+        if self.limits.verify_digest and computed != header.sha256:
             problem = f"sha256 mismatch (declared {_hex(header.sha256)}, computed {_hex(computed)})"
             raise self._reject(CorruptPayloadError, problem)
         tensors = {slot.name: self._decode(slot) for slot in self._slots}
         self._done = True
-        self._buf = bytearray()  # the tensors own copies; drop the stream buffer now
+        # The tensors are views of the buffer (or own copies); the assembler lets go of it now.
+        self._buf, self._view = torch.empty(0, dtype=torch.uint8), memoryview(b"")
         payload = Payload(
             kind=_KIND_NAMES[header.kind],
             tensors=tensors,
@@ -310,23 +339,48 @@ class Assembler:
         dt = slot.dtype
         if slot.numel == 0:
             return torch.empty(slot.shape, dtype=dt.torch_dtype)
-        # numpy, never pickle: the bytes can only ever become numbers. astype copies into native order,
-        # which also leaves the tensor aligned and independent of the stream buffer.
-        wire = np.frombuffer(self._buf, dtype=dt.np_wire, count=slot.numel, offset=slot.offset)
-        tensor = torch.from_numpy(wire.astype(dt.np_wire.newbyteorder("=")))
-        if dt.torch_dtype is torch.bfloat16:
-            tensor = tensor.view(torch.bfloat16)
+        size = dt.np_wire.itemsize
+        # numpy and torch views, never pickle: the bytes can only ever become numbers.
+        if _NATIVE_LITTLE and slot.offset % size == 0:
+            # In place: a view of the stream buffer (torch.empty is aligned, so is offset).
+            tensor = self._buf[slot.offset : slot.offset + slot.numel * size].view(dt.torch_dtype)
+        else:
+            # Misaligned or big-endian host: one copy, which astype makes aligned and in native order.
+            wire = np.frombuffer(self._view, dtype=dt.np_wire, count=slot.numel, offset=slot.offset)
+            tensor = torch.from_numpy(wire.astype(dt.np_wire.newbyteorder("=")))
+            if dt.torch_dtype is torch.bfloat16:
+                tensor = tensor.view(torch.bfloat16)
         tensor = tensor.reshape(slot.shape)
         if dt.is_float:
-            finite = torch.isfinite(tensor)
-            if not bool(finite.all()):
-                nan = int(torch.isnan(tensor).sum())
-                inf = int((~finite).sum()) - nan
+            counts = _non_finite(tensor)
+            if counts is not None:
+                nan, inf = counts
                 raise self._reject(
                     CorruptPayloadError,
                     f"tensor {_show(slot.name)} has non-finite values ({nan} NaN, {inf} Inf of {slot.numel})",
                 )
         return tensor
+
+
+def _non_finite(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(NaN count, Inf count) if `tensor` has a non-finite element, else None. Exact, with no full-size temporary.
+
+    Fast path: one sum. NaN and Inf propagate through addition (NaN + x is NaN, Inf + finite is Inf, Inf + -Inf
+    is NaN), in any summation order, so a finite sum proves every element finite. Half types are summed in
+    float32 so that ordinary values do not overflow. A non-finite sum is either a non-finite element or an
+    overflow of finite ones (|sum| > float max): the slow path then checks element by element, in slices of
+    `_FINITE_CHUNK` elements, and counts.
+    """
+    flat = tensor.reshape(-1)
+    acc = torch.float64 if tensor.dtype is torch.float64 else torch.float32
+    if math.isfinite(float(flat.sum(dtype=acc))):
+        return None
+    nan = inf = 0
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        part = flat[start : start + _FINITE_CHUNK]
+        nan += int(torch.isnan(part).sum())
+        inf += int(torch.isinf(part).sum())
+    return (nan, inf) if nan or inf else None
 
 
 def _few(names: list[str], limit: int = 5) -> str:

@@ -14,10 +14,12 @@ import grpc
 
 from peer.config import GossipConfig
 from peer.net.assembler import Assembler, Received, ReceiveLimits
-from peer.net.rpc_errors import guarded, guarded_stream
+from peer.net.rpc_errors import SERVICE_NAME, guarded, guarded_stream
 from peer.net.server import channel_options
 from peer.net.tls import Credentials, server_name_options
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
+
+PUSH_METHOD = f"/{SERVICE_NAME}/Push"
 
 
 class Client:
@@ -33,6 +35,9 @@ class Client:
         self._channels: dict[tuple[str, str | None], grpc.aio.Channel] = {}
 
     def _stub(self, address: str, node_id: str | None = None) -> gossip_pb2_grpc.GossipServiceStub:
+        return gossip_pb2_grpc.GossipServiceStub(self._channel(address, node_id))
+
+    def _channel(self, address: str, node_id: str | None = None) -> grpc.aio.Channel:
         key = (address, node_id if self.credentials is not None else None)
         ch = self._channels.get(key)
         if ch is None:
@@ -42,7 +47,7 @@ class Client:
             else:
                 ch = grpc.aio.insecure_channel(address, options=channel_options(self.cfg))
             self._channels[key] = ch
-        return gossip_pb2_grpc.GossipServiceStub(ch)
+        return ch
 
     @property
     def verifies_server_identity(self) -> bool:
@@ -80,18 +85,23 @@ class Client:
         return self.cfg.rpc_timeout_s + total_bytes / self.cfg.min_bandwidth_bytes_per_s
 
     async def push(
-        self, address: str, requests: Iterable[gossip_pb2.PushRequest], total_bytes: int, peer_id: str
+        self, address: str, requests: Iterable[gossip_pb2.PushRequest | bytes], total_bytes: int, peer_id: str
     ) -> gossip_pb2.PushResponse:
-        stub = self._stub(address, peer_id)
+        """One Push stream. `requests` are PushRequests, or already serialized ones (`encoder.encode_frames`), which
+        go out as they are: the stream serializes nothing per neighbour."""
+        # No request serializer: the stream carries bytes (grpc passes them through untouched).
+        call: grpc.aio.StreamUnaryMultiCallable[bytes, gossip_pb2.PushResponse] = self._channel(
+            address, peer_id
+        ).stream_unary(PUSH_METHOD, request_serializer=None, response_deserializer=gossip_pb2.PushResponse.FromString)
 
-        async def gen() -> AsyncIterator[gossip_pb2.PushRequest]:
+        async def gen() -> AsyncIterator[bytes]:
             for r in requests:
-                yield r
+                yield r if isinstance(r, bytes) else r.SerializeToString()
 
         result = await self._call(
             f"push to {peer_id} at {address}",
             # wait_for_ready rides out short link flaps; the deadline still bounds the whole exchange.
-            lambda: stub.Push(gen(), timeout=self.push_timeout(total_bytes), wait_for_ready=True),  # type: ignore[arg-type]
+            lambda: call(gen(), timeout=self.push_timeout(total_bytes), wait_for_ready=True),
         )
         assert isinstance(result, gossip_pb2.PushResponse)
         return result

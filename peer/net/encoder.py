@@ -1,6 +1,11 @@
 """Named tensors -> one PushHeader plus chunks, and the Push stream that carries them.
 
 Pure: no sockets, clocks or grpc calls; encode once, then stream the same chunks to every neighbour.
+
+Copies: the tensors are read through zero-copy views (`_wire_bytes`) and every byte is copied exactly once, into
+the snapshot that is sent (the tensors may change while it travels, so one copy is the minimum). `encode_frames`
+makes that one copy the serialized stream message itself, so the sender's Push path copies nothing more in Python
+(`encode` + `iter_requests` would copy twice more: into each `Chunk`, then into its serialized form).
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import torch
 
 from peer import PROTOCOL_VERSION
 from peer.algorithms.base import Payload
+from peer.net.frames import chunk_prefix
 from peer.net.wire import _BY_TORCH, _DTYPES, _KINDS, MIB, Envelope, _DType
 from peer.v1 import gossip_pb2
 
-__all__ = ["encode", "iter_requests"]
+__all__ = ["encode", "encode_frames", "iter_requests"]
 
 
 def _wire_bytes(name: str, tensor: torch.Tensor) -> tuple[_DType, memoryview]:
@@ -33,11 +39,22 @@ def _wire_bytes(name: str, tensor: torch.Tensor) -> tuple[_DType, memoryview]:
     return spec, arr.view(np.uint8).data
 
 
-def _cut(views: list[memoryview], chunk_bytes: int) -> list[bytes]:
-    """Concatenate the views and cut into chunks, copying each byte exactly once."""
+def _cut(views: list[memoryview], chunk_bytes: int, *, framed: bool = False) -> list[bytes]:
+    """Concatenate the views and cut into chunks, copying each byte exactly once.
+
+    `framed`: each chunk comes out as its whole serialized PushRequest (`chunk_prefix` + data), same single copy.
+    """
+    total = sum(v.nbytes for v in views)
     chunks: list[bytes] = []
-    parts: list[memoryview] = []
+    parts: list[memoryview | bytes] = []
     room = chunk_bytes
+
+    def start() -> None:
+        if framed:
+            parts.append(chunk_prefix(len(chunks), min(chunk_bytes, total - len(chunks) * chunk_bytes)))
+
+    if total:
+        start()
     for view in views:
         pos = 0
         while pos < view.nbytes:
@@ -48,7 +65,9 @@ def _cut(views: list[memoryview], chunk_bytes: int) -> list[bytes]:
             if room == 0:
                 chunks.append(b"".join(parts))
                 parts, room = [], chunk_bytes
-    if parts:
+                if len(chunks) * chunk_bytes < total:
+                    start()
+    if room < chunk_bytes:
         chunks.append(b"".join(parts))
     return chunks
 
@@ -61,6 +80,25 @@ def encode(
     Encode once and stream the same result to every neighbour. The sender does not check finiteness;
     every receiver does.
     """
+    header, views = _header_and_views(envelope, payload, chunk_bytes)
+    return header, _cut(views, chunk_bytes)
+
+
+def encode_frames(
+    envelope: Envelope, payload: Payload, *, chunk_bytes: int = MIB
+) -> tuple[gossip_pb2.PushHeader, list[bytes]]:
+    """Like `encode`, but the whole Push stream as serialized PushRequests: the header's, then one per chunk.
+
+    Byte for byte what `iter_requests(*encode(...))` serializes to, with one copy of the data instead of three.
+    """
+    header, views = _header_and_views(envelope, payload, chunk_bytes)
+    head = gossip_pb2.PushRequest(header=header).SerializeToString()
+    return header, [head, *_cut(views, chunk_bytes, framed=True)]
+
+
+def _header_and_views(
+    envelope: Envelope, payload: Payload, chunk_bytes: int
+) -> tuple[gossip_pb2.PushHeader, list[memoryview]]:
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     kind = _KINDS.get(payload.kind)
@@ -94,7 +132,7 @@ def encode(
         offset += view.nbytes
     header.total_bytes = offset
     header.sha256 = digest.digest()
-    return header, _cut(views, chunk_bytes)
+    return header, views
 
 
 def iter_requests(header: gossip_pb2.PushHeader, chunks: Iterable[bytes]) -> Iterator[gossip_pb2.PushRequest]:

@@ -12,6 +12,7 @@ status detail echoes more than `peer.core.admission.MAX_ECHO_CHARS` characters o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from peer.config import GossipConfig
 from peer.core.admission import RateLimiter, StreamSlots, clip, source_of, stream_deadline_s
 from peer.errors import PayloadError, RateLimitedError, StalledStreamError, StartupError, UndecodableError
 from peer.net.assembler import Assembler, Received, ReceiveLimits
+from peer.net.frames import ChunkView, parse_chunk_frame
 from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME
-from peer.net.tls import Credentials, identity_of
+from peer.net.tls import Credentials, identity_of, tls_protected
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,14 @@ def _lenient(parse: Callable[[bytes], M], name: str) -> Callable[[bytes], M | Un
             return Undecodable(name)
 
     return deserialize
+
+
+def _push_request(data: bytes) -> gossip_pb2.PushRequest | ChunkView | Undecodable:
+    """Push stream messages: a chunk in the canonical layout as a zero-copy view, anything else via protobuf."""
+    return parse_chunk_frame(data) or _lenient_push(data)
+
+
+_lenient_push = _lenient(gossip_pb2.PushRequest.FromString, "peer.v1.PushRequest")
 
 
 def channel_options(cfg: GossipConfig) -> list[tuple[str, int | str]]:
@@ -195,6 +205,8 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> gossip_pb2.PushResponse:
         limits = self.handlers.receive_limits()
+        if tls_protected(context):
+            limits = dataclasses.replace(limits, verify_digest=False)  # TLS records are authenticated already
         peer = context.peer()
         asm = Assembler(limits, peer=peer)
         sender = "?"
@@ -207,6 +219,9 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
             while (req := await self._next(iterator, deadline)) is not None:
                 if isinstance(req, Undecodable):
                     raise UndecodableError(f"a stream message does not parse as {req.message_type}")
+                if isinstance(req, ChunkView):
+                    asm.on_chunk(req)
+                    continue
                 body = req.WhichOneof("body")
                 if body == "header":
                     sender = req.header.sender_id or "?"
@@ -241,7 +256,7 @@ def _add_servicer(servicer: GossipServicer, server: grpc.aio.Server) -> None:
         ),
         "Push": grpc.stream_unary_rpc_method_handler(
             servicer.Push,
-            request_deserializer=_lenient(pb.PushRequest.FromString, "peer.v1.PushRequest"),
+            request_deserializer=_push_request,
             response_serializer=pb.PushResponse.SerializeToString,
         ),
         "GetStatus": grpc.unary_unary_rpc_method_handler(

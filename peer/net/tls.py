@@ -165,6 +165,11 @@ def server_name_options(node_id: str | None) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", node_id or CLUSTER_NAME)]
 
 
+def tls_protected(context: grpc.aio.ServicerContext) -> bool:
+    """True when the call arrived over TLS (gRPC's auth context names the transport's security type)."""
+    return list(context.auth_context().get("transport_security_type", [])) == [b"ssl"]
+
+
 def identity_of(context: grpc.aio.ServicerContext) -> str | None:
     """The caller's node id: the first DNS name of its verified client certificate other than CLUSTER_NAME.
     None on a connection without TLS; "" (which matches no claim) for a certificate that names no node."""
