@@ -34,6 +34,7 @@ class PeerInfo:
     incarnation: int
     step: int = 0
     epoch: float = 0.0
+    compression: str = "none"  # gossip.compression; every member of a cluster must agree on it
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,9 @@ class GossipCore:
             )
         if info.algorithm != me.algorithm:
             return f"algorithm {clip(repr(info.algorithm), 80)} != ours {me.algorithm!r}"
+        if (info.compression or "none") != me.compression:
+            theirs = clip(repr(info.compression or "none"), 80)
+            return f"gossip.compression {theirs} != ours {me.compression!r} (every peer must set the same value)"
         return ""
 
     # ------------------------------------------------------------------------------------------- inputs

@@ -23,6 +23,7 @@ class Identity:
     schema_fingerprint: str
     algorithm: str
     incarnation: int
+    compression: str = "none"
 
 
 @dataclass(frozen=True)

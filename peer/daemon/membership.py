@@ -40,6 +40,7 @@ def info_of(msg: gossip_pb2.HelloRequest | gossip_pb2.HelloResponse) -> PeerInfo
         incarnation=msg.incarnation,
         step=msg.step,
         epoch=msg.epoch,
+        compression=msg.compression or "none",
     )
 
 
@@ -54,6 +55,7 @@ def hello_request(me: PeerInfo) -> gossip_pb2.HelloRequest:
         incarnation=me.incarnation,
         step=me.step,
         epoch=me.epoch,
+        compression=me.compression,
     )
 
 
@@ -68,6 +70,7 @@ def hello_response(me: PeerInfo, accepted: bool, reason: str) -> gossip_pb2.Hell
         incarnation=me.incarnation,
         step=me.step,
         epoch=me.epoch,
+        compression=me.compression,
         accepted=accepted,
         reason=reason,
     )

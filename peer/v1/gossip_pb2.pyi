@@ -164,6 +164,7 @@ class HelloRequest(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The caller's node id, unique in the swarm."""
     protocol_version: _builtins.str
@@ -182,6 +183,8 @@ class HelloRequest(_message.Message):
     """The caller's local training step (how far its model has come), for catch-up decisions."""
     epoch: _builtins.float
     """The caller's training progress in epochs over its own partition (comparable across partition sizes)."""
+    compression: _builtins.str
+    """The caller's gossip.compression ("" means "none"); a callee with another value refuses the caller."""
     def __init__(
         self,
         *,
@@ -194,10 +197,11 @@ class HelloRequest(_message.Message):
         incarnation: _builtins.int = ...,
         step: _builtins.int = ...,
         epoch: _builtins.float = ...,
+        compression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "compression", b"compression", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,6 +224,7 @@ class HelloResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The callee's node id."""
     protocol_version: _builtins.str
@@ -242,6 +247,8 @@ class HelloResponse(_message.Message):
     """The callee's local training step."""
     epoch: _builtins.float
     """The callee's training progress in epochs over its own partition."""
+    compression: _builtins.str
+    """The callee's gossip.compression ("" means "none")."""
     def __init__(
         self,
         *,
@@ -256,10 +263,11 @@ class HelloResponse(_message.Message):
         reason: _builtins.str = ...,
         step: _builtins.int = ...,
         epoch: _builtins.float = ...,
+        compression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "compression", b"compression", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
