@@ -24,7 +24,6 @@ Pure: no sockets or clocks; the daemon's pusher and handlers hold one `DeltaSend
 from __future__ import annotations
 
 import math
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -124,7 +123,6 @@ class DeltaSender:
         self._refs: dict[str, _Ref] = {}
         self._pending: dict[str, _Ref] = {}
         self._version = 0
-        self._lock = threading.Lock()  # encodings for different neighbours may run in worker threads at once
         self.key_frames = 0
         self.deltas = 0
 
@@ -134,10 +132,9 @@ class DeltaSender:
         if payload.kind not in COMPRESSIBLE_KINDS:
             return payload
         names = [n for n, t in payload.tensors.items() if _compressible(tuple(t.shape), _dtype(t))]
-        with self._lock:
-            self._version += 1
-            version = self._version
-            ref = self._refs.get(to)
+        self._version += 1
+        version = self._version
+        ref = self._refs.get(to)
         wire: dict[str, torch.Tensor] = {n: t for n, t in payload.tensors.items() if n not in names}
         new: dict[str, torch.Tensor] = {}
         if (
@@ -159,22 +156,19 @@ class DeltaSender:
                     wire[f"{n}{SEP}{w}"] = t
                 new[n] = ref.tensors[n] + decoded
             self.deltas += 1
-        with self._lock:
-            self._pending[to] = _Ref(version, new)
+        self._pending[to] = _Ref(version, new)
         scalars = {**payload.scalars, VERSION_KEY: float(version), BASE_KEY: float(base)}
         return replace(payload, tensors=wire, scalars=scalars)
 
     def delivered(self, to: str) -> None:
-        with self._lock:
-            pending = self._pending.pop(to, None)
-            if pending is not None:
-                self._refs[to] = pending
+        pending = self._pending.pop(to, None)
+        if pending is not None:
+            self._refs[to] = pending
 
     def failed(self, to: str) -> None:
         """The push may or may not have arrived: start the link over with a key frame."""
-        with self._lock:
-            self._pending.pop(to, None)
-            self._refs.pop(to, None)
+        self._pending.pop(to, None)
+        self._refs.pop(to, None)
 
     def reference(self, to: str) -> dict[str, torch.Tensor] | None:
         ref = self._refs.get(to)
@@ -200,14 +194,13 @@ class DeltaReceiver:
     `decode` treats its input as hostile (it already passed the codec's manifest check): version scalars,
     compressed tensors and the rebuilt state are checked, and CorruptPayloadError (INVALID_ARGUMENT) or, for a
     delta against a reference this receiver does not hold, SchemaMismatchError (FAILED_PRECONDITION) is raised.
-    Thread-safe: pushes from different senders may be decoded concurrently in worker threads.
+    Not thread-safe: the shell serializes `decode` calls (it may run them in a worker thread).
     """
 
     def __init__(self, compressor: Compressor, *, max_senders: int = 64) -> None:
         self.compressor = compressor
         self.max_senders = max_senders
         self._refs: OrderedDict[str, _Ref] = OrderedDict()
-        self._lock = threading.Lock()
 
     def decode(self, sender: str, incarnation: int, payload: Payload) -> Payload | None:
         """The plain payload for the algorithm, or None for a replay of the delta already applied."""
@@ -226,33 +219,32 @@ class DeltaReceiver:
                 groups.setdefault(head, {})[wire] = t
             else:
                 plain[name] = t
-        with self._lock:
-            if base < 0:
-                if groups:
-                    raise CorruptPayloadError("a key frame (base -1) carries compressed tensors")
-                tensors = {n: t for n, t in plain.items() if _compressible(tuple(t.shape), _dtype(t))}
-                self._store(sender, _Ref(version, {n: t.clone() for n, t in tensors.items()}, incarnation))
-                return replace(payload, scalars=scalars)
-            ref = self._refs.get(sender)
-            if ref is not None and ref.incarnation == incarnation and ref.version == version:
-                return None  # the sender retried a push we had applied
-            if ref is None or ref.incarnation != incarnation or ref.version != base:
-                have = "no reference" if ref is None or ref.incarnation != incarnation else f"version {ref.version}"
-                raise SchemaMismatchError(
-                    f"compressed delta against version {base}, but this receiver holds {have}: the sender must "
-                    "send a key frame (it does so after this refusal)"
-                )
-            if sorted(groups) != sorted(ref.tensors):
-                raise CorruptPayloadError(f"delta compresses tensors {sorted(groups)}, expected {sorted(ref.tensors)}")
-            rebuilt = {}
-            for name, wire_tensors in groups.items():
-                r = ref.tensors[name]
-                q = self.compressor.decompress(wire_tensors, r.numel(), r.dtype)
-                x = r + q
-                if not bool(torch.isfinite(x).all()):
-                    raise CorruptPayloadError(f"delta for {name!r} makes the state non-finite")
-                rebuilt[name] = x
-            self._store(sender, _Ref(version, rebuilt, incarnation))
+        if base < 0:
+            if groups:
+                raise CorruptPayloadError("a key frame (base -1) carries compressed tensors")
+            tensors = {n: t for n, t in plain.items() if _compressible(tuple(t.shape), _dtype(t))}
+            self._store(sender, _Ref(version, {n: t.clone() for n, t in tensors.items()}, incarnation))
+            return replace(payload, scalars=scalars)
+        ref = self._refs.get(sender)
+        if ref is not None and ref.incarnation == incarnation and ref.version == version:
+            return None  # the sender retried a push we had applied
+        if ref is None or ref.incarnation != incarnation or ref.version != base:
+            have = "no reference" if ref is None or ref.incarnation != incarnation else f"version {ref.version}"
+            raise SchemaMismatchError(
+                f"compressed delta against version {base}, but this receiver holds {have}: the sender must "
+                "send a key frame (it does so after this refusal)"
+            )
+        if sorted(groups) != sorted(ref.tensors):
+            raise CorruptPayloadError(f"delta compresses tensors {sorted(groups)}, expected {sorted(ref.tensors)}")
+        rebuilt = {}
+        for name, wire_tensors in groups.items():
+            r = ref.tensors[name]
+            q = self.compressor.decompress(wire_tensors, r.numel(), r.dtype)
+            x = r + q
+            if not bool(torch.isfinite(x).all()):
+                raise CorruptPayloadError(f"delta for {name!r} makes the state non-finite")
+            rebuilt[name] = x
+        self._store(sender, _Ref(version, rebuilt, incarnation))
         tensors = {**plain, **{n: t.clone() for n, t in rebuilt.items()}}
         return replace(payload, tensors=tensors, scalars=scalars)
 
@@ -263,5 +255,4 @@ class DeltaReceiver:
             self._refs.popitem(last=False)
 
     def forget(self, sender: str) -> None:
-        with self._lock:
-            self._refs.pop(sender, None)
+        self._refs.pop(sender, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class RpcHandlers:
         self.refusals = refusals
         compressor = parse_compression(core.me.compression)
         self.codec = DeltaReceiver(compressor) if compressor is not None else None
+        self._decode_lock = threading.Lock()
 
     def hello(
         self, request: gossip_pb2.HelloRequest, peer: str, identity: str | None = None
@@ -129,13 +131,18 @@ class RpcHandlers:
             # After the identity check, so an impostor cannot touch another sender's reference.
             big = received.nbytes > (1 << 20)
             args = (env.sender_id, env.incarnation, received.payload)
-            payload = await asyncio.to_thread(self.codec.decode, *args) if big else self.codec.decode(*args)
+            payload = await asyncio.to_thread(self._decode, *args) if big else self._decode(*args)
         self.counters.add(bytes_received=received.nbytes, messages_received=1)
         for e in effects:
             if isinstance(e, Deliver) and payload is not None:
                 msg = InMessage(env.sender_id, env.incarnation, env.sender_degree, payload, now)
                 self.worker.inbox.append(msg)
                 self.worker.wake.set()
+
+    def _decode(self, sender: str, incarnation: int, payload: Payload) -> Payload | None:
+        assert self.codec is not None
+        with self._decode_lock:  # decodes may run in worker threads; the receiver's references are not shared
+            return self.codec.decode(sender, incarnation, payload)
 
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
         self.counters.add(rejected_messages=1)
