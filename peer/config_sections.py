@@ -275,10 +275,10 @@ class GossipConfig(_Section):
     compression: str = Field(
         "none",
         description="delta compression of gossiped states: `none`, `fp16`, `bf16`, `int8` (`int8:B`: blockwise, "
-        "one float32 scale per B = 256 values), or `topk` (`topk:F`: the fraction F = 0.1 of largest changes, with "
-        "error feedback); each link sends deltas against what its receiver holds. Every peer of a cluster must "
-        "set the same value (Hello refuses the others); not for choco, sgp, next, next_pushsum, digest or dssfn "
-        "(docs/reference/compression.md)",
+        "one float32 scale per B = 256 values), or `topk` (`topk:F`: the fraction F = 0.15 of largest changes, as "
+        "float16, with error feedback); each link sends deltas against what its receiver holds. Every peer of a "
+        "cluster must set the same value (Hello refuses the others); not for choco, sgp, next, next_pushsum, digest "
+        "or dssfn (docs/reference/compression.md)",
     )
 
     @field_validator("compression")

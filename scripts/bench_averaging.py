@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 HIVEMIND = "hivemind==1.1.12"
 GOAL = 0.5
+CHUNK_BYTES = 4 << 20  # gossip.chunk_bytes at its maximum: a 4 MiB part is one stream message
 
 
 # ------------------------------------------------------------------------------------------------ peer side
@@ -91,7 +92,7 @@ async def _peer_main(index: int, n: int, numel: int, steps: int, conn: Any) -> N
     loop = asyncio.get_running_loop()
     inbox: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
     arrived = asyncio.Event()
-    cfg = GossipConfig(max_message_bytes=numel * 4 + (1 << 20))
+    cfg = GossipConfig(max_message_bytes=numel * 4 + (1 << 20), chunk_bytes=CHUNK_BYTES)
 
     class Handlers:
         def hello(self, request: Any, peer: str, identity: str | None) -> Any:
@@ -147,7 +148,9 @@ async def _peer_main(index: int, n: int, numel: int, steps: int, conn: Any) -> N
         started = time.monotonic()
         # Reduce-scatter: my copy of part j to its owner j.
         await asyncio.gather(*(push_to(j, parts[j], step, 1) for j in range(n) if j != index))
+        marks = [time.monotonic()]
         got = await collect(step, 1)
+        marks.append(time.monotonic())
         got[index] = parts[index]
 
         def reduce(got: dict[int, torch.Tensor] = got) -> torch.Tensor:
@@ -157,16 +160,18 @@ async def _peer_main(index: int, n: int, numel: int, steps: int, conn: Any) -> N
             return acc / n
 
         mine = await asyncio.to_thread(reduce)
+        marks.append(time.monotonic())
         # All-gather: my averaged part to everyone (encoded once).
         payload = Payload("state", {"params": mine}, seq=2 * step + 2, round=step, scalars={"phase": 2})
         encoded = await asyncio.to_thread(encode, env, payload, chunk_bytes=cfg.chunk_bytes)
         await asyncio.gather(*(push_to(j, mine, step, 2, encoded) for j in range(n) if j != index))
+        marks.append(time.monotonic())
         averaged = await collect(step, 2)
         averaged[index] = mine
         result = torch.cat([averaged[k] for k in range(n)])
         finished = time.monotonic()
         digest = hashlib.sha256(result.numpy().tobytes()).hexdigest()
-        conn.send((started, finished, digest))
+        conn.send((started, finished, digest, [m - started for m in marks]))
     await client.close()
     await server.stop(1.0)
 
@@ -183,7 +188,7 @@ def run_peer(n: int, numel: int, steps: int) -> dict[str, Any]:
         ports = [pipes[i][0].recv() for i in range(n)]
         for i in range(n):
             pipes[i][0].send(ports)
-        times, exact = [], True
+        times, exact, marks = [], True, []
         for step in range(steps):
             expected = exact_average([make_state(i, step, numel) for i in range(n)], n)
             want = hashlib.sha256(expected.numpy().tobytes()).hexdigest()
@@ -192,13 +197,23 @@ def run_peer(n: int, numel: int, steps: int) -> dict[str, Any]:
             reports = [pipes[i][0].recv() for i in range(n)]
             times.append(max(r[1] for r in reports) - min(r[0] for r in reports))
             exact &= all(r[2] == want for r in reports)
+            if step > 0:
+                marks += [r[3] for r in reports]
             print(f"peer      step {step}: {times[-1]:.3f} s, exact average on all {n}: {exact}", flush=True)
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return {"step_s": times, "median_s": statistics.median(times[1:] or times), "exact": exact}
+    names = ("scatter_pushes_done", "scatter_received", "reduced", "gather_pushes_done")
+    profile = {k: round(statistics.median(m[i] for m in marks), 4) for i, k in enumerate(names)} if marks else {}
+    return {
+        "step_s": times,
+        "median_s": statistics.median(times[1:] or times),
+        "exact": exact,
+        # Seconds from the release to each point of a peer's step: medians over peers and steps (step 0 excluded).
+        "profile_s": profile,
+    }
 
 
 # ------------------------------------------------------------------------------------------- hivemind side
@@ -277,6 +292,8 @@ def main() -> None:
         )
     else:
         rows.append(f"| hivemind 1.1.12 | skipped: {hm['skipped'][:200]} | | |")
+    prof = ", ".join(f"{k} {v:.3f}" for k, v in peer["profile_s"].items())
+    rows.append(f"\npeer's step, median seconds from the release: {prof}, all done {peer['median_s']:.3f}.")
     verdict = f"ratio_vs_hivemind = {ratio:.2f} (goal <= {GOAL})" if ratio is not None else "ratio_vs_hivemind: n/a"
     md = "\n".join(rows) + f"\n\n{verdict}\n"
     print(md)

@@ -152,13 +152,15 @@ class Float16(Compressor):
 
 
 class _Sparse(Compressor):
-    """k selected coordinates: values[k] and sorted unique int32 indices[k]."""
+    """k selected coordinates: values[k] and sorted unique int32 indices[k]. With `half_values`, the values travel
+    as float16 (clamped to ±65504): 6 bytes per coordinate instead of 8."""
 
-    def __init__(self, fraction: float, spec: str) -> None:
+    def __init__(self, fraction: float, spec: str, *, half_values: bool = False) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"{spec}: the fraction must be in (0, 1], got {fraction}")
         self.fraction = fraction
         self.spec = spec
+        self.half_values = half_values
 
     def k(self, numel: int) -> int:
         return _num_selected(self.fraction, numel)
@@ -174,11 +176,18 @@ class _Sparse(Compressor):
         idx = self.select(flat, k)
         if idx.numel() != k:
             raise ValueError(f"{self.spec}: cannot select {k} coordinates of a vector holding NaN")
-        return {"values": flat[idx].clone(), "indices": idx.to(torch.int32)}
+        values = flat[idx].clone()
+        if self.half_values:
+            values = values.clamp(-Float16._MAX, Float16._MAX).to(torch.float16)
+        return {"values": values, "indices": idx.to(torch.int32)}
 
     def decompress(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
         k = self.k(numel)
-        self._check(tensors, numel, {"values": ((k,), "float"), "indices": ((k,), "int32")})
+        self._check(
+            tensors, numel, {"values": ((k,), "float16" if self.half_values else "float"), "indices": ((k,), "int32")}
+        )
+        if self.half_values and not bool(torch.isfinite(tensors["values"]).all()):
+            raise CorruptPayloadError(f"{self.spec}: tensor 'values' holds NaN or Inf")
         idx = tensors["indices"].to(torch.int64)
         if k and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
             raise CorruptPayloadError(f"{self.spec}: indices out of range [0, {numel})")
@@ -190,7 +199,7 @@ class _Sparse(Compressor):
 
     def manifest(self, numel: int, dtype: str = "float32") -> Manifest:
         k = self.k(numel)
-        return {"values": ((k,), dtype), "indices": ((k,), "int32")}
+        return {"values": ((k,), "float16" if self.half_values else dtype), "indices": ((k,), "int32")}
 
 
 class TopK(_Sparse):

@@ -31,12 +31,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from peer.algorithms.base import Manifest, Payload
-from peer.algorithms.compress import Compressor, parse_compressor
+from peer.algorithms.compress import Compressor, TopK, parse_compressor
 from peer.errors import CorruptPayloadError, SchemaMismatchError
 
 COMPRESSION_SPECS = ("none", "fp16", "bf16", "int8", "int8:B", "topk", "topk:F")
 DEFAULT_INT8_BLOCK = 256
-DEFAULT_TOPK_FRACTION = 0.1
+DEFAULT_TOPK_FRACTION = 0.15
 COMPRESSIBLE_KINDS = frozenset({"state", "momentum_state"})
 VERSION_KEY = "_delta.version"  # in Payload.scalars: this message's version on its link
 BASE_KEY = "_delta.base"  # the version the delta applies to; -1 marks a key frame
@@ -72,7 +72,7 @@ def parse_compression(spec: str) -> Compressor | None:
             fraction = float(arg) if arg else DEFAULT_TOPK_FRACTION
             if not 0.0 < fraction < 1.0:
                 raise ValueError(f"the fraction must be in (0, 1), got {fraction}")
-            return parse_compressor(f"topk:{fraction}")
+            return TopK(fraction, f"topk:{fraction}", half_values=True)
     except ValueError as e:
         raise ValueError(f"invalid gossip.compression {spec!r}: {e}") from None
     raise ValueError(f"unknown gossip.compression {spec!r}; valid: {', '.join(COMPRESSION_SPECS)}")
