@@ -36,6 +36,7 @@ from peer.errors import ConfigError, CorruptPayloadError, SchemaMismatchError
 from peer.net.encoder import encode, iter_requests
 from peer.net.wire import Envelope
 from peer.v1 import gossip_pb2, gossip_pb2_grpc
+from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -288,3 +289,40 @@ def test_compressed_manifest() -> None:
     c = parse_compressor("topk:0.5")
     m = compressed_manifest({"params": ((10,), "float32"), "step": ((1,), "int64")}, c)
     assert m == {"params/values": ((5,), "float32"), "params/indices": ((5,), "int32"), "step": ((1,), "int64")}
+
+
+@pytest.mark.timeout(120)
+# CI budget: the step-mode case in CI; the mix-mode one (the demo benchmark's path as well) under --slow.
+@pytest.mark.parametrize(
+    ("algorithm", "spec"), [pytest.param("cdl", "int8", marks=pytest.mark.slow), ("dpsgd", "topk")]
+)
+async def test_two_daemons_gossip_compressed_deltas_and_agree(tmp_path: Path, algorithm: str, spec: str) -> None:
+    """Mix mode (cdl, one latest-wins state per round) and step mode (dpsgd, reliable per-destination sends):
+    the pushes carry deltas (a key frame first), and after training the peers agree as closely as without."""
+    cluster = unique("cmp")
+
+    def make(i: int) -> Node:
+        sections: dict[str, Any] = {
+            "data": {"partition": "shards:2", "num_partitions": 2, "partition_index": i},
+            "algorithm": {"name": algorithm},
+            "train": {"epochs": 1, "wait_for_neighbors_s": 20, "lr": 0.1},
+            "discovery": {"mdns": True, "cluster": cluster},
+            "gossip": {"interval_s": 0.01, "rpc_timeout_s": 2.0, "compression": spec},
+        }
+        return Node(fast_config(tmp_path, f"{cluster}-{i}", **sections), stdout=io.StringIO())
+
+    nodes = [make(i) for i in range(2)]
+    tasks = await start_nodes(nodes)
+    try:
+        await until(nodes, lambda: all(len(x.core.neighbours()) == 1 for x in nodes), 20, "membership")
+        await asyncio.wait_for(asyncio.gather(*(x.trained.wait() for x in nodes)), timeout=60)
+        await until(nodes, lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-4, 30, "consensus")
+    finally:
+        await stop_nodes(nodes, tasks)
+    raw = 4 * nodes[0].handlers.facts.num_params
+    for x in nodes:
+        codec = x.pusher.codec
+        assert codec is not None and codec.key_frames >= 1 and codec.deltas > 3 * codec.key_frames
+        c = x.counters
+        assert c.messages_sent > 4 and c.bytes_sent / c.messages_sent < 0.45 * raw, (c.bytes_sent, c.messages_sent)
+        assert x.counters.rejected_messages == 0
