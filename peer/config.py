@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from peer.algorithms import PARAMS_TYPES, REGISTRY
+from peer.algorithms.delta import support as compression_support
 from peer.config_sections import (
     DATA_SOURCES,
     MIB,
@@ -131,6 +132,17 @@ class PeerConfig(_Section):
     def _state_dir_follows_node_id(self) -> PeerConfig:
         if not self.state_dir:
             object.__setattr__(self, "state_dir", STATE_DIR_DEFAULT.replace("<node_id>", self.node_id))
+        return self
+
+    @model_validator(mode="after")
+    def _compression_fits_algorithm(self) -> PeerConfig:
+        name: str = self.algorithm.name  # type: ignore[attr-defined]  # every params block has a name
+        why = compression_support(name)
+        if self.gossip.compression != "none" and why:
+            raise ValueError(
+                f"gossip.compression {self.gossip.compression!r} is not available with algorithm "
+                f"{name!r}: {why}; set gossip.compression: none"
+            )
         return self
 
     @field_validator("topology")

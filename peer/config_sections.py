@@ -318,6 +318,22 @@ class GossipConfig(_Section):
     max_fetches: int = Field(2, ge=1, description="FetchState downloads served at once")
     requests_per_s_per_peer: float = Field(50.0, gt=0, description="GetStatus and FetchState calls per source host")
     request_burst: int = Field(100, ge=1, description="... in bursts of at most this many")
+    compression: str = Field(
+        "none",
+        description="delta compression of gossiped states: `none`, `fp16`, `bf16`, `int8` (`int8:B`: blockwise, "
+        "one float32 scale per B = 256 values), or `topk` (`topk:F`: the fraction F = 0.15 of largest changes, as "
+        "float16, with error feedback); each link sends deltas against what its receiver holds. Every peer of a "
+        "cluster must set the same value (Hello refuses the others); not for choco, sgp, next, next_pushsum, digest "
+        "or dssfn (docs/reference/compression.md)",
+    )
+
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, v: str) -> str:
+        from peer.algorithms.delta import parse_compression  # torch: only when a config is validated
+
+        parse_compression(v)
+        return v.strip()
 
     @model_validator(mode="after")
     def _check(self) -> GossipConfig:

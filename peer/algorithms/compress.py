@@ -11,6 +11,8 @@ Specs (`parse_compressor`):
 |----------|---------------------------------------------------------|---------------------------------------------|
 | none     | values[P] (float)                                       | identity                                    |
 | fp16     | values[P] float16 (clamped to ±65504)                   | near-identity, deterministic                |
+| bf16     | values[P] bfloat16 (round to nearest even)              | near-identity, deterministic                |
+| int8:B   | scales[⌈P/B⌉] float32, q[P] int8 in [−127, 127]         | blockwise absmax, error ≤ scale/2 per entry |
 | topk:F   | values[k] (float), indices[k] int32, k = max(1, ⌈F·P⌉)  | biased, contractive (δ = k/P)               |
 | randk:F  | values[k] (float), indices[k] int32                     | biased (unscaled), contractive (δ = k/P)   |
 | qsgd:S   | norm[1] (float), levels[P] int8 in [−S, S]              | unbiased, variance ω = min(P/S², √P/S)      |
@@ -150,13 +152,15 @@ class Float16(Compressor):
 
 
 class _Sparse(Compressor):
-    """k selected coordinates: values[k] and sorted unique int32 indices[k]."""
+    """k selected coordinates: values[k] and sorted unique int32 indices[k]. With `half_values`, the values travel
+    as float16 (clamped to ±65504): 6 bytes per coordinate instead of 8."""
 
-    def __init__(self, fraction: float, spec: str) -> None:
+    def __init__(self, fraction: float, spec: str, *, half_values: bool = False) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"{spec}: the fraction must be in (0, 1], got {fraction}")
         self.fraction = fraction
         self.spec = spec
+        self.half_values = half_values
 
     def k(self, numel: int) -> int:
         return _num_selected(self.fraction, numel)
@@ -172,11 +176,18 @@ class _Sparse(Compressor):
         idx = self.select(flat, k)
         if idx.numel() != k:
             raise ValueError(f"{self.spec}: cannot select {k} coordinates of a vector holding NaN")
-        return {"values": flat[idx].clone(), "indices": idx.to(torch.int32)}
+        values = flat[idx].clone()
+        if self.half_values:
+            values = values.clamp(-Float16._MAX, Float16._MAX).to(torch.float16)
+        return {"values": values, "indices": idx.to(torch.int32)}
 
     def decompress(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
         k = self.k(numel)
-        self._check(tensors, numel, {"values": ((k,), "float"), "indices": ((k,), "int32")})
+        self._check(
+            tensors, numel, {"values": ((k,), "float16" if self.half_values else "float"), "indices": ((k,), "int32")}
+        )
+        if self.half_values and not bool(torch.isfinite(tensors["values"]).all()):
+            raise CorruptPayloadError(f"{self.spec}: tensor 'values' holds NaN or Inf")
         idx = tensors["indices"].to(torch.int64)
         if k and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
             raise CorruptPayloadError(f"{self.spec}: indices out of range [0, {numel})")
@@ -188,7 +199,7 @@ class _Sparse(Compressor):
 
     def manifest(self, numel: int, dtype: str = "float32") -> Manifest:
         k = self.k(numel)
-        return {"values": ((k,), dtype), "indices": ((k,), "int32")}
+        return {"values": ((k,), "float16" if self.half_values else dtype), "indices": ((k,), "int32")}
 
 
 class TopK(_Sparse):
@@ -297,11 +308,75 @@ class Sign(Compressor):
         return {"scale": ((1,), dtype), "bits": ((math.ceil(numel / 8),), "uint8")}
 
 
-COMPRESSOR_SPECS = ("none", "fp16", "topk:F", "randk:F", "qsgd:S", "sign")
+class BFloat16(Compressor):
+    """bfloat16: float32's range with an 8-bit mantissa (relative error ≤ 2⁻⁹); nothing overflows."""
+
+    spec = "bf16"
+
+    def compress(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check_numel(v.numel())
+        return {"values": v.detach().reshape(-1).to(torch.bfloat16)}
+
+    def decompress(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
+        self._check(tensors, numel, {"values": ((numel,), "bfloat16")})
+        if not bool(torch.isfinite(tensors["values"]).all()):
+            raise CorruptPayloadError("bf16: tensor 'values' holds NaN or Inf")
+        return tensors["values"].to(dtype)
+
+    def manifest(self, numel: int, dtype: str = "float32") -> Manifest:
+        return {"values": ((numel,), "bfloat16")}
+
+
+class Int8Block(Compressor):
+    """Blockwise absmax int8: each block of B entries travels as B int8 levels in [−127, 127] and one float32
+    scale (its max |v| / 127), so an entry's error is at most half its block's scale. Deterministic."""
+
+    def __init__(self, block: int, spec: str) -> None:
+        if not 8 <= block <= 1 << 20:
+            raise ValueError(f"{spec}: the block size must be in [8, {1 << 20}], got {block}")
+        self.block = block
+        self.spec = spec
+
+    def _blocks(self, numel: int) -> int:
+        return math.ceil(numel / self.block)
+
+    def compress(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat = v.detach().reshape(-1).to(torch.float32)
+        n = flat.numel()
+        _check_numel(n)
+        padded = torch.zeros(self._blocks(n) * self.block, dtype=torch.float32)
+        padded[:n] = flat
+        blocks = padded.reshape(-1, self.block)
+        scales = blocks.abs().amax(1) / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
+        return {"scales": scales, "q": q.clone()}
+
+    def decompress(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nb = self._blocks(numel)
+        self._check(tensors, numel, {"scales": ((nb,), "float32"), "q": ((numel,), "int8")})
+        scales = tensors["scales"]
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise CorruptPayloadError(f"{self.spec}: a block scale is negative, NaN or Inf")
+        q = tensors["q"]
+        if bool((q == -128).any()):
+            raise CorruptPayloadError(f"{self.spec}: level -128 is outside [-127, 127]")
+        padded = torch.zeros(nb * self.block, dtype=torch.float32)
+        padded[:numel] = q.to(torch.float32)
+        out = (padded.reshape(nb, self.block) * scales[:, None]).reshape(-1)[:numel]
+        if not bool(torch.isfinite(out).all()):
+            raise CorruptPayloadError(f"{self.spec}: a block scale overflows float32")
+        return out.to(dtype)
+
+    def manifest(self, numel: int, dtype: str = "float32") -> Manifest:
+        return {"scales": ((self._blocks(numel),), "float32"), "q": ((numel,), "int8")}
+
+
+COMPRESSOR_SPECS = ("none", "fp16", "bf16", "int8:B", "topk:F", "randk:F", "qsgd:S", "sign")
 
 
 def parse_compressor(spec: str, seed: int = 0) -> Compressor:
-    """A compressor from its spec ("none", "fp16", "topk:0.1", "randk:0.1", "qsgd:16", "sign").
+    """A compressor from its spec ("none", "fp16", "bf16", "int8:256", "topk:0.1", "randk:0.1", "qsgd:16", "sign").
 
     `seed` seeds the generator of the random compressors (randk, qsgd); give each peer its own.
     ValueError, naming the valid specs, for anything else.
@@ -314,6 +389,10 @@ def parse_compressor(spec: str, seed: int = 0) -> Compressor:
             return Float16()
         if name == "sign" and not arg:
             return Sign()
+        if name == "bf16" and not arg:
+            return BFloat16()
+        if name == "int8" and arg:
+            return Int8Block(int(arg), spec)
         if name == "topk" and arg:
             return TopK(float(arg), spec)
         if name == "randk" and arg:

@@ -43,6 +43,7 @@ class PeerInfo:
     step: int = 0
     epoch: float = 0.0
     known_peers: tuple[KnownPeer, ...] = ()
+    compression: str = "none"  # gossip.compression; every member of a cluster must agree on it
 
 
 @dataclass(frozen=True)

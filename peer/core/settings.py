@@ -25,6 +25,7 @@ class Identity:
     schema_fingerprint: str
     algorithm: str
     incarnation: int
+    compression: str = "none"
 
 
 @dataclass(frozen=True)
@@ -59,4 +60,7 @@ def incompatibility(me: Identity, info: PeerInfo) -> str:
         )
     if info.algorithm != me.algorithm:
         return f"algorithm {clip(repr(info.algorithm), 80)} != ours {me.algorithm!r}"
+    if (info.compression or "none") != me.compression:
+        theirs = clip(repr(info.compression or "none"), 80)
+        return f"gossip.compression {theirs} != ours {me.compression!r} (every peer must set the same value)"
     return ""

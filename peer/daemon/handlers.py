@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from peer import PROTOCOL_VERSION
 from peer.algorithms import Algorithm, InMessage, Payload
+from peer.algorithms.delta import DeltaReceiver, expected_with_compression, parse_compression
 from peer.core.admission import clip, source_of, valid_node_id
 from peer.core.events import Deliver, Effect, HelloReceived, Input, PeerInfo, Reply, StateReceived
 from peer.core.gossip import GossipCore
@@ -75,6 +77,9 @@ class RpcHandlers:
         self.envelope = envelope
         self.once = once
         self.refusals = refusals
+        compressor = parse_compression(core.me.compression)
+        self.codec = DeltaReceiver(compressor) if compressor is not None else None
+        self._decode_lock = threading.Lock()
 
     def hello(
         self, request: gossip_pb2.HelloRequest, peer: str, identity: str | None = None
@@ -98,16 +103,20 @@ class RpcHandlers:
 
     def receive_limits(self) -> ReceiveLimits:
         f = self.facts
+        expected = self.algorithm.expected_tensors(f.num_params)
+        by_kind = self.algorithm.expected_by_kind(f.num_params)
+        if self.codec is not None:  # a compressible kind arrives as a key frame or as a delta
+            by_kind = expected_with_compression(expected, by_kind, self.codec.compressor)
         return ReceiveLimits(
             max_payload_bytes=f.max_message_bytes,
             max_chunk_bytes=f.chunk_bytes,
             expected_fingerprint=f.fingerprint,
             expected_algorithm=self.algorithm.name,
-            expected_tensors=self.algorithm.expected_tensors(f.num_params),
-            expected_by_kind=self.algorithm.expected_by_kind(f.num_params),
+            expected_tensors=expected,
+            expected_by_kind=by_kind,
         )
 
-    def deliver(self, received: Received, peer: str = "", identity: str | None = None) -> None:
+    async def deliver(self, received: Received, peer: str = "", identity: str | None = None) -> None:
         env = received.envelope
         now = time.monotonic()
         event = StateReceived(
@@ -117,12 +126,23 @@ class RpcHandlers:
         if any(isinstance(e, Reply) and e.status == "PERMISSION_DENIED" for e in effects):
             # The servicer's `rejected` counts and logs it (once per sender).
             raise IdentityError(next(e.reason for e in effects if isinstance(e, Reply)))
+        payload: Payload | None = received.payload
+        if self.codec is not None:
+            # After the identity check, so an impostor cannot touch another sender's reference.
+            big = received.nbytes > (1 << 20)
+            args = (env.sender_id, env.incarnation, received.payload)
+            payload = await asyncio.to_thread(self._decode, *args) if big else self._decode(*args)
         self.counters.add(bytes_received=received.nbytes, messages_received=1)
         for e in effects:
-            if isinstance(e, Deliver):
-                msg = InMessage(env.sender_id, env.incarnation, env.sender_degree, received.payload, now)
+            if isinstance(e, Deliver) and payload is not None:
+                msg = InMessage(env.sender_id, env.incarnation, env.sender_degree, payload, now)
                 self.worker.inbox.append(msg)
                 self.worker.wake.set()
+
+    def _decode(self, sender: str, incarnation: int, payload: Payload) -> Payload | None:
+        assert self.codec is not None
+        with self._decode_lock:  # decodes may run in worker threads; the receiver's references are not shared
+            return self.codec.decode(sender, incarnation, payload)
 
     def rejected(self, sender: str, error: PayloadError, peer: str) -> None:
         self.counters.add(rejected_messages=1)

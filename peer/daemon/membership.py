@@ -46,6 +46,7 @@ def info_of(msg: gossip_pb2.HelloRequest | gossip_pb2.HelloResponse) -> PeerInfo
         step=msg.step,
         epoch=msg.epoch,
         known_peers=tuple(KnownPeer(k.node_id, k.address) for k in msg.known_peers[:MAX_KNOWN_PEERS]),
+        compression=msg.compression or "none",
     )
 
 
@@ -65,6 +66,7 @@ def hello_request(me: PeerInfo) -> gossip_pb2.HelloRequest:
         step=me.step,
         epoch=me.epoch,
         known_peers=known_peers(me),
+        compression=me.compression,
     )
 
 
@@ -79,6 +81,7 @@ def hello_response(me: PeerInfo, accepted: bool, reason: str) -> gossip_pb2.Hell
         incarnation=me.incarnation,
         step=me.step,
         epoch=me.epoch,
+        compression=me.compression,
         accepted=accepted,
         reason=reason,
         known_peers=known_peers(me),

@@ -205,6 +205,7 @@ class Node:
             p.step,
             p.epoch,
             self.core.offer(),
+            self.cfg.gossip.compression,
         )
 
     def _envelope(self) -> Envelope:
@@ -431,8 +432,7 @@ class Node:
         self.worker.stop.set()
         await train_task
         if self._server is not None:
-            await self._server.stop(grace_s=5.0)  # lets in-flight pushes to us finish
-        # Outgoing pushes still in flight have their own deadlines; the TaskGroup waits for them.
+            await self._server.stop(grace_s=5.0)  # lets in-flight pushes to us finish; outgoing ones have deadlines
         await self.checkpointer.save(self.checkpointer.state(self.worker.state()))
         self._write_metrics(event="stopped")
 

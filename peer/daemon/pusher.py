@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from peer.algorithms import Payload, Send
+from peer.algorithms.delta import DeltaSender, parse_compression
 from peer.config import PeerConfig
 from peer.core.backoff import retry_delay, should_retry
 from peer.core.events import Effect, Input, SendDropped, SendFailed, SendOk
@@ -70,6 +71,9 @@ class Pusher:
         self.draining: set[str] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._encoded_sends: dict[int, tuple[Payload, Encoded]] = {}  # id(payload) -> encoding, shared by dests
+        compressor = parse_compression(cfg.gossip.compression)
+        # gossip.compression: one encoding per destination (a delta against what it holds), not one for all.
+        self.codec = DeltaSender(compressor) if compressor is not None else None
 
     # ------------------------------------------------------------------------------- step mode: per destination
     def enqueue(self, sends: list[Send]) -> None:
@@ -112,7 +116,9 @@ class Pusher:
         if self.faults.enabled and not await self._survives_faults(to, None):
             return False
         cached = self._encoded_sends.get(id(send.payload))
-        if cached is None or cached[0] is not send.payload:
+        if self.codec is not None:
+            cached = (send.payload, await self._encode_for(to, send.payload))
+        elif cached is None or cached[0] is not send.payload:
             cached = (send.payload, await self._encode_payload(send.payload))
             self._encoded_sends[id(send.payload)] = cached
         header, frames, total = cached[1]
@@ -129,8 +135,10 @@ class Pusher:
                     await self.sleep(retry_delay(attempt, base_s=g.backoff_base_s, cap_s=g.backoff_cap_s, rng=self.rng))
                     continue
                 self.counters.add(send_failures=1)
+                self._link_lost(to)
                 self.dispatch(SendFailed(to, exc.code, time.monotonic(), detail=str(exc)))
                 return False
+            self._link_acked(to)
             self.dispatch(SendOk(to, send.payload.seq, time.monotonic()))
             self.counters.add(bytes_sent=total, messages_sent=1)
             return True
@@ -162,8 +170,8 @@ class Pusher:
             if payload is not None:
                 due = self.core.sends_due(started, payload.seq, self.in_flight)
                 if due:
-                    encoded = await self._encode(payload)
                     for j in due:
+                        encoded = await self._encode_for(j, payload)
                         self.in_flight.add(j)
                         tg.create_task(self.push(j, payload.seq, encoded))
             if interval > 0:
@@ -181,6 +189,14 @@ class Pusher:
         encoded = await self._encode_payload(payload)
         self._encoded = (payload.seq, encoded)
         return encoded
+
+    async def _encode_for(self, to: str, payload: Payload) -> Encoded:
+        """The encoding for one destination: shared by all without compression, a delta of its own with it."""
+        if self.codec is None:
+            return await self._encode(payload)
+        big = sum(t.numel() for t in payload.tensors.values()) > (1 << 18)
+        wire = await asyncio.to_thread(self.codec.encode, to, payload) if big else self.codec.encode(to, payload)
+        return await self._encode_payload(wire)
 
     async def _encode_payload(self, payload: Payload) -> Encoded:
         env = self.envelope()
@@ -216,8 +232,10 @@ class Pusher:
                         )
                         continue
                     self.counters.add(send_failures=1)
+                    self._link_lost(node_id)
                     self.dispatch(SendFailed(node_id, exc.code, time.monotonic(), detail=str(exc)))
                     return
+                self._link_acked(node_id)
                 self.dispatch(SendOk(node_id, seq, time.monotonic()))
                 self.counters.add(bytes_sent=total, messages_sent=1)
                 return
@@ -225,6 +243,15 @@ class Pusher:
             self.in_flight.discard(node_id)
             if self.outbox is not None and self.outbox.seq > seq:
                 self.outbox_event.set()  # a newer state waits for this link
+
+    def _link_acked(self, to: str) -> None:
+        if self.codec is not None:
+            self.codec.delivered(to)
+
+    def _link_lost(self, to: str) -> None:
+        """The push may have arrived or not: with compression, the next message to `to` is a key frame."""
+        if self.codec is not None:
+            self.codec.failed(to)
 
     async def _timed_push(self, address: str, header: Any, frames: list[bytes], total: int, node_id: str) -> None:
         """One Push RPC; its duration goes into the push histogram by outcome (Prometheus)."""

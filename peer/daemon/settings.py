@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from peer.algorithms import Algorithm
 from peer.config import PeerConfig, TrainConfig
 from peer.core.admission import AdmissionSettings
@@ -18,7 +20,7 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
     """The protocol core's part of the config tree."""
     static = StaticPeers(cfg.discovery.static_peers, lambda c: None).candidates()
     return CoreSettings(
-        identity=identity,
+        identity=replace(identity, compression=cfg.gossip.compression),
         topology=cfg.topology,
         topology_seed=cfg.membership.topology_seed,
         topology_period_s=cfg.membership.topology_period_s,

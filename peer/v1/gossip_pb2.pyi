@@ -165,6 +165,7 @@ class HelloRequest(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     KNOWN_PEERS_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The caller's node id, unique in the swarm."""
     protocol_version: _builtins.str
@@ -183,6 +184,8 @@ class HelloRequest(_message.Message):
     """The caller's local training step (how far its model has come), for catch-up decisions."""
     epoch: _builtins.float
     """The caller's training progress in epochs over its own partition (comparable across partition sizes)."""
+    compression: _builtins.str
+    """The caller's gossip.compression ("" means "none"); a callee with another value refuses the caller."""
     @_builtins.property
     def known_peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnownPeer]:
         """Peer exchange: a bounded sample of the caller's members. Only candidates: each joins once it answers the
@@ -202,10 +205,11 @@ class HelloRequest(_message.Message):
         step: _builtins.int = ...,
         epoch: _builtins.float = ...,
         known_peers: _abc.Iterable[Global___KnownPeer] | None = ...,
+        compression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "known_peers", b"known_peers", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "algorithm", b"algorithm", "compression", b"compression", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "known_peers", b"known_peers", "node_id", b"node_id", "protocol_version", b"protocol_version", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -229,6 +233,7 @@ class HelloResponse(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     KNOWN_PEERS_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The callee's node id."""
     protocol_version: _builtins.str
@@ -251,6 +256,8 @@ class HelloResponse(_message.Message):
     """The callee's local training step."""
     epoch: _builtins.float
     """The callee's training progress in epochs over its own partition."""
+    compression: _builtins.str
+    """The callee's gossip.compression ("" means "none")."""
     @_builtins.property
     def known_peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnownPeer]:
         """Peer exchange: a bounded sample of the callee's members. Only candidates: each joins once it answers the
@@ -272,10 +279,11 @@ class HelloResponse(_message.Message):
         step: _builtins.int = ...,
         epoch: _builtins.float = ...,
         known_peers: _abc.Iterable[Global___KnownPeer] | None = ...,
+        compression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "known_peers", b"known_peers", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "algorithm", b"algorithm", "compression", b"compression", "degree", b"degree", "epoch", b"epoch", "incarnation", b"incarnation", "known_peers", b"known_peers", "node_id", b"node_id", "protocol_version", b"protocol_version", "reason", b"reason", "schema_fingerprint", b"schema_fingerprint", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,328 @@
+"""Delta compression on the wire (`gossip.compression`): compressor error bounds, the error-feedback invariant,
+key frames and resynchronisation, Hello agreement, and hostile compressed pushes to a real daemon on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from peer import PROTOCOL_VERSION
+from peer import config as config_mod
+from peer.algorithms.base import Payload
+from peer.algorithms.compress import parse_compressor
+from peer.algorithms.delta import (
+    BASE_KEY,
+    SEP,
+    VERSION_KEY,
+    DeltaReceiver,
+    DeltaSender,
+    compressed_manifest,
+    parse_compression,
+    support,
+)
+from peer.core.events import PeerInfo
+from peer.core.gossip import GossipCore
+from peer.core.settings import CoreSettings, Identity
+from peer.daemon.node import Node
+from peer.errors import ConfigError, CorruptPayloadError, SchemaMismatchError
+from peer.net.encoder import encode, iter_requests
+from peer.net.wire import Envelope
+from peer.v1 import gossip_pb2, gossip_pb2_grpc
+from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nodes, unique, until
+
+pytestmark = pytest.mark.timeout(60)
+
+SPECS = ("fp16", "bf16", "int8", "topk")
+
+
+def vector(n: int = 1000, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------- compressors
+def test_round_trip_error_bounds() -> None:
+    v = vector(1000) * 3
+    for spec, bound in (("fp16", 2**-11), ("bf16", 2**-8)):
+        c = parse_compression(spec)
+        assert c is not None
+        _, d = c.round_trip(v)
+        assert bool(((d - v).abs() <= bound * v.abs() + 1e-7).all()), spec
+    c = parse_compressor("int8:100")
+    wire, d = c.round_trip(v)
+    assert wire["q"].dtype == torch.int8 and wire["scales"].shape == (10,)
+    per_block = v.reshape(10, 100).abs().amax(1) / 127
+    assert bool(((d - v).abs().reshape(10, 100) <= per_block[:, None] / 2 + 1e-6).all())
+    c = parse_compressor("topk:0.1")
+    _, d = c.round_trip(v)
+    kept = d != 0
+    assert int(kept.sum()) == 100 and torch.equal(d[kept], v[kept])
+    assert float(v[~kept].abs().max()) <= float(v[kept].abs().min())
+
+
+def test_int8_edge_cases() -> None:
+    c = parse_compressor("int8:8")
+    for v in (torch.zeros(13), torch.tensor([5.0]), torch.full((20,), -2.0)):
+        _, d = c.round_trip(v)
+        assert torch.allclose(d, v, atol=float(v.abs().max()) / 254 + 1e-9)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_error_feedback_invariant_and_bitwise_agreement(spec: str) -> None:
+    """Sum of what the receiver decoded + the sender's residual = the true change, and both ends hold the
+    same reference bit for bit; with x held still, the residual shrinks (compression error does not pile up)."""
+    c = parse_compression(spec)
+    assert c is not None
+    tx, rx = DeltaSender(c), DeltaReceiver(c)
+    x0 = vector(512, seed=1)
+    x = x0.clone()
+    decoded_sum = torch.zeros(512)
+    rx_ref: torch.Tensor | None = None
+    for t in range(20):
+        if t:
+            x = x + 0.05 * vector(512, seed=10 + t) if t < 8 else x  # then hold still
+        msg = tx.encode("b", Payload("state", {"params": x.clone()}, seq=t + 1))
+        before = rx_ref
+        out = rx.decode("a", 7, msg)
+        assert out is not None and set(out.scalars) == set()
+        tx.delivered("b")
+        rx_ref = out.tensors["params"]
+        ref = tx.reference("b")
+        assert ref is not None and torch.equal(ref["params"], rx_ref)
+        if before is not None:
+            decoded_sum += rx_ref - before
+        residual = x - ref["params"]
+        assert torch.allclose(decoded_sum + residual, x - x0, atol=1e-5)
+    assert tx.key_frames == 1 and tx.deltas == 19
+    assert rx_ref is not None and float((x - rx_ref).norm()) <= 1e-3 * float(x.norm())
+
+
+def test_key_frames_after_failures_replays_and_restarts() -> None:
+    c = parse_compression("int8")
+    assert c is not None
+    tx, rx = DeltaSender(c), DeltaReceiver(c)
+    x = vector(300)
+    key = tx.encode("b", Payload("state", {"params": x}))
+    assert "params" in key.tensors and key.scalars[BASE_KEY] == -1
+    assert rx.decode("a", 1, key) is not None
+    tx.delivered("b")
+    delta = tx.encode("b", Payload("state", {"params": x + 1}))
+    assert f"params{SEP}q" in delta.tensors and "params" not in delta.tensors
+    assert rx.decode("a", 1, delta) is not None
+    assert rx.decode("a", 1, delta) is None, "a replay of the applied delta is acknowledged, not applied twice"
+    with pytest.raises(SchemaMismatchError, match="key frame"):
+        rx.decode("a", 2, delta)  # a restarted sender (new incarnation) without a key frame
+    fresh = DeltaReceiver(c)
+    with pytest.raises(SchemaMismatchError):
+        fresh.decode("a", 1, delta)  # a restarted receiver
+    tx.failed("b")
+    assert tx.encode("b", Payload("state", {"params": x}, seq=3)).scalars[BASE_KEY] == -1
+    other = tx.encode("c", Payload("token", {"params": x}))
+    assert other.tensors.keys() == {"params"} and VERSION_KEY not in other.scalars
+
+
+def hostile_delta(c: Any, n: int, **changes: torch.Tensor) -> Payload:
+    tx = DeltaSender(c)
+    tx.encode("v", Payload("state", {"params": torch.zeros(n)}))
+    tx.delivered("v")
+    msg = tx.encode("v", Payload("state", {"params": torch.ones(n)}))
+    tensors = dict(msg.tensors)
+    for name, t in changes.items():
+        tensors[f"params{SEP}{name}"] = t
+    return Payload("state", tensors, scalars=msg.scalars)
+
+
+def primed(c: Any, n: int) -> DeltaReceiver:
+    rx = DeltaReceiver(c)
+    rx.decode("a", 1, Payload("state", {"params": torch.zeros(n)}, scalars={VERSION_KEY: 1.0, BASE_KEY: -1.0}))
+    return rx
+
+
+def test_hostile_compressed_payloads_are_refused_by_the_decoder() -> None:
+    n = 64
+    int8, topk = parse_compressor("int8:16"), parse_compressor("topk:0.25")
+    cases = [
+        (int8, {"scales": torch.tensor([1.0, math.nan, 1.0, 1.0])}, "scale"),
+        (int8, {"scales": torch.tensor([1.0, -1.0, 1.0, 1.0])}, "scale"),
+        (int8, {"scales": torch.full((4,), 3e38)}, "overflow"),
+        (int8, {"q": torch.full((n,), -128, dtype=torch.int8)}, "-128"),
+        (int8, {"q": torch.zeros(n - 1, dtype=torch.int8)}, "shape"),
+        (topk, {"indices": torch.arange(16, dtype=torch.int32) + n}, "out of range"),
+        (topk, {"indices": torch.zeros(16, dtype=torch.int32)}, "strictly increasing"),
+        (topk, {"values": torch.full((16,), math.inf)}, "NaN or Inf"),
+    ]
+    for c, change, match in cases:
+        with pytest.raises(CorruptPayloadError, match=match):
+            primed(c, n).decode("a", 1, hostile_delta(c, n, **change))
+    good = hostile_delta(int8, n)
+    for scalars in ({}, {VERSION_KEY: 2.5, BASE_KEY: 1.0}, {VERSION_KEY: 2.0, BASE_KEY: 2.0}):
+        with pytest.raises(CorruptPayloadError):
+            primed(int8, n).decode("a", 1, Payload("state", good.tensors, scalars=scalars))
+    mixed = Payload("state", good.tensors, scalars={VERSION_KEY: 2.0, BASE_KEY: -1.0})
+    with pytest.raises(CorruptPayloadError, match="key frame"):
+        primed(int8, n).decode("a", 1, mixed)
+
+
+def test_config_names_the_key_and_refuses_unsound_algorithms(tmp_path: Path) -> None:
+    base = {"node_id": "a", "state_dir": str(tmp_path)}
+    for spec in ("none", "fp16", "bf16", "int8", "int8:512", "topk", "topk:0.05"):
+        assert config_mod.validate({**base, "gossip": {"compression": spec}}, source="t").gossip.compression == spec
+    for bad in ("gzip", "topk:0", "topk:1.5", "int8:3", "fp16:2"):
+        with pytest.raises(ConfigError, match=r"gossip\.compression"):
+            config_mod.validate({**base, "gossip": {"compression": bad}}, source="t")
+    for name in ("choco", "sgp", "next", "dssfn"):
+        assert support(name)
+        with pytest.raises(ConfigError, match=f"gossip.compression 'int8' is not available with algorithm '{name}'"):
+            config_mod.validate({**base, "algorithm": {"name": name}, "gossip": {"compression": "int8"}}, source="t")
+    for name in ("cdl", "dpsgd", "local_sgd", "dmsgd", "dmsgd_async", "none"):
+        assert not support(name)
+
+
+def test_hello_agreement_names_the_key() -> None:
+    me = Identity("a", PROTOCOL_VERSION, "fp", "cdl", 1, compression="int8")
+    core = GossipCore(CoreSettings(identity=me), rng=__import__("random").Random(0))
+    info = PeerInfo("b", PROTOCOL_VERSION, "fp", "cdl", 1, "127.0.0.1:1", 2)
+    assert "gossip.compression 'none' != ours 'int8'" in core.incompatibility(info)
+    assert core.incompatibility(PeerInfo("b", PROTOCOL_VERSION, "fp", "cdl", 1, "x:1", 2, compression="int8")) == ""
+
+
+# ------------------------------------------------------------------------------------- a real daemon
+EVIL = "evil"
+
+
+async def push(stub: gossip_pb2_grpc.GossipServiceStub, requests: Iterable[gossip_pb2.PushRequest]) -> Any:
+    async def gen() -> AsyncIterator[gossip_pb2.PushRequest]:
+        for r in requests:
+            yield r
+
+    try:
+        return await stub.Push(gen(), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+
+
+async def test_hostile_compressed_pushes_to_a_real_daemon(tmp_path: Path) -> None:
+    """A daemon with gossip.compression=int8 takes a key frame and a delta, refuses hostile deltas with the
+    right status (and never applies them), refuses a Hello with another compression naming the key, and keeps
+    serving."""
+    tree = {
+        "node_id": "victim",
+        "state_dir": str(tmp_path / "victim"),
+        "discovery": {"mdns": False},
+        "data": {"dataset": "digits"},
+        "model": {"name": "logreg"},
+        "train": {"epochs": 0.02, "torch_threads": 1, "device": "cpu"},
+        "gossip": {"interval_s": 0.02, "compression": "int8:16", "max_message_bytes": 4096},
+        "metrics": {"interval_s": 60.0},
+        "checkpoint": {"interval_s": 60.0},
+    }
+    node = Node(config_mod.validate(tree, source="test"), stdout=io.StringIO())
+    task = asyncio.create_task(node.run())
+    try:
+        await asyncio.wait_for(node.ready.wait(), timeout=20)
+        channel = grpc.aio.insecure_channel(node.address)
+        stub = gossip_pb2_grpc.GossipServiceStub(channel)
+        env = Envelope(EVIL, node.fingerprint, node.algorithm.name, 5, 1, "127.0.0.1:9", 1)
+        n = node.handlers.facts.num_params
+        c = parse_compressor("int8:16")
+        tx = DeltaSender(c)
+
+        async def send(payload: Payload) -> Any:
+            header, chunks = encode(env, payload, chunk_bytes=1000)
+            return await push(stub, iter_requests(header, chunks))
+
+        x = torch.linspace(-1, 1, n)
+        assert (await send(tx.encode("victim", Payload("state", {"params": x}, seq=1)))).accepted
+        tx.delivered("victim")
+        delta = tx.encode("victim", Payload("state", {"params": x * 0.5}, seq=2))
+        nb = math.ceil(n / 16)
+        bad = {
+            "scales": (torch.full((nb,), math.nan), grpc.StatusCode.INVALID_ARGUMENT),
+            "q": (torch.full((n,), -128, dtype=torch.int8), grpc.StatusCode.INVALID_ARGUMENT),
+        }
+        for wire, (t, code) in bad.items():
+            assert (
+                await send(Payload("state", {**delta.tensors, f"params{SEP}{wire}": t}, seq=2, scalars=delta.scalars))
+                == code
+            )
+        wrong_size = {**delta.tensors, f"params{SEP}q": torch.zeros(n + 1, dtype=torch.int8)}
+        assert (
+            await send(Payload("state", wrong_size, seq=2, scalars=delta.scalars))
+            == grpc.StatusCode.FAILED_PRECONDITION
+        )
+        unknown_base = {**delta.scalars, BASE_KEY: 0.0}
+        assert (
+            await send(Payload("state", delta.tensors, seq=2, scalars=unknown_base))
+            == grpc.StatusCode.FAILED_PRECONDITION
+        )
+        big = {"params": torch.zeros(2000)}
+        assert await send(Payload("state", big, seq=2, scalars=delta.scalars)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert node.counters.rejected_messages == 5
+        ok = await send(delta)
+        assert ok.accepted, "the daemon still takes a valid delta after the hostile ones"
+        ref = node.handlers.codec._refs[EVIL].tensors["params"]  # type: ignore[union-attr]
+        assert torch.equal(ref, tx._pending["victim"].tensors["params"])
+
+        hello = gossip_pb2.HelloRequest(
+            node_id="other", protocol_version=PROTOCOL_VERSION, schema_fingerprint=node.fingerprint,
+            algorithm=node.algorithm.name, degree=1, address="127.0.0.1:9", incarnation=3, compression="topk",
+        )  # fmt: skip
+        answer = await stub.Hello(hello, timeout=5)
+        assert not answer.accepted and "gossip.compression 'topk' != ours 'int8:16'" in answer.reason
+        assert answer.compression == "int8:16"
+        status = await stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=5)
+        assert status.rejected_messages == 5
+        await channel.close()
+    finally:
+        node.request_stop()
+        await asyncio.wait_for(task, timeout=20)
+
+
+def test_compressed_manifest() -> None:
+    c = parse_compressor("topk:0.5")
+    m = compressed_manifest({"params": ((10,), "float32"), "step": ((1,), "int64")}, c)
+    assert m == {"params/values": ((5,), "float32"), "params/indices": ((5,), "int32"), "step": ((1,), "int64")}
+
+
+@pytest.mark.timeout(120)
+# CI budget: the step-mode case in CI; the mix-mode one (the demo benchmark's path as well) under --slow.
+@pytest.mark.parametrize(
+    ("algorithm", "spec"), [pytest.param("cdl", "int8", marks=pytest.mark.slow), ("dpsgd", "topk")]
+)
+async def test_two_daemons_gossip_compressed_deltas_and_agree(tmp_path: Path, algorithm: str, spec: str) -> None:
+    """Mix mode (cdl, one latest-wins state per round) and step mode (dpsgd, reliable per-destination sends):
+    the pushes carry deltas (a key frame first), and after training the peers agree as closely as without."""
+    cluster = unique("cmp")
+
+    def make(i: int) -> Node:
+        sections: dict[str, Any] = {
+            "data": {"partition": "shards:2", "num_partitions": 2, "partition_index": i},
+            "algorithm": {"name": algorithm},
+            "train": {"epochs": 1, "wait_for_neighbors_s": 20, "lr": 0.1},
+            "discovery": {"mdns": True, "cluster": cluster},
+            "gossip": {"interval_s": 0.01, "rpc_timeout_s": 2.0, "compression": spec},
+        }
+        return Node(fast_config(tmp_path, f"{cluster}-{i}", **sections), stdout=io.StringIO())
+
+    nodes = [make(i) for i in range(2)]
+    tasks = await start_nodes(nodes)
+    try:
+        await until(nodes, lambda: all(len(x.core.neighbours()) == 1 for x in nodes), 20, "membership")
+        await asyncio.wait_for(asyncio.gather(*(x.trained.wait() for x in nodes)), timeout=60)
+        await until(nodes, lambda: consensus_distance([x.trainer.get_flat() for x in nodes]) < 1e-4, 30, "consensus")
+    finally:
+        await stop_nodes(nodes, tasks)
+    raw = 4 * nodes[0].handlers.facts.num_params
+    for x in nodes:
+        codec = x.pusher.codec
+        assert codec is not None and codec.key_frames >= 1 and codec.deltas > 3 * codec.key_frames
+        c = x.counters
+        assert c.messages_sent > 4 and c.bytes_sent / c.messages_sent < 0.45 * raw, (c.bytes_sent, c.messages_sent)
+        assert x.counters.rejected_messages == 0
