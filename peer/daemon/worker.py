@@ -173,6 +173,16 @@ class TrainingWorker:
         scale = float(before.norm()) or 1.0
         return float((after - before).norm()) > CONSENSUS_TOLERANCE * scale
 
+    def _resend_while_waiting(self, now: float) -> None:
+        """Send our state again every CONSENSUS_IDLE_S while pacing holds us: if our last one was lost (a dropped
+        message, a link that was down), two peers would otherwise wait out their deadlines for each other (30% drops
+        and a flapping link: two peers stalled 25 s). A receiver that has it counts it as no progress."""
+        if self.pacer.enabled and now - self._last_publish >= CONSENSUS_IDLE_S:
+            payload = self.algorithm.outgoing(self.latest_params, self.trainer.step_count)
+            if payload is not None:
+                self._last_publish = now
+                self.publish(self._with_rate(payload))
+
     def _with_rate(self, payload: Payload) -> Payload:
         """The payload with our compute rate and whether we finished, so that neighbours know whether to wait for
         us (peer.core.pacing)."""
@@ -252,12 +262,11 @@ class TrainingWorker:
                 self._took_in(msg, now)
             else:
                 dropped += 1
-        if not local_steps and not took_in and not external_step:
-            return  # a pacing wait that ended with nothing new: nothing to mix or to publish
-        if not local_steps and not external_step and not self.done and self.pacer.enabled:
+        if not local_steps and not external_step and (not took_in or (not self.done and self.pacer.enabled)):
             # A pacing wait: keep what arrived and mix it all at once before the next step. Mixing each state as
             # it lands weighs the neighbours unevenly (4/9, 2/9, 1/3 on a ring): a biased consensus.
-            self._deferred_mix = True
+            self._deferred_mix = self._deferred_mix or took_in > 0
+            self._resend_while_waiting(now)
             return
         x = trainer.get_flat()
         mixed = self.algorithm.mix(x, now, self.view)
