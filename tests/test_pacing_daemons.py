@@ -10,6 +10,7 @@ itself, on the mean gap over three seeds."""
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 import subprocess
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from peer.daemon.node import Node
+from tests.helpers import fast_config, start_nodes, stop_nodes, unique, until
 
 # Every push waits 10 ms in the fault layer; an MLP step on digits takes about 1 ms here, so the fast run steps
 # about 10x faster than it mixes. The slow run slows every step 10x (faults.slowdown), so gossip keeps up.
@@ -65,3 +69,39 @@ def test_steps_ten_times_faster_than_mixing_cost_at_most_one_point_on_average(tm
     gaps = [gap_points(tmp_path, seed) for seed in (0, 1, 2)]
     print(f"\npacing gaps (points, slow minus fast): {[round(g, 2) for g in gaps]}")
     assert statistics.mean(gaps) <= 1.0, gaps
+
+
+@pytest.mark.timeout(90)
+async def test_a_lost_message_does_not_stall_two_waiting_peers(tmp_path: Path) -> None:
+    """Both peers drop 30% of their pushes silently. Until a peer has seen a neighbour step, it waits for it up to
+    `train.wait_for_neighbors_s` (30 s); before, a lost first message left both ends waiting that long for each
+    other (30% drops and a flapping link: 43.7% in the demo). A peer held by pacing now sends its state again
+    every 0.1 s, so a lost message costs about that."""
+    base = unique("lost")
+    common: dict[str, Any] = {
+        "catchup": {"enabled": False},
+        "train": {"epochs": 50, "steps_per_round": 1, "wait_for_neighbors_s": 30.0},
+    }
+    a = Node(
+        fast_config(tmp_path, f"{base}-a", faults={"drop_probability": 0.3, "seed": 1}, **common), stdout=io.StringIO()
+    )
+    tasks = await start_nodes([a])
+    b = Node(
+        fast_config(
+            tmp_path,
+            f"{base}-b",
+            faults={"drop_probability": 0.3, "seed": 2},
+            discovery={"static_peers": [a.address]},
+            **common,
+        ),
+        stdout=io.StringIO(),
+    )
+    tasks += await start_nodes([b])
+    try:
+        await until([a, b], lambda: min(a.trainer.step_count, b.trainer.step_count) >= 60, 25, "60 steps each")
+        assert a.faults.counters["dropped"] + b.faults.counters["dropped"] > 5  # messages were lost
+        assert a.worker.pacer.waits > 0 and b.worker.pacer.waits > 0
+        waited = a.worker.pacer.wait_s_total + b.worker.pacer.wait_s_total
+        assert waited < 15.0, f"the peers waited {waited:.1f} s in all for each other"
+    finally:
+        await stop_nodes([a, b], tasks, return_exceptions=True)

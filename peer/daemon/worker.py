@@ -34,6 +34,8 @@ PROGRESS_REPORT_S = 0.01
 # After local training, mix-mode rounds run when fresh state arrives, and at least this often (so a state of
 # ours that a neighbour lost is sent again).
 CONSENSUS_IDLE_S = 0.5
+# A peer held by pacing sends its state again this often (a lost message must not cost a whole deadline).
+PACE_RESEND_S = 0.1
 # After local training a state is published only when mixing moved the model by more than this (relative), or
 # CONSENSUS_IDLE_S after the last one: otherwise every arrival would trigger a publish that triggers the
 # neighbours' next one, and converged peers would push at link speed forever.
@@ -41,10 +43,6 @@ CONSENSUS_TOLERANCE = 1e-7
 # After local training, round-synchronous (step-mode) rounds run at most this often unless a neighbour still
 # training waits for our next round.
 CONSENSUS_ROUND_S = 0.1
-
-
-def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    return scheduled_lr(cfg.lr, cfg.lr_schedule, step, total_steps)
 
 
 class TrainingWorker:
@@ -142,9 +140,9 @@ class TrainingWorker:
                 self.round()
                 continue
             decision = self._pace(started)
-            if not decision.go:
-                self._wait_for_messages(decision.wait_s)
-                self.round(local_steps=False)  # take in what arrived (or note the missed deadline), then ask again
+            if not decision.go:  # take in what arrived (or send ours again, or note the missed deadline), ask again
+                self._wait_for_messages(min(decision.wait_s, PACE_RESEND_S))
+                self.round(local_steps=False)
                 continue
             self.round()
             remaining = self.cfg.round_interval_s * self.slowdown - (time.monotonic() - started)
@@ -174,10 +172,11 @@ class TrainingWorker:
         return float((after - before).norm()) > CONSENSUS_TOLERANCE * scale
 
     def _resend_while_waiting(self, now: float) -> None:
-        """Send our state again every CONSENSUS_IDLE_S while pacing holds us: if our last one was lost (a dropped
+        """Send our state again every PACE_RESEND_S while pacing holds us: if our last one was lost (a dropped
         message, a link that was down), two peers would otherwise wait out their deadlines for each other (30% drops
-        and a flapping link: two peers stalled 25 s). A receiver that has it counts it as no progress."""
-        if self.pacer.enabled and now - self._last_publish >= CONSENSUS_IDLE_S:
+        and a flapping link: two peers stalled 25 s). A receiver that has it counts it as no progress; the pusher
+        sends one state at a time per link, so this never outruns the link."""
+        if self.pacer.enabled and now - self._last_publish >= PACE_RESEND_S:
             payload = self.algorithm.outgoing(self.latest_params, self.trainer.step_count)
             if payload is not None:
                 self._last_publish = now
@@ -238,7 +237,7 @@ class TrainingWorker:
             if self._first_step_at is None:
                 self._first_step_at = time.monotonic()
             for _ in range(self.cfg.steps_per_round):
-                trainer.set_lr(lr_at(self.cfg, trainer.step_count, self.total_steps))
+                trainer.set_lr(scheduled_lr(self.cfg.lr, self.cfg.lr_schedule, trainer.step_count, self.total_steps))
                 started = time.monotonic()
                 loss = trainer.step()
                 if self.slowdown > 1.0:
