@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate", help="simulate hundreds of peers (real algorithm and wire code), locally or on Ray"
     )
-    from peer.tools.simulate import add_arguments as add_simulate_arguments
+    from peer.tools.simulate_args import add_arguments as add_simulate_arguments
 
     add_simulate_arguments(sim)
     sim.set_defaults(fn=cmd_simulate)

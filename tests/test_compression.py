@@ -29,8 +29,7 @@ from peer.algorithms.delta import (
     support,
 )
 from peer.core.events import PeerInfo
-from peer.core.gossip import GossipCore
-from peer.core.settings import CoreSettings, Identity
+from peer.core.settings import Identity, incompatibility
 from peer.daemon.node import Node
 from peer.errors import ConfigError, CorruptPayloadError, SchemaMismatchError
 from peer.net.encoder import encode, iter_requests
@@ -187,10 +186,9 @@ def test_config_names_the_key_and_refuses_unsound_algorithms(tmp_path: Path) -> 
 
 def test_hello_agreement_names_the_key() -> None:
     me = Identity("a", PROTOCOL_VERSION, "fp", "cdl", 1, compression="int8")
-    core = GossipCore(CoreSettings(identity=me), rng=__import__("random").Random(0))
     info = PeerInfo("b", PROTOCOL_VERSION, "fp", "cdl", 1, "127.0.0.1:1", 2)
-    assert "gossip.compression 'none' != ours 'int8'" in core.incompatibility(info)
-    assert core.incompatibility(PeerInfo("b", PROTOCOL_VERSION, "fp", "cdl", 1, "x:1", 2, compression="int8")) == ""
+    assert "gossip.compression 'none' != ours 'int8'" in incompatibility(me, info)
+    assert incompatibility(me, PeerInfo("b", PROTOCOL_VERSION, "fp", "cdl", 1, "x:1", 2, compression="int8")) == ""
 
 
 # ------------------------------------------------------------------------------------- a real daemon
