@@ -64,6 +64,7 @@ def test_gossip_alone_steps_and_checkpoints(tmp_path: Path) -> None:
     assert (tmp_path / "solo" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow  # 25 s; the plain-loop examples stay in CI
 @pytest.mark.timeout(120)
 async def test_image_folder_example_three_peers(tmp_path: Path) -> None:
     from examples.image_folder import run

@@ -268,6 +268,7 @@ async def test_fresh_peer_catches_up_and_a_fresh_checkpoint_does_not(
 
 
 # ------------------------------------------------------------------------------------------ injected faults
+@pytest.mark.slow  # CI keeps tests/test_pacing_daemons.py::test_a_lost_message_does_not_stall_two_waiting_peers
 @pytest.mark.timeout(60)
 async def test_injected_drops_lose_about_half_the_pushes(tmp_path: Path) -> None:
     base = unique("drop")

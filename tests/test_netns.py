@@ -143,6 +143,7 @@ def wait_ring(tb: Testbed, timeout_s: float) -> dict[int, float]:
     return formed
 
 
+@pytest.mark.slow  # CI keeps the plain-defaults mTLS discovery test across four namespaces
 def test_four_hosts_discover_over_mdns(testbed: Testbed) -> None:
     tb = testbed
     ready = start_all(tb)
