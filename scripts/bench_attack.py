@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import shlex
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from peer.tools.results import write_results  # noqa: E402
 from peer.tools.revision import git_revision  # noqa: E402
 from tests.attackers import ATTACKS, DPSGD, attacked_cluster  # noqa: E402
 
@@ -124,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "error")
     logging.basicConfig(level=logging.ERROR)  # the victims log every refused (non-finite) push
     result = asyncio.run(main_async(args))
-    md = markdown(result)
-    print(md)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_results(args.json, result, markdown(result))
     return 0
 
 

@@ -51,6 +51,7 @@ from peer.errors import SendError  # noqa: E402
 from peer.net.encoder import encode  # noqa: E402
 from peer.net.rpc_errors import guarded  # noqa: E402
 from peer.net.wire import Envelope, Payload  # noqa: E402
+from peer.tools.results import write_results  # noqa: E402
 from peer.tools.revision import git_revision  # noqa: E402
 from peer.v1 import gossip_pb2, gossip_pb2_grpc  # noqa: E402
 
@@ -396,12 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration_s, args.warmup_s = 8.0, 3.0
     result = asyncio.run(main_async(args))
-    md = markdown(result)
-    print(md)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_results(args.json, result, markdown(result))
     return 0
 
 

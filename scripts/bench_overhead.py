@@ -18,7 +18,6 @@ Writes the markdown table next to the JSON (overhead.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _fleet import ROOT, run_fleet, step_rate
 
+from peer.tools.results import write_results
 from peer.tools.revision import git_revision
 
 ALGORITHMS = ("none", "cdl", "cdl+nowait", "dpsgd", "choco")
@@ -105,12 +105,7 @@ def main() -> int:
         "rows": rows,
         "runs": detail,
     }
-    md = markdown(result)
-    print(md)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_results(args.json, result, markdown(result))
     return 0
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_transport import ROOT, spawn
 
+from peer.tools.results import write_results
 from peer.tools.revision import git_revision
 
 
@@ -98,12 +99,7 @@ def main() -> int:
         "by_size": by_size,
         "by_neighbours": by_degree,
     }
-    md = markdown(result)
-    print(md)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_results(args.json, result, markdown(result))
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import logging
 import os
 import shlex
@@ -41,6 +40,7 @@ from peer.algorithms.base import Payload  # noqa: E402
 from peer.daemon.node import Node  # noqa: E402
 from peer.net.encoder import encode, iter_requests  # noqa: E402
 from peer.tools import certs  # noqa: E402
+from peer.tools.results import write_results  # noqa: E402
 from peer.tools.revision import git_revision  # noqa: E402
 
 WIDTH = 2048  # WIDTH² float32 parameters = 16 MiB
@@ -164,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "error")
     logging.basicConfig(level=logging.ERROR)
     result = asyncio.run(main_async(args))
-    md = markdown(result)
-    print(md)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_results(args.json, result, markdown(result))
     return 0
 
 

@@ -61,6 +61,7 @@ except ImportError:  # a revision before issue 11 (to measure it with this same 
         return header, list(iter_requests(header, chunks))
 
 
+from peer.tools.results import write_results  # noqa: E402
 from peer.tools.revision import git_revision  # noqa: E402
 
 MIB = 1 << 20
@@ -391,12 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
     result = main_parent(args)
-    md = markdown(result)
-    print(md)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_results(args.json, result, markdown(result))
     return 0
 
 
