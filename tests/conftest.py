@@ -6,6 +6,12 @@ several threads; torch's default thread pool then oversubscribes the cores and s
 Hypothesis: the `ci` profile (the default run) and the `slow` profile (ten times the examples) when slow tests are
 selected (`scripts/test --slow`, i.e. a `-m` expression without "not slow"). The property-based suites count the
 status of every case in `tests.helpers.FUZZ_STATUSES`; the totals are printed at the end of the run.
+
+Parallel runs (pytest-xdist, `scripts/test` uses `-n`): most daemon tests wait on the network far more than they
+compute, so several run at once. Tests are isolated by unique node ids, cluster names and ports; the network
+namespace tests run in one worker (one `xdist_group`), since a testbed's clean-up sweeps namespaces and veths by
+prefix and two testbeds would compete for the same root-namespace resources. Fuzz totals come back from the workers
+through `workeroutput`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,29 @@ settings.register_profile("slow", parent=settings.get_profile("ci"), max_example
 def pytest_configure(config: pytest.Config) -> None:
     markexpr = str(config.getoption("markexpr", "") or "")
     settings.load_profile("ci" if "not slow" in markexpr else "slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker in ("netns", "engine"):
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.xdist_group(marker))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.helpers import FUZZ_STATUSES
+
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the counts to the controller
+        workeroutput["fuzz_statuses"] = [[w, s, n] for (w, s), n in FUZZ_STATUSES.items()]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    from tests.helpers import FUZZ_STATUSES
+
+    for w, s, n in getattr(node, "workeroutput", {}).get("fuzz_statuses", []):
+        FUZZ_STATUSES[(w, s)] += n
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
