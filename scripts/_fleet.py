@@ -83,15 +83,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def step_rate(records: list[dict[str, Any]]) -> tuple[float, int, float]:
+def step_rate(records: list[dict[str, Any]], skip_fraction: float = 0.0) -> tuple[float, int, float]:
     """(steps per second, steps counted, seconds): from the first record with a step to the first that shows the
-    final step count (at most one `metrics.interval_s` late)."""
+    final step count (at most one `metrics.interval_s` late).
+
+    `skip_fraction`: start counting at the first record past that fraction of the final step count instead. A peer
+    that starts after its neighbours adopts the state of one ahead and its step count jumps forward with it; on a
+    short run that jump alone can double the measured rate."""
     training = [r for r in records if int(r.get("step", 0)) > 0]
     if not training:
         raise RuntimeError("no metrics record shows a training step")
     final = max(int(r["step"]) for r in training)
     last = next(r for r in training if int(r["step"]) == final)
-    first = training[0]
+    first = next(r for r in training if int(r["step"]) >= skip_fraction * final)
     steps = final - int(first["step"])
     seconds = float(last["elapsed_s"]) - float(first["elapsed_s"])
     if steps <= 0 or seconds <= 0:

@@ -1,9 +1,11 @@
 """hivemind's side of scripts/bench_averaging.py, run with the python of the virtualenv that script made.
 
 N processes, each a hivemind DHT (the first is the others' initial peer) and a DecentralizedAverager over one
-float32 tensor of NUMEL elements, target and minimum group size N. Per step, the parent releases all processes
-at once (their fresh states already written); each calls `averager.step()`; the step's time runs from the release
-to the last return. Prints per-step lines on stderr and one JSON line on stdout. Imports nothing from peer.
+float32 tensor of NUMEL elements, target and minimum group size N. Driven step by step, so that the parent can
+interleave hivemind's steps with peer's (both see the same background load): after the setup it prints `ready`,
+then for each line `step` on stdin the parent here releases all processes at once (their fresh states already
+written); each calls `averager.step()`; the step's time runs from the release to the last return, and one JSON
+line goes to stdout. End of stdin ends the run. Imports nothing from peer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import statistics
 import sys
 import time
 from typing import Any
@@ -51,9 +52,10 @@ def worker(index: int, n: int, numel: int, steps: int, conn: Any) -> None:
         started = time.monotonic()
         group = averager.step(timeout=120)
         finished = time.monotonic()
+        conn.send((started, finished, group is not None and len(group) == n))
+        conn.recv()  # the check runs once every process has finished (no CPU taken from a step being timed)
         with averager.get_tensors() as tensors:
-            result = tensors[0].clone()
-        conn.send((started, finished, group is not None and len(group) == n, result))
+            conn.send(tensors[0].clone())
     averager.shutdown()
     dht.shutdown()
 
@@ -76,28 +78,26 @@ def main() -> None:
         pipes[i][0].send(maddrs)
     for i in range(n):
         assert pipes[i][0].recv() == "ready"
-    times, errors, full = [], [], True
-    for step in range(args.steps):
-        import torch
+    print("ready", flush=True)
+    import torch
 
+    for step in range(args.steps):
+        if sys.stdin.readline().strip() != "step":
+            break
         expected = torch.stack([make_state(i, step, numel) for i in range(n)]).double().mean(0)
         for i in range(n):
             pipes[i][0].send("go")
         reports = [pipes[i][0].recv() for i in range(n)]
-        times.append(max(r[1] for r in reports) - min(r[0] for r in reports))
-        full &= all(r[2] for r in reports)
-        err = max(float((r[3].double() - expected).abs().max()) for r in reports)
-        errors.append(err)
-        print(f"hivemind  step {step}: {times[-1]:.3f} s, full group: {full}, max error {err:.1e}", file=sys.stderr)
+        took = max(r[1] for r in reports) - min(r[0] for r in reports)
+        full = all(r[2] for r in reports)
+        for i in range(n):
+            pipes[i][0].send("check")
+        err = max(float((pipes[i][0].recv().double() - expected).abs().max()) for i in range(n))
+        print(json.dumps({"step_s": took, "full_group": full, "max_abs_error": err}), flush=True)
     for p in procs:
         p.join(timeout=30)
-    out = {
-        "step_s": times,
-        "median_s": statistics.median(times[1:] or times),
-        "full_groups": full,
-        "max_abs_error": max(errors),
-    }
-    print(json.dumps(out))
+        if p.is_alive():
+            p.kill()
 
 
 if __name__ == "__main__":
