@@ -68,6 +68,14 @@ def run_demo(algorithm: str, compression: str, seed: int, args: argparse.Namespa
             "error": f"exit {proc.returncode}: {tail}",
         }
     d = json.loads(out.read_text())
+    # A neighbour that "left" while training went on means the peers trained apart for a while (under load, or a
+    # goodbye from another demo's peer of the same id): such a run measures that, not the compression.
+    departures = 0
+    for log in run_dir.glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "training done" in line:
+                break
+            departures += "left (" in line
     pushes = 0
     for metrics in run_dir.rglob("metrics.jsonl"):
         lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
@@ -83,6 +91,7 @@ def run_demo(algorithm: str, compression: str, seed: int, args: argparse.Namespa
         "min_accuracy": d["min_accuracy"],
         "consensus_distance": d["consensus_distance"],
         "send_failures": d["send_failures"],
+        "neighbour_departures": departures,
         "training_wall_s": d["training_wall_s"],
         "wall_s": round(wall, 1),
         "command": shlex.join(["python", *cmd[1:6], *cmd[8:10], *cmd[12:]]),
@@ -136,8 +145,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Per run, every seed."""
     lines = [
         "| algorithm | compression | seed | MB sent | pushes | KB per push | fewer bytes per push "
-        "| fewer bytes in all | mean acc. | min acc. | points lost |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fewer bytes in all | mean acc. | min acc. | points lost | neighbours lost in training |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
@@ -147,7 +156,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['algorithm']} | {r['compression']} | {r['seed']} | {r['bytes_sent'] / 1e6:.1f} | {r['pushes']} "
             f"| {r['bytes_per_push'] / 1e3:.1f} | {r.get('bytes_per_push_ratio', 0):.2f}x "
             f"| {r.get('bytes_ratio', 0):.2f}x "
-            f"| {100 * r['mean_accuracy']:.2f}% | {100 * r['min_accuracy']:.2f}% | {r.get('points_lost', 0):+.2f} |"
+            f"| {100 * r['mean_accuracy']:.2f}% | {100 * r['min_accuracy']:.2f}% | {r.get('points_lost', 0):+.2f} "
+            f"| {r['neighbour_departures']} |"
         )
     return "\n".join(lines)
 
