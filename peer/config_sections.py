@@ -321,8 +321,9 @@ class GossipConfig(_Section):
     compression: str = Field(
         "none",
         description="delta compression of gossiped states: `none`, `fp16`, `bf16`, `int8` (`int8:B`: blockwise, "
-        "one float32 scale per B = 256 values), or `topk` (`topk:F`: the fraction F = 0.15 of largest changes, as "
-        "float16, with error feedback); each link sends deltas against what its receiver holds. Every peer of a "
+        "one float32 scale per B = 256 values), `int4` (`int4:B`: 4-bit levels, one float32 scale per B = 64 "
+        "values), or `topk` (`topk:F`: the fraction F = 0.35 of largest changes, as float16, positions as a "
+        "bitmask); all with error feedback; each link sends deltas against what its receiver holds. Every peer of a "
         "cluster must set the same value (Hello refuses the others); not for choco, sgp, next, next_pushsum, digest "
         "or dssfn (docs/reference/compression.md)",
     )

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peer.algorithms.compress import Compressor, Qsgd, parse_compressor
+from peer.algorithms.compress_packed import Int4Block, SparseTopK, pack_bits, unpack_bits
 from peer.errors import CorruptPayloadError
 
 SPECS = ["none", "fp16", "topk:0.1", "randk:0.25", "qsgd:16", "sign"]
@@ -168,3 +169,53 @@ def test_the_api_is_uniform() -> None:
         assert isinstance(comp, Compressor) and spec in repr(comp)
         wire, decoded = comp.round_trip(_vec(16))
         assert torch.equal(decoded, comp.decompress(wire, 16, torch.float64))
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 1001])
+def test_packed_compressors_match_their_manifests_at_any_length(numel: int) -> None:
+    v = _vec(numel, dtype=torch.float32)
+    for comp in (Int4Block(8, "int4:8"), SparseTopK(0.35, "topk:0.35"), SparseTopK(0.01, "topk:0.01")):
+        wire = comp.compress(v)
+        assert {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in wire.items()} == comp.manifest(
+            numel
+        )
+        out = comp.decompress(wire, numel, torch.float32)
+        assert out.shape == (numel,) and float(torch.linalg.vector_norm(out - v)) < float(torch.linalg.vector_norm(v))
+    bits = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < 0.5
+    assert torch.equal(unpack_bits(pack_bits(bits))[:numel], bits)
+    assert not bool(unpack_bits(pack_bits(bits))[numel:].any())
+
+
+def test_random_bytes_in_packed_payloads_are_refused_or_decode_finite() -> None:
+    """Valid-looking nibbles and masks with one random byte overwritten: the decoder either refuses them with
+    CorruptPayloadError or returns a finite vector of the right size; no other exception, no NaN."""
+    gen = torch.Generator().manual_seed(5)
+    n = 77
+    int4, topk = Int4Block(16, "int4:16"), SparseTopK(0.35, "topk:0.35")
+    refused = decoded = 0
+
+    def spoil(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        if bool(torch.rand(1, generator=gen) < 0.5):
+            t[int(torch.randint(0, t.numel(), (1,), generator=gen))] = int(torch.randint(0, 256, (1,), generator=gen))
+        return t
+
+    for _ in range(300):
+        nibbles = torch.randint(1, 16, (78,), generator=gen, dtype=torch.int32)
+        nibbles[77] = 8
+        q = (nibbles[0::2] | (nibbles[1::2] << 4)).to(torch.uint8)
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.randperm(n, generator=gen)[:27]] = True
+        cases = [
+            (int4, {"scales": torch.rand(5, generator=gen), "q": spoil(q)}),
+            (topk, {"mask": spoil(pack_bits(keep)), "values": torch.randn(27, generator=gen).to(torch.float16)}),
+        ]
+        for comp, tensors in cases:
+            try:
+                out = comp.decompress(tensors, n, torch.float32)
+            except CorruptPayloadError:
+                refused += 1
+                continue
+            decoded += 1
+            assert out.shape == (n,) and bool(torch.isfinite(out).all())
+    assert refused > 50 and decoded > 300  # both paths were exercised

@@ -18,6 +18,7 @@ from peer import PROTOCOL_VERSION
 from peer import config as config_mod
 from peer.algorithms.base import Payload
 from peer.algorithms.compress import parse_compressor
+from peer.algorithms.compress_packed import Int4Block, SparseTopK, unpack_bits
 from peer.algorithms.delta import (
     BASE_KEY,
     SEP,
@@ -39,7 +40,7 @@ from tests.helpers import consensus_distance, fast_config, start_nodes, stop_nod
 
 pytestmark = pytest.mark.timeout(60)
 
-SPECS = ("fp16", "bf16", "int8", "topk")
+SPECS = ("fp16", "bf16", "int8", "int4", "int4:8", "topk", "topk:0.03")  # topk:0.03: int32 indices, not a mask
 
 
 def vector(n: int = 1000, seed: int = 0) -> torch.Tensor:
@@ -73,6 +74,50 @@ def test_int8_edge_cases() -> None:
         assert torch.allclose(d, v, atol=float(v.abs().max()) / 254 + 1e-9)
 
 
+def test_int4_and_mask_topk_round_trips() -> None:
+    v = vector(1001) * 3  # odd: a padding nibble, and mask bits past the end
+    c = parse_compression("int4:16")
+    assert isinstance(c, Int4Block)
+    wire, d = c.round_trip(v)
+    assert wire["q"].dtype == torch.uint8 and wire["q"].shape == (501,) and wire["scales"].shape == (63,)
+    padded = torch.cat([v, torch.zeros(7)]).reshape(63, 16)
+    per_block = padded.abs().amax(1) / 7
+    err = torch.cat([d - v, torch.zeros(7)]).reshape(63, 16).abs()
+    assert bool((err <= per_block[:, None] / 2 + 1e-6).all())
+    assert int(wire["q"][-1]) >> 4 == 8, "the padding nibble holds level 0"
+    c = parse_compression("topk:0.3")
+    assert isinstance(c, SparseTopK) and c.uses_mask(1001)
+    wire, d = c.round_trip(v)
+    assert set(wire) == {"mask", "values"} and wire["mask"].shape == (126,) and wire["values"].shape == (301,)
+    kept = d != 0
+    assert int(kept.sum()) == 301 and torch.equal(d[kept], v[kept].to(torch.float16).float())
+    assert float(v[~kept].abs().max()) <= float(v[kept].abs().min())
+    assert torch.equal(unpack_bits(wire["mask"])[:1001], kept) and not bool(unpack_bits(wire["mask"])[1001:].any())
+    # Few coordinates: sorted int32 indices are smaller than a mask, and are used instead.
+    sparse = parse_compression("topk:0.01")
+    assert isinstance(sparse, SparseTopK) and not sparse.uses_mask(1001)
+    assert sparse.manifest(1001) == {"values": ((11,), "float16"), "indices": ((11,), "int32")}
+    _, d = sparse.round_trip(v)
+    assert int((d != 0).sum()) == 11
+
+
+def test_wire_sizes_reach_four_times_fewer_bytes() -> None:
+    """Bytes per float32 value on the wire, from the manifests (the demo's mlp has about 17k parameters)."""
+    sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int8": 1, "uint8": 1}
+    n = 17_290
+
+    def ratio(spec: str) -> float:
+        c = parse_compression(spec)
+        assert c is not None
+        return 4 * n / sum(math.prod(shape) * sizes[dt] for shape, dt in c.manifest(n).values())
+
+    assert 3.9 < ratio("int8") < 4.0  # one byte per value plus the scales: never 4x
+    assert ratio("int4") > 7.0 and ratio("int4:32") > 6.3
+    assert 4.8 < ratio("topk") < 4.9  # 0.35 of the values as float16 and a bit per value
+    assert ratio("topk:0.15") > 4 / (0.125 + 2 * 0.15) - 0.01
+    assert ratio("topk:0.01") > 60  # indices, not a mask
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_error_feedback_invariant_and_bitwise_agreement(spec: str) -> None:
     """Sum of what the receiver decoded + the sender's residual = the true change, and both ends hold the
@@ -84,7 +129,7 @@ def test_error_feedback_invariant_and_bitwise_agreement(spec: str) -> None:
     x = x0.clone()
     decoded_sum = torch.zeros(512)
     rx_ref: torch.Tensor | None = None
-    for t in range(20):
+    for t in range(44):  # 7 changes, then 36 messages with x held still (enough for topk:0.03 to send all)
         if t:
             x = x + 0.05 * vector(512, seed=10 + t) if t < 8 else x  # then hold still
         msg = tx.encode("b", Payload("state", {"params": x.clone()}, seq=t + 1))
@@ -99,7 +144,7 @@ def test_error_feedback_invariant_and_bitwise_agreement(spec: str) -> None:
             decoded_sum += rx_ref - before
         residual = x - ref["params"]
         assert torch.allclose(decoded_sum + residual, x - x0, atol=1e-5)
-    assert tx.key_frames == 1 and tx.deltas == 19
+    assert tx.key_frames == 1 and tx.deltas == 43
     assert rx_ref is not None and float((x - rx_ref).norm()) <= 1e-3 * float(x.norm())
 
 
@@ -147,6 +192,10 @@ def primed(c: Any, n: int) -> DeltaReceiver:
 def test_hostile_compressed_payloads_are_refused_by_the_decoder() -> None:
     n = 64
     int8, topk = parse_compressor("int8:16"), parse_compressor("topk:0.25")
+    int4, mask = Int4Block(16, "int4:16"), SparseTopK(0.35, "topk:0.35")
+    odd_mask = mask.compress(torch.arange(n - 1, dtype=torch.float32))["mask"].clone()
+    odd_mask[-1] |= 0x80  # the padding bit past the last of n - 1 elements, one real bit cleared to keep k set
+    odd_mask[-1] &= 0xBF
     cases = [
         (int8, {"scales": torch.tensor([1.0, math.nan, 1.0, 1.0])}, "scale"),
         (int8, {"scales": torch.tensor([1.0, -1.0, 1.0, 1.0])}, "scale"),
@@ -156,10 +205,29 @@ def test_hostile_compressed_payloads_are_refused_by_the_decoder() -> None:
         (topk, {"indices": torch.arange(16, dtype=torch.int32) + n}, "out of range"),
         (topk, {"indices": torch.zeros(16, dtype=torch.int32)}, "strictly increasing"),
         (topk, {"values": torch.full((16,), math.inf)}, "NaN or Inf"),
+        (int4, {"scales": torch.tensor([1.0, -1.0, 1.0, 1.0])}, "scale"),
+        (int4, {"scales": torch.tensor([1.0, math.inf, 1.0, 1.0])}, "scale"),
+        (int4, {"scales": torch.full((4,), 3e38)}, "overflow"),
+        (int4, {"q": torch.zeros(n // 2, dtype=torch.uint8)}, "-8"),
+        (int4, {"q": torch.full((n // 2,), 0xF0, dtype=torch.uint8)}, "-8"),
+        (int4, {"q": torch.full((n // 2,), 0x08, dtype=torch.int8)}, "expected torch.uint8"),
+        (int4, {"q": torch.full((n // 2 + 1,), 0x88, dtype=torch.uint8)}, "shape"),
+        (mask, {"mask": torch.full((n // 8,), 0xFF, dtype=torch.uint8)}, "selects 64 coordinates, expected 23"),
+        (mask, {"mask": torch.zeros(n // 8, dtype=torch.uint8)}, "selects 0 coordinates"),
+        (mask, {"mask": torch.zeros(n // 8 + 1, dtype=torch.uint8)}, "shape"),
+        (mask, {"values": torch.full((23,), math.nan, dtype=torch.float16)}, "NaN or Inf"),
+        (mask, {"values": torch.ones(23)}, "expected torch.float16"),
     ]
     for c, change, match in cases:
         with pytest.raises(CorruptPayloadError, match=match):
             primed(c, n).decode("a", 1, hostile_delta(c, n, **change))
+    odd = [  # n - 1 elements: a padding nibble, and padding bits in the mask
+        (int4, {"q": torch.full((n // 2,), 0x98, dtype=torch.uint8)}, "padding nibble"),
+        (mask, {"mask": odd_mask}, "past the last element"),
+    ]
+    for c, change, match in odd:
+        with pytest.raises(CorruptPayloadError, match=match):
+            primed(c, n - 1).decode("a", 1, hostile_delta(c, n - 1, **change))
     good = hostile_delta(int8, n)
     for scalars in ({}, {VERSION_KEY: 2.5, BASE_KEY: 1.0}, {VERSION_KEY: 2.0, BASE_KEY: 2.0}):
         with pytest.raises(CorruptPayloadError):
@@ -171,9 +239,9 @@ def test_hostile_compressed_payloads_are_refused_by_the_decoder() -> None:
 
 def test_config_names_the_key_and_refuses_unsound_algorithms(tmp_path: Path) -> None:
     base = {"node_id": "a", "state_dir": str(tmp_path)}
-    for spec in ("none", "fp16", "bf16", "int8", "int8:512", "topk", "topk:0.05"):
+    for spec in ("none", "fp16", "bf16", "int8", "int8:512", "int4", "int4:32", "topk", "topk:0.05", "topk:0.35"):
         assert config_mod.validate({**base, "gossip": {"compression": spec}}, source="t").gossip.compression == spec
-    for bad in ("gzip", "topk:0", "topk:1.5", "int8:3", "fp16:2"):
+    for bad in ("gzip", "topk:0", "topk:1", "topk:1.5", "int8:3", "int4:3", "int4:x", "int4:2000000", "fp16:2"):
         with pytest.raises(ConfigError, match=r"gossip\.compression"):
             config_mod.validate({**base, "gossip": {"compression": bad}}, source="t")
     for name in ("choco", "sgp", "next", "dssfn"):
@@ -206,10 +274,7 @@ async def push(stub: gossip_pb2_grpc.GossipServiceStub, requests: Iterable[gossi
         return exc.code()
 
 
-async def test_hostile_compressed_pushes_to_a_real_daemon(tmp_path: Path) -> None:
-    """A daemon with gossip.compression=int8 takes a key frame and a delta, refuses hostile deltas with the
-    right status (and never applies them), refuses a Hello with another compression naming the key, and keeps
-    serving."""
+def victim(tmp_path: Path, spec: str) -> Node:
     tree = {
         "node_id": "victim",
         "state_dir": str(tmp_path / "victim"),
@@ -217,11 +282,18 @@ async def test_hostile_compressed_pushes_to_a_real_daemon(tmp_path: Path) -> Non
         "data": {"dataset": "digits"},
         "model": {"name": "logreg"},
         "train": {"epochs": 0.02, "torch_threads": 1, "device": "cpu"},
-        "gossip": {"interval_s": 0.02, "compression": "int8:16", "max_message_bytes": 4096},
+        "gossip": {"interval_s": 0.02, "compression": spec, "max_message_bytes": 4096},
         "metrics": {"interval_s": 60.0},
         "checkpoint": {"interval_s": 60.0},
     }
-    node = Node(config_mod.validate(tree, source="test"), stdout=io.StringIO())
+    return Node(config_mod.validate(tree, source="test"), stdout=io.StringIO())
+
+
+async def test_hostile_compressed_pushes_to_a_real_daemon(tmp_path: Path) -> None:
+    """A daemon with gossip.compression=int8 takes a key frame and a delta, refuses hostile deltas with the
+    right status (and never applies them), refuses a Hello with another compression naming the key, and keeps
+    serving."""
+    node = victim(tmp_path, "int8:16")
     task = asyncio.create_task(node.run())
     try:
         await asyncio.wait_for(node.ready.wait(), timeout=20)
@@ -277,6 +349,58 @@ async def test_hostile_compressed_pushes_to_a_real_daemon(tmp_path: Path) -> Non
         assert answer.compression == "int8:16"
         status = await stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=5)
         assert status.rejected_messages == 5
+        await channel.close()
+    finally:
+        node.request_stop()
+        await asyncio.wait_for(task, timeout=20)
+
+
+@pytest.mark.parametrize("spec", ["int4:16", "topk:0.35"])
+async def test_packed_deltas_through_a_real_daemon(tmp_path: Path, spec: str) -> None:
+    """int4 nibbles and a top-k position mask travel as uint8 through the real encoder, Push stream and codec:
+    valid deltas are applied bit for bit as the sender decoded them, hostile ones refused and never applied."""
+    node = victim(tmp_path, spec)
+    task = asyncio.create_task(node.run())
+    try:
+        await asyncio.wait_for(node.ready.wait(), timeout=20)
+        channel = grpc.aio.insecure_channel(node.address)
+        stub = gossip_pb2_grpc.GossipServiceStub(channel)
+        env = Envelope(EVIL, node.fingerprint, node.algorithm.name, 5, 1, "127.0.0.1:9", 1)
+        n = node.handlers.facts.num_params
+        c = parse_compression(spec)
+        assert c is not None
+        tx = DeltaSender(c)
+
+        async def send(payload: Payload) -> Any:
+            header, chunks = encode(env, payload, chunk_bytes=1000)
+            return await push(stub, iter_requests(header, chunks))
+
+        x = torch.linspace(-1, 1, n)
+        assert (await send(tx.encode("victim", Payload("state", {"params": x}, seq=1)))).accepted
+        tx.delivered("victim")
+        delta = tx.encode("victim", Payload("state", {"params": x * 0.5 + 0.01}, seq=2))
+        wire = {k.partition(SEP)[2]: t for k, t in delta.tensors.items() if SEP in k}
+        if spec.startswith("int4"):
+            assert set(wire) == {"scales", "q"} and wire["q"].dtype == torch.uint8
+            hostile, wrong_size = {"q": torch.zeros_like(wire["q"])}, {"q": torch.zeros(n, dtype=torch.uint8)}
+        else:
+            assert set(wire) == {"mask", "values"} and wire["mask"].dtype == torch.uint8
+            hostile, wrong_size = (
+                {"mask": torch.full_like(wire["mask"], 0xFF)},
+                {"mask": torch.zeros(n, dtype=torch.uint8)},
+            )
+        for change, code in (
+            (hostile, grpc.StatusCode.INVALID_ARGUMENT),
+            (wrong_size, grpc.StatusCode.FAILED_PRECONDITION),
+        ):
+            tensors = {**delta.tensors, **{f"params{SEP}{k}": t for k, t in change.items()}}
+            assert await send(Payload("state", tensors, seq=2, scalars=delta.scalars)) == code
+        assert node.counters.rejected_messages == 2
+        assert (await send(delta)).accepted, "the daemon still takes a valid delta after the hostile ones"
+        tx.delivered("victim")
+        ref = node.handlers.codec._refs[EVIL].tensors["params"]  # type: ignore[union-attr]
+        sent = tx.reference("victim")
+        assert sent is not None and torch.equal(ref, sent["params"])
         await channel.close()
     finally:
         node.request_stop()

@@ -101,7 +101,10 @@ def test_a_received_state_from_unknown_departed_old_and_fresh_senders() -> None:
     out = c.handle(push("a", 1, 2.0))
     assert of(out, Deliver) and not of(out, ViewChanged) and c.peers["a"].last_seen == 2.0
     # It says goodbye on mDNS: it leaves, and its cached state is forgotten.
-    out = c.handle(CandidateGone("a", 3.0))
+    # Another cluster's "a" (a second demo on this host) says goodbye from its own address: ours stays.
+    out = c.handle(CandidateGone("a", 2.5, "10.0.0.200:7000"))
+    assert out == [] and c.neighbours() == ["a"]
+    out = c.handle(CandidateGone("a", 3.0, "10.0.0.97:7000"))
     assert Forget("a") in out and c.neighbours() == []
     # A push of that departed incarnation still in flight is accepted on the wire but never delivered or re-added.
     out = c.handle(push("a", 1, 3.1))

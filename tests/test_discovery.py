@@ -37,7 +37,7 @@ class Probe:
         self.candidates[c.node_id] = c
         self.changed.set()
 
-    def on_removed(self, node_id: str) -> None:
+    def on_removed(self, node_id: str, address: str) -> None:
         self.removed.append(node_id)
         self.changed.set()
 
@@ -333,7 +333,7 @@ async def test_start_with_bad_interface_is_config_error() -> None:
         protocol_version=PROTO,
         schema_fingerprint="s",
         on_candidate=lambda c: None,
-        on_removed=lambda n: None,
+        on_removed=lambda n, a: None,
     )
     with pytest.raises(ConfigError, match="unknown interface 'no-such-if0'"):
         await n.start()

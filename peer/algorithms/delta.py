@@ -31,12 +31,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from peer.algorithms.base import Manifest, Payload
-from peer.algorithms.compress import Compressor, TopK, parse_compressor
+from peer.algorithms.compress import Compressor, parse_compressor
+from peer.algorithms.compress_packed import Int4Block, SparseTopK
 from peer.errors import CorruptPayloadError, SchemaMismatchError
 
-COMPRESSION_SPECS = ("none", "fp16", "bf16", "int8", "int8:B", "topk", "topk:F")
+COMPRESSION_SPECS = ("none", "fp16", "bf16", "int8", "int8:B", "int4", "int4:B", "topk", "topk:F")
 DEFAULT_INT8_BLOCK = 256
-DEFAULT_TOPK_FRACTION = 0.15
+DEFAULT_INT4_BLOCK = 64
+DEFAULT_TOPK_FRACTION = 0.35
 COMPRESSIBLE_KINDS = frozenset({"state", "momentum_state"})
 VERSION_KEY = "_delta.version"  # in Payload.scalars: this message's version on its link
 BASE_KEY = "_delta.base"  # the version the delta applies to; -1 marks a key frame
@@ -68,11 +70,14 @@ def parse_compression(spec: str) -> Compressor | None:
             return parse_compressor(name)
         if name == "int8":
             return parse_compressor(f"int8:{int(arg) if arg else DEFAULT_INT8_BLOCK}")
+        if name == "int4":
+            block = int(arg) if arg else DEFAULT_INT4_BLOCK
+            return Int4Block(block, f"int4:{block}")
         if name == "topk":
             fraction = float(arg) if arg else DEFAULT_TOPK_FRACTION
             if not 0.0 < fraction < 1.0:
                 raise ValueError(f"the fraction must be in (0, 1), got {fraction}")
-            return TopK(fraction, f"topk:{fraction}", half_values=True)
+            return SparseTopK(fraction, f"topk:{fraction}")
     except ValueError as e:
         raise ValueError(f"invalid gossip.compression {spec!r}: {e}") from None
     raise ValueError(f"unknown gossip.compression {spec!r}; valid: {', '.join(COMPRESSION_SPECS)}")

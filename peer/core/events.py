@@ -89,10 +89,12 @@ class CandidateFound:
 
 @dataclass(frozen=True)
 class CandidateGone:
-    """A peer said goodbye on mDNS (a clean unregister; a crash never produces this)."""
+    """A peer said goodbye on mDNS (a clean unregister; a crash never produces this). `address`: where the
+    leaving instance served, when known; node ids are only unique within a cluster."""
 
     node_id: str
     now: float
+    address: str | None = None
 
 
 @dataclass(frozen=True)

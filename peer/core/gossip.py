@@ -234,6 +234,11 @@ class GossipCore:
             self._say_hello(k.address, k.node_id, now, out)
 
     def _goodbye(self, e: ev.CandidateGone, out: list[ev.Effect]) -> None:
+        known = self.table.peers.get(e.node_id)
+        if known is not None and e.address is not None and e.address != known.address:
+            # Another instance with the same node id (another cluster on this LAN, e.g. a second demo's "peer-1")
+            # left; ours is still there. If it is ours under another address, heartbeats find out it left.
+            return
         rec = self.table.peer_gone(e.node_id)
         if rec is None:
             return

@@ -131,5 +131,5 @@ class DiscoveryInputs:
         cluster = cand.txt.get("cluster", "default") if cand.source == "mdns" else None
         self.dispatch(CandidateFound(cand.address, cand.node_id, cand.source, time.monotonic(), cluster))
 
-    def removed(self, node_id: str) -> None:
-        self.dispatch(CandidateGone(node_id, time.monotonic()))
+    def removed(self, node_id: str, address: str | None = None) -> None:
+        self.dispatch(CandidateGone(node_id, time.monotonic(), address))

@@ -63,7 +63,7 @@ class MdnsDiscovery:
         protocol_version: str,
         schema_fingerprint: str,
         on_candidate: Callable[[Candidate], None],
-        on_removed: Callable[[str], None],
+        on_removed: Callable[[str, str], None],
         service_type: str = SERVICE_TYPE,
         extra_txt: dict[str, str] | None = None,
         duplicate_check_ms: int = 2000,
@@ -271,7 +271,7 @@ class MdnsDiscovery:
         if (candidate := self._proposed.pop(name, None)) is not None:
             assert candidate.node_id is not None
             self._log.info("mDNS: peer %s at %s %s", candidate.node_id, candidate.address, why)
-            self._on_removed(candidate.node_id)
+            self._on_removed(candidate.node_id, candidate.address)
 
     async def _resolve(self, name: str, gen: int) -> None:
         aiozc = self._aiozc
