@@ -112,6 +112,18 @@ class Daemon:
             return float(rec["time"]), int(rec["step"])
         return time.time(), 0
 
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds used so far by the daemon's main thread (its event loop: gRPC handlers) and by the whole
+        process. Unlike steps/s, the loop's CPU per wall second barely moves when other work shares the machine."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def used(stat: Path) -> float:
+            fields = stat.read_text().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+        pid = self.proc.pid
+        return used(Path(f"/proc/{pid}/task/{pid}/stat")), used(Path(f"/proc/{pid}/stat"))
+
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -218,9 +230,16 @@ async def hostile_client(
 
 async def measure_phase(d: Daemon, seconds: float) -> dict[str, float]:
     t0, s0 = d.step()
+    (loop0, all0), w0 = d.cpu_s(), time.monotonic()
     await asyncio.sleep(seconds)
     t1, s1 = d.step()
-    return {"steps_per_s": (s1 - s0) / max(t1 - t0, 1e-9), "seconds": t1 - t0}
+    (loop1, all1), w1 = d.cpu_s(), time.monotonic()
+    return {
+        "steps_per_s": (s1 - s0) / max(t1 - t0, 1e-9),
+        "seconds": t1 - t0,
+        "loop_cpu_share": (loop1 - loop0) / (w1 - w0),  # of one core: the event loop's thread
+        "process_cpu_share": (all1 - all0) / (w1 - w0),
+    }
 
 
 async def run_mode(work: Path, name: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -348,10 +367,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['pinning']}; TCP connections: {result['connections']}.  ",
         f"Revision: {result['revision']}",
         "",
-        "| mode | clients | steps/s | peak RSS (MB) | daemon alive |",
-        "|---|---|---|---|---|",
-        f"| unloaded | 0 | {u['steps_per_s']:.0f} | {u['peak_rss_mb']:.0f} | {u['alive']} |",
-        f"| hostile | {h['clients']} | {h['steps_per_s']:.0f} | {h['peak_rss_mb']:.0f} | {h['alive']} |",
+        "| mode | clients | steps/s | event loop CPU (cores) | daemon CPU (cores) | peak RSS (MB) | daemon alive |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {m['mode']} | {m['clients']} | {m['steps_per_s']:.0f} | {m.get('loop_cpu_share', float('nan')):.2f} "
+            f"| {m.get('process_cpu_share', float('nan')):.2f} | {m['peak_rss_mb']:.0f} | {m['alive']} |"
+            for m in (u, h)
+        ),
         "",
         f"steps/s under attack / unloaded: **{ratio:.2f}** (goal >= 0.9)",
         "",
