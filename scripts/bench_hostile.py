@@ -377,8 +377,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"steps/s under attack / unloaded: **{ratio:.2f}** (goal >= 0.9)",
         "",
-        repeats,
-        "",
+        *([repeats, ""] if repeats else []),
         f"Answers the hostile clients got: {json.dumps(h['codes'], sort_keys=True)}; "
         f"{h.get('answered_per_s', float('nan')):.0f} hostile calls answered per second while steps/s was measured",
         "",

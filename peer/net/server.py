@@ -6,7 +6,9 @@ from `GossipConfig`, the same as the client's.
 Hostile input is refused cheaply and with a deliberate status: bytes that do not parse get INVALID_ARGUMENT (not
 gRPC's UNKNOWN and a traceback), GetStatus and FetchState are rate-limited per source host, Push streams are
 bounded per source and in total and closed when idle or past the deadline their declared size allows, and no
-status detail echoes more than `peer.core.admission.MAX_ECHO_CHARS` characters of input.
+status detail echoes more than `peer.core.admission.MAX_ECHO_CHARS` characters of input. Refusals to a connection
+(or source host) that keeps being refused are held before they are answered (`peer.core.tarpit`): grpc.aio costs
+about 200 us of the loop per call whatever we answer, so the cheapest call is the one a looping client never sends.
 """
 
 from __future__ import annotations
