@@ -318,6 +318,34 @@ class GossipConfig(_Section):
     max_fetches: int = Field(2, ge=1, description="FetchState downloads served at once")
     requests_per_s_per_peer: float = Field(50.0, gt=0, description="GetStatus and FetchState calls per source host")
     request_burst: int = Field(100, ge=1, description="... in bursts of at most this many")
+    max_concurrent_streams: int = Field(
+        128,
+        ge=1,
+        description="calls one connection may have open at once (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`); a "
+        "client's further calls wait in its own gRPC library and cost us nothing",
+    )
+    tarpit_delay_s: float = Field(
+        2.0,
+        ge=0,
+        description="refusals to a connection (or source host) that spent its free refusals are answered this much "
+        "later (an asyncio wait: no CPU), at most until shortly before the caller's deadline; a client that awaits "
+        "its answers then sends far fewer requests. Calls that are not refused are never held. 0 = off",
+    )
+    tarpit_free_refusals: int = Field(
+        10, ge=1, description="refusals per connection per minute answered at once (refilled evenly)"
+    )
+    tarpit_free_refusals_per_peer: int = Field(
+        100, ge=1, description="refusals per source host per minute answered at once (refilled evenly)"
+    )
+    tarpit_max_held: int = Field(
+        1024, ge=0, description="refusals held at once, all connections together; beyond, they are answered at once"
+    )
+    tarpit_max_held_per_connection: int = Field(
+        128, ge=0, description="refusals held at once per connection (at most `max_concurrent_streams` can be open)"
+    )
+    tarpit_max_held_bytes: int = Field(
+        64 * MIB, ge=0, description="requests of held refusals (plus 16 KiB each), all connections together"
+    )
     compression: str = Field(
         "none",
         description="delta compression of gossiped states: `none`, `fp16`, `bf16`, `int8` (`int8:B`: blockwise, "

@@ -35,7 +35,13 @@ async def victim(tmp_path: Path) -> AsyncIterator[Node]:
         tmp_path,
         unique("victim"),
         train={"epochs": 1000},  # keeps training for the whole test
-        gossip={"stream_idle_s": IDLE_S, "max_streams_per_peer": PER_PEER, "max_streams": 2 * PER_PEER},
+        gossip={
+            "stream_idle_s": IDLE_S,
+            "max_streams_per_peer": PER_PEER,
+            "max_streams": 2 * PER_PEER,
+            # Refusals are held briefly here, so that 1,000 of them take seconds; test_tarpit.py proves the hold.
+            "tarpit_delay_s": 0.1,
+        },
     )
     node = Node(cfg, stdout=io.StringIO())
     tasks = await start_nodes([node])

@@ -2,7 +2,7 @@
 never UNKNOWN or INTERNAL, the daemon keeps serving and training, its peer table stays bounded, and its log output
 stays bounded. The daemon runs on its own event loop in a thread; the examples are blocking gRPC calls. Its
 request rate limit is raised so that the examples reach the handlers (the limiter has its own tests in
-test_hostile.py). Example counts come from the hypothesis profile (tests/conftest.py); every case's status is
+test_hostile.py), and its refusals are not held (the tarpit has its own, test_tarpit.py). Example counts come from the hypothesis profile (tests/conftest.py); every case's status is
 counted in `tests.helpers.FUZZ_STATUSES` and printed at the end of the run."""
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         unique("victim"),
         train={"epochs": 1000},
         membership={"max_peers": MAX_PEERS},
-        gossip={"requests_per_s_per_peer": 10_000, "request_burst": 10_000},
+        # Refusals answered at once (tarpit off): its holds have their own test (test_tarpit.py).
+        gossip={"requests_per_s_per_peer": 10_000, "request_burst": 10_000, "tarpit_delay_s": 0},
     )
     node = Node(cfg, stdout=io.StringIO())
     loop = asyncio.new_event_loop()

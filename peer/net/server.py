@@ -6,7 +6,9 @@ from `GossipConfig`, the same as the client's.
 Hostile input is refused cheaply and with a deliberate status: bytes that do not parse get INVALID_ARGUMENT (not
 gRPC's UNKNOWN and a traceback), GetStatus and FetchState are rate-limited per source host, Push streams are
 bounded per source and in total and closed when idle or past the deadline their declared size allows, and no
-status detail echoes more than `peer.core.admission.MAX_ECHO_CHARS` characters of input.
+status detail echoes more than `peer.core.admission.MAX_ECHO_CHARS` characters of input. Refusals to a connection
+(or source host) that keeps being refused are held before they are answered (`peer.core.tarpit`): grpc.aio costs
+about 200 us of the loop per call whatever we answer, so the cheapest call is the one a looping client never sends.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from peer.config import GossipConfig
 from peer.core.admission import RateLimiter, StreamSlots, clip, source_of, stream_deadline_s
-from peer.errors import PayloadError, RateLimitedError, StalledStreamError, StartupError, UndecodableError
+from peer.core.tarpit import Tarpit, TarpitSettings
+from peer.errors import (
+    IncompleteStreamError,
+    PayloadError,
+    RateLimitedError,
+    StalledStreamError,
+    StartupError,
+    UndecodableError,
+)
 from peer.net.assembler import Assembler, Received, ReceiveLimits
 from peer.net.frames import ChunkView, parse_chunk_frame
 from peer.net.rpc_errors import NO_PROXY, SERVICE_NAME
@@ -36,14 +46,17 @@ _ENVELOPE_SLACK = 1 << 20  # room for the header's manifest on top of one chunk
 REFLECTED_SERVICES = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
 HEALTH_SERVICES = ("", SERVICE_NAME, reflection.SERVICE_NAME)
 M = TypeVar("M")
+# A held refusal is answered this long before the caller's deadline, so that it still gets our status.
+_TARPIT_MARGIN_S = 0.25
 
 
 class Undecodable:
     """What a request deserializer yields for bytes that do not parse, so the servicer can answer
     INVALID_ARGUMENT itself (a raising deserializer makes gRPC answer UNKNOWN and log a traceback)."""
 
-    def __init__(self, message_type: str) -> None:
+    def __init__(self, message_type: str, nbytes: int = 0) -> None:
         self.message_type = message_type
+        self.nbytes = nbytes
 
 
 def _lenient(parse: Callable[[bytes], M], name: str) -> Callable[[bytes], M | Undecodable]:
@@ -51,7 +64,7 @@ def _lenient(parse: Callable[[bytes], M], name: str) -> Callable[[bytes], M | Un
         try:
             return parse(data)
         except Exception:  # protobuf's DecodeError, or any other way the bytes fail to parse
-            return Undecodable(name)
+            return Undecodable(name, len(data))
 
     return deserialize
 
@@ -95,7 +108,28 @@ def server_options(cfg: GossipConfig) -> list[tuple[str, int | str]]:
         ("grpc.max_send_message_length", max(max_msg, 8 << 20)),
         # Off: with SO_REUSEPORT two daemons silently share a port; we want "port in use" to be an error.
         ("grpc.so_reuseport", 0),
+        # Enforced by gRPC's C core: a connection's surplus calls queue in the client and never reach Python.
+        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
     ]
+
+
+def tarpit_settings(cfg: GossipConfig) -> TarpitSettings:
+    return TarpitSettings(
+        delay_s=cfg.tarpit_delay_s,
+        free_refusals=cfg.tarpit_free_refusals,
+        free_refusals_per_source=cfg.tarpit_free_refusals_per_peer,
+        max_held=cfg.tarpit_max_held,
+        max_held_per_connection=cfg.tarpit_max_held_per_connection,
+        max_held_bytes=cfg.tarpit_max_held_bytes,
+    )
+
+
+def _request_bytes(request: object) -> int:
+    """What holding a refused call keeps alive besides its call state: the parsed request."""
+    if isinstance(request, Undecodable):
+        return request.nbytes
+    byte_size = getattr(request, "ByteSize", None)
+    return int(byte_size()) if callable(byte_size) else 0
 
 
 class Handlers(Protocol):
@@ -128,17 +162,37 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
         self.requests = RateLimiter(cfg.requests_per_s_per_peer, cfg.request_burst, max_keys=1024)
         self.streams = StreamSlots(cfg.max_streams, cfg.max_streams_per_peer)
         self.fetches = 0  # FetchState calls being served
+        self.tarpit = Tarpit(tarpit_settings(cfg))
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, reason: str, exc: PayloadError) -> NoReturn:
-        self.handlers.refused(reason, context.peer(), str(exc))
+    async def _answer(self, context: grpc.aio.ServicerContext, exc: PayloadError, request: object = None) -> NoReturn:
+        """Refuse the call with `exc`'s status; held first (peer.core.tarpit) when its connection or source host
+        keeps being refused, so that a client looping on refused calls slows down instead of costing us CPU."""
+        connection = context.peer()
+        nbytes = _request_bytes(request)
+        delay = self.tarpit.hold(connection, source_of(connection), nbytes, asyncio.get_running_loop().time())
+        if delay > 0:
+            try:
+                left = context.time_remaining()
+                if left is not None:
+                    delay = min(delay, left - _TARPIT_MARGIN_S)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            finally:
+                self.tarpit.release(connection, nbytes)
         await _abort(context, exc)
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, reason: str, exc: PayloadError, request: object = None
+    ) -> NoReturn:
+        self.handlers.refused(reason, context.peer(), str(exc))
+        await self._answer(context, exc, request)
 
     async def _check(self, request: object, context: grpc.aio.ServicerContext, limited: bool) -> None:
         if isinstance(request, Undecodable):
             error = UndecodableError(f"the request does not parse as {request.message_type}")
-            await self._refuse(context, "undecodable", error)
+            await self._refuse(context, "undecodable", error, request)
         if limited and not self.requests.allow(source_of(context.peer()), asyncio.get_running_loop().time()):
-            await self._refuse(context, "request_rate", RateLimitedError("too many requests from this source"))
+            await self._refuse(context, "request_rate", RateLimitedError("too many requests from this source"), request)
 
     async def Hello(  # noqa: N802 - gRPC method name
         self, request: gossip_pb2.HelloRequest, context: grpc.aio.ServicerContext
@@ -147,7 +201,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
         try:
             return self.handlers.hello(request, context.peer(), identity_of(context))
         except PayloadError as exc:
-            await _abort(context, exc)
+            await self._answer(context, exc, request)
 
     async def GetStatus(  # noqa: N802
         self, request: gossip_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -160,14 +214,19 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
     ) -> AsyncIterator[gossip_pb2.FetchStateResponse]:
         await self._check(request, context, limited=True)
         if self.fetches >= self.cfg.max_fetches:
-            await self._refuse(context, "fetch_busy", RateLimitedError("too many model downloads in progress"))
+            error = RateLimitedError("too many model downloads in progress")
+            await self._refuse(context, "fetch_busy", error, request)
         self.fetches += 1
         try:
             header, chunks = await self.handlers.fetch_state(request, identity_of(context))
         except PayloadError as exc:
-            await _abort(context, exc)
+            refused: PayloadError | None = exc
+        else:
+            refused = None
         finally:
             self.fetches -= 1
+        if refused is not None:  # answered once this call no longer counts as a download in progress
+            await self._answer(context, refused, request)
         yield gossip_pb2.FetchStateResponse(header=header)
         for i, data in enumerate(chunks):
             yield gossip_pb2.FetchStateResponse(chunk=gossip_pb2.Chunk(index=i, data=data))
@@ -181,8 +240,15 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
             await self._refuse(context, "streams", RateLimitedError(why))
         try:
             return await self._push(request_iterator, context)
+        except PayloadError as exc:
+            refused = exc
         finally:
             self.streams.release(source)
+        # A stalled stream was held for its idle limit already; an incomplete one is also what a sender's own
+        # cancellation looks like. Others are held once the slot is free again (a held call never holds a slot).
+        if isinstance(refused, (StalledStreamError, IncompleteStreamError)):
+            await _abort(context, refused)
+        await self._answer(context, refused)
 
     async def _next(self, iterator: AsyncIterator[M], deadline: float) -> M | None:
         """The stream's next message, None at its end; StalledStreamError when the sender goes quiet for the
@@ -241,7 +307,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
         except PayloadError as exc:
             del asm  # the partial buffer goes now, not when the aborted call is collected
             self.handlers.rejected(sender, exc, peer)
-            await _abort(context, exc)
+            raise
         return gossip_pb2.PushResponse(accepted=True, bytes_received=received.nbytes)
 
 
