@@ -2,8 +2,9 @@
 never UNKNOWN or INTERNAL, the daemon keeps serving and training, its peer table stays bounded, and its log output
 stays bounded. The daemon runs on its own event loop in a thread; the examples are blocking gRPC calls. Its
 request rate limit is raised so that the examples reach the handlers (the limiter has its own tests in
-test_hostile.py), and its refusals are not held (the tarpit has its own, test_tarpit.py). Example counts come from the hypothesis profile (tests/conftest.py); every case's status is
-counted in `tests.helpers.FUZZ_STATUSES` and printed at the end of the run."""
+test_hostile.py), and its refusals are not held (the tarpit has its own, test_tarpit.py). Example counts come
+from the hypothesis profile (tests/conftest.py); every case's status is counted in `tests.helpers.FUZZ_STATUSES`
+and printed at the end of the run."""
 
 from __future__ import annotations
 
