@@ -17,6 +17,15 @@ from peer.errors import CheckpointError, ConfigError, DataError, PeerError, Star
 
 EXIT_CODES: dict[type[PeerError], int] = {ConfigError: 2, DataError: 2, CheckpointError: 3, StartupError: 4}
 
+# The daemon's training thread and its event loop share the GIL, and a paced peer waits for the loop to hand it
+# each fresh neighbour state. With CPython's default 5 ms switch interval a busy thread keeps the GIL for up to
+# 5 ms before the other may run: longer than a small model's step (2 to 4 ms). So a waiting training thread
+# lost up to 5 ms per fresh state, and a training thread that stepped freely starved the loop, which then took in
+# no state that would clear a neighbour's "late" mark: one demo peer ran 166 steps in 0.5 s and finished at
+# epoch 20 while the others were at 14 (87.2% against 95.8% at 0.5 ms; cdl's step rate with its default pacing
+# 55 -> 145 to 218 steps/s, `none` unchanged: scripts/bench_overhead.py, 2 peers, mlp, 2 loaded cores).
+DAEMON_SWITCH_INTERVAL_S = 0.0005
+
 
 def _exit_code(exc: PeerError) -> int:
     for cls, code in EXIT_CODES.items():
@@ -41,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from peer.net.interfaces import check_ports_free
 
     cfg = config.load(args.config, args.set)
+    sys.setswitchinterval(DAEMON_SWITCH_INTERVAL_S)  # the daemon's process only, never a library user's
     check_ports_free({"listen": cfg.listen, "metrics.listen": cfg.metrics.listen})  # before torch even loads
     from peer.daemon.node import Node
     from peer.daemon.sdnotify import Notifier

@@ -37,13 +37,16 @@ ALGORITHMS = ("none", "cdl", "cdl+nowait", "dpsgd", "choco")
 
 
 def one_run(algorithm: str, peers: int, epochs: float, model: str) -> list[dict[str, Any]]:
-    """`name+nowait`: the algorithm with `train.max_steps_without_merge: 0` (never wait for a neighbour)."""
+    """`name+nowait`: the algorithm with `train.max_steps_without_merge: 0` (never wait for a neighbour);
+    `name+msN`: with `train.max_steps_without_merge: N` (a pacing bound other than the algorithm's default)."""
     name, _, variant = algorithm.partition("+")
     train: dict[str, Any] = {"epochs": epochs}
     if variant == "nowait":
         train["max_steps_without_merge"] = 0
+    elif variant.startswith("ms") and variant[2:].isdigit():
+        train["max_steps_without_merge"] = int(variant[2:])
     elif variant:
-        raise SystemExit(f"unknown variant {variant!r} in {algorithm!r}; known: nowait")
+        raise SystemExit(f"unknown variant {variant!r} in {algorithm!r}; known: nowait, msN")
     extra = {"algorithm": {"name": name}, "train": train, "model": {"name": model}}
     with tempfile.TemporaryDirectory(prefix="peer-overhead-") as d:
         records = run_fleet(Path(d), [extra] * peers)
