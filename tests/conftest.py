@@ -8,9 +8,10 @@ selected (`scripts/test --slow`, i.e. a `-m` expression without "not slow"). The
 status of every case in `tests.helpers.FUZZ_STATUSES`; the totals are printed at the end of the run.
 
 Parallel runs (pytest-xdist, `scripts/test` uses `-n`): most daemon tests wait on the network far more than they
-compute, so several run at once. Tests are isolated by unique node ids, cluster names and ports; the network
-namespace tests run in one worker (one `xdist_group`), since a testbed's clean-up sweeps namespaces and veths by
-prefix and two testbeds would compete for the same root-namespace resources. Fuzz totals come back from the workers
+compute, so several run at once. Tests are isolated by unique node ids, cluster names and ports. Each test file
+runs in one worker (its `xdist_group`), in file order, as in a serial run; all network namespace tests share one
+worker, since a testbed's clean-up sweeps namespaces and veths by prefix and two testbeds would compete for the
+same root-namespace resources. Fuzz totals come back from the workers
 through `workeroutput`.
 """
 
@@ -40,9 +41,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        for marker in ("netns", "engine"):
-            if item.get_closest_marker(marker) is not None:
-                item.add_marker(pytest.mark.xdist_group(marker))
+        # One worker per test file, as in a serial run (some files share a module-scoped daemon whose last test
+        # checks what the earlier ones did to it), and one for all namespace tests, and for all engine tests.
+        group = next((m for m in ("netns", "engine") if item.get_closest_marker(m) is not None), item.path.name)
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
