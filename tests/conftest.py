@@ -7,12 +7,11 @@ Hypothesis: the `ci` profile (the default run) and the `slow` profile (ten times
 selected (`scripts/test --slow`, i.e. a `-m` expression without "not slow"). The property-based suites count the
 status of every case in `tests.helpers.FUZZ_STATUSES`; the totals are printed at the end of the run.
 
-Parallel runs (pytest-xdist, `scripts/test` uses `-n`): most daemon tests wait on the network far more than they
-compute, so several run at once. Tests are isolated by unique node ids, cluster names and ports. Each test file
-runs in one worker (its `xdist_group`), in file order, as in a serial run; all network namespace tests share one
-worker, since a testbed's clean-up sweeps namespaces and veths by prefix and two testbeds would compete for the
-same root-namespace resources. Fuzz totals come back from the workers
-through `workeroutput`.
+Parallel runs (pytest-xdist; `scripts/test` uses `-n 3 --dist loadfile`): most daemon tests wait on the network far
+more than they compute, so several run at once. Tests are isolated by unique node ids, cluster names, ports and
+testbed prefixes (a testbed's clean-up only takes down testbeds whose owner process is gone). Each test file runs
+in one worker, in file order, as in a serial run: some files share a module-scoped daemon whose last test checks
+what the earlier ones did to it. Fuzz totals come back from the workers through `workeroutput`.
 """
 
 from __future__ import annotations
@@ -37,14 +36,6 @@ settings.register_profile("slow", parent=settings.get_profile("ci"), max_example
 def pytest_configure(config: pytest.Config) -> None:
     markexpr = str(config.getoption("markexpr", "") or "")
     settings.load_profile("ci" if "not slow" in markexpr else "slow")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        # One worker per test file, as in a serial run (some files share a module-scoped daemon whose last test
-        # checks what the earlier ones did to it), and one for all namespace tests, and for all engine tests.
-        group = next((m for m in ("netns", "engine") if item.get_closest_marker(m) is not None), item.path.name)
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
