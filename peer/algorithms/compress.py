@@ -340,33 +340,47 @@ class Int8Block(Compressor):
     def _blocks(self, numel: int) -> int:
         return math.ceil(numel / self.block)
 
-    def compress(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    _LEVELS = 127
+
+    def _quantize(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block scales, levels in [-_LEVELS, _LEVELS] as float32, one per entry of `v`)."""
         flat = v.detach().reshape(-1).to(torch.float32)
         n = flat.numel()
         _check_numel(n)
         padded = torch.zeros(self._blocks(n) * self.block, dtype=torch.float32)
         padded[:n] = flat
         blocks = padded.reshape(-1, self.block)
-        scales = blocks.abs().amax(1) / 127.0
+        scales = blocks.abs().amax(1) / self._LEVELS
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
-        return {"scales": scales, "q": q.clone()}
+        return scales, torch.round(blocks / safe[:, None]).clamp_(-self._LEVELS, self._LEVELS).reshape(-1)[:n]
 
-    def decompress(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nb = self._blocks(numel)
-        self._check(tensors, numel, {"scales": ((nb,), "float32"), "q": ((numel,), "int8")})
+    def _checked_scales(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         scales = tensors["scales"]
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             raise CorruptPayloadError(f"{self.spec}: a block scale is negative, NaN or Inf")
-        q = tensors["q"]
-        if bool((q == -128).any()):
-            raise CorruptPayloadError(f"{self.spec}: level -128 is outside [-127, 127]")
+        return scales
+
+    def _dequantize(self, levels: torch.Tensor, scales: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nb = self._blocks(numel)
         padded = torch.zeros(nb * self.block, dtype=torch.float32)
-        padded[:numel] = q.to(torch.float32)
+        padded[:numel] = levels.to(torch.float32)
         out = (padded.reshape(nb, self.block) * scales[:, None]).reshape(-1)[:numel]
         if not bool(torch.isfinite(out).all()):
             raise CorruptPayloadError(f"{self.spec}: a block scale overflows float32")
         return out.to(dtype)
+
+    def compress(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        scales, levels = self._quantize(v)
+        return {"scales": scales, "q": levels.to(torch.int8)}
+
+    def decompress(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nb = self._blocks(numel)
+        self._check(tensors, numel, {"scales": ((nb,), "float32"), "q": ((numel,), "int8")})
+        scales = self._checked_scales(tensors)
+        q = tensors["q"]
+        if bool((q == -128).any()):
+            raise CorruptPayloadError(f"{self.spec}: level -128 is outside [-127, 127]")
+        return self._dequantize(q, scales, numel, dtype)
 
     def manifest(self, numel: int, dtype: str = "float32") -> Manifest:
         return {"scales": ((self._blocks(numel),), "float32"), "q": ((numel,), "int8")}

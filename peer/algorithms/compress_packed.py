@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from peer.algorithms.compress import Compressor, Float16, Manifest, TopK, _check_numel, _num_selected
+from peer.algorithms.compress import Compressor, Float16, Int8Block, Manifest, TopK, _check_numel, _num_selected
 from peer.errors import CorruptPayloadError
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32)
@@ -101,31 +101,15 @@ class SparseTopK(Compressor):
         return {"mask": ((math.ceil(numel / 8),), "uint8"), "values": ((self.k(numel),), "float16")}
 
 
-class Int4Block(Compressor):
+class Int4Block(Int8Block):
     """Blockwise absmax 4-bit: each block of B entries travels as B levels in [−7, 7] (two per byte) and one
     float32 scale (its max |v| / 7); an entry's error is at most half its block's scale. Deterministic."""
 
     _LEVELS = 7
 
-    def __init__(self, block: int, spec: str) -> None:
-        if not 8 <= block <= 1 << 20:
-            raise ValueError(f"{spec}: the block size must be in [8, {1 << 20}], got {block}")
-        self.block = block
-        self.spec = spec
-
-    def _blocks(self, numel: int) -> int:
-        return math.ceil(numel / self.block)
-
     def compress(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        flat = v.detach().reshape(-1).to(torch.float32)
-        n = flat.numel()
-        _check_numel(n)
-        padded = torch.zeros(self._blocks(n) * self.block, dtype=torch.float32)
-        padded[:n] = flat
-        blocks = padded.reshape(-1, self.block)
-        scales = blocks.abs().amax(1) / self._LEVELS
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        levels = torch.round(blocks / safe[:, None]).clamp_(-self._LEVELS, self._LEVELS).reshape(-1)[:n]
+        scales, levels = self._quantize(v)
+        n = levels.numel()
         nibbles = torch.full((2 * math.ceil(n / 2),), 8, dtype=torch.int32)  # the padding nibble: level 0
         nibbles[:n] = levels.to(torch.int32) + 8
         pairs = nibbles.reshape(-1, 2)
@@ -134,21 +118,14 @@ class Int4Block(Compressor):
     def decompress(self, tensors: dict[str, torch.Tensor], numel: int, dtype: torch.dtype) -> torch.Tensor:
         nb = self._blocks(numel)
         self._check(tensors, numel, {"scales": ((nb,), "float32"), "q": ((math.ceil(numel / 2),), "uint8")})
-        scales = tensors["scales"]
-        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-            raise CorruptPayloadError(f"{self.spec}: a block scale is negative, NaN or Inf")
+        scales = self._checked_scales(tensors)
         q = tensors["q"].to(torch.int32)
         nibbles = torch.stack([q & 15, q >> 4], dim=1).reshape(-1)
         if bool((nibbles == 0).any()):
             raise CorruptPayloadError(f"{self.spec}: level -8 is outside [-7, 7]")
         if bool((nibbles[numel:] != 8).any()):
             raise CorruptPayloadError(f"{self.spec}: the padding nibble past the last element is not level 0")
-        padded = torch.zeros(nb * self.block, dtype=torch.float32)
-        padded[:numel] = (nibbles[:numel] - 8).to(torch.float32)
-        out = (padded.reshape(nb, self.block) * scales[:, None]).reshape(-1)[:numel]
-        if not bool(torch.isfinite(out).all()):
-            raise CorruptPayloadError(f"{self.spec}: a block scale overflows float32")
-        return out.to(dtype)
+        return self._dequantize(nibbles[:numel] - 8, scales, numel, dtype)
 
     def manifest(self, numel: int, dtype: str = "float32") -> Manifest:
         return {"scales": ((self._blocks(numel),), "float32"), "q": ((math.ceil(numel / 2),), "uint8")}
