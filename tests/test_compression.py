@@ -4,9 +4,11 @@ key frames and resynchronisation, Hello agreement, and hostile compressed pushes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -289,28 +291,47 @@ def victim(tmp_path: Path, spec: str) -> Node:
     return Node(config_mod.validate(tree, source="test"), stdout=io.StringIO())
 
 
+@dataclass
+class Attack:
+    """A running victim daemon, a stub to it, and a sender whose key frame the victim already holds."""
+
+    node: Node
+    stub: gossip_pb2_grpc.GossipServiceStub
+    tx: DeltaSender
+    n: int
+    x: torch.Tensor
+
+    async def send(self, payload: Payload) -> Any:
+        env = Envelope(EVIL, self.node.fingerprint, self.node.algorithm.name, 5, 1, "127.0.0.1:9", 1)
+        header, chunks = encode(env, payload, chunk_bytes=1000)
+        return await push(self.stub, iter_requests(header, chunks))
+
+
+@contextlib.asynccontextmanager
+async def attacking(tmp_path: Path, spec: str) -> AsyncIterator[Attack]:
+    node = victim(tmp_path, spec)
+    task = asyncio.create_task(node.run())
+    try:
+        await asyncio.wait_for(node.ready.wait(), timeout=20)
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            n = node.handlers.facts.num_params
+            c = parse_compression(spec)
+            assert c is not None
+            a = Attack(node, gossip_pb2_grpc.GossipServiceStub(channel), DeltaSender(c), n, torch.linspace(-1, 1, n))
+            assert (await a.send(a.tx.encode("victim", Payload("state", {"params": a.x}, seq=1)))).accepted
+            a.tx.delivered("victim")
+            yield a
+    finally:
+        node.request_stop()
+        await asyncio.wait_for(task, timeout=20)
+
+
 async def test_hostile_compressed_pushes_to_a_real_daemon(tmp_path: Path) -> None:
     """A daemon with gossip.compression=int8 takes a key frame and a delta, refuses hostile deltas with the
     right status (and never applies them), refuses a Hello with another compression naming the key, and keeps
     serving."""
-    node = victim(tmp_path, "int8:16")
-    task = asyncio.create_task(node.run())
-    try:
-        await asyncio.wait_for(node.ready.wait(), timeout=20)
-        channel = grpc.aio.insecure_channel(node.address)
-        stub = gossip_pb2_grpc.GossipServiceStub(channel)
-        env = Envelope(EVIL, node.fingerprint, node.algorithm.name, 5, 1, "127.0.0.1:9", 1)
-        n = node.handlers.facts.num_params
-        c = parse_compressor("int8:16")
-        tx = DeltaSender(c)
-
-        async def send(payload: Payload) -> Any:
-            header, chunks = encode(env, payload, chunk_bytes=1000)
-            return await push(stub, iter_requests(header, chunks))
-
-        x = torch.linspace(-1, 1, n)
-        assert (await send(tx.encode("victim", Payload("state", {"params": x}, seq=1)))).accepted
-        tx.delivered("victim")
+    async with attacking(tmp_path, "int8:16") as attack:
+        node, stub, tx, n, x, send = attack.node, attack.stub, attack.tx, attack.n, attack.x, attack.send
         delta = tx.encode("victim", Payload("state", {"params": x * 0.5}, seq=2))
         nb = math.ceil(n / 16)
         bad = {
@@ -349,35 +370,14 @@ async def test_hostile_compressed_pushes_to_a_real_daemon(tmp_path: Path) -> Non
         assert answer.compression == "int8:16"
         status = await stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=5)
         assert status.rejected_messages == 5
-        await channel.close()
-    finally:
-        node.request_stop()
-        await asyncio.wait_for(task, timeout=20)
 
 
 @pytest.mark.parametrize("spec", ["int4:16", "topk:0.35"])
 async def test_packed_deltas_through_a_real_daemon(tmp_path: Path, spec: str) -> None:
     """int4 nibbles and a top-k position mask travel as uint8 through the real encoder, Push stream and codec:
     valid deltas are applied bit for bit as the sender decoded them, hostile ones refused and never applied."""
-    node = victim(tmp_path, spec)
-    task = asyncio.create_task(node.run())
-    try:
-        await asyncio.wait_for(node.ready.wait(), timeout=20)
-        channel = grpc.aio.insecure_channel(node.address)
-        stub = gossip_pb2_grpc.GossipServiceStub(channel)
-        env = Envelope(EVIL, node.fingerprint, node.algorithm.name, 5, 1, "127.0.0.1:9", 1)
-        n = node.handlers.facts.num_params
-        c = parse_compression(spec)
-        assert c is not None
-        tx = DeltaSender(c)
-
-        async def send(payload: Payload) -> Any:
-            header, chunks = encode(env, payload, chunk_bytes=1000)
-            return await push(stub, iter_requests(header, chunks))
-
-        x = torch.linspace(-1, 1, n)
-        assert (await send(tx.encode("victim", Payload("state", {"params": x}, seq=1)))).accepted
-        tx.delivered("victim")
+    async with attacking(tmp_path, spec) as attack:
+        node, tx, n, x, send = attack.node, attack.tx, attack.n, attack.x, attack.send
         delta = tx.encode("victim", Payload("state", {"params": x * 0.5 + 0.01}, seq=2))
         wire = {k.partition(SEP)[2]: t for k, t in delta.tensors.items() if SEP in k}
         if spec.startswith("int4"):
@@ -401,10 +401,6 @@ async def test_packed_deltas_through_a_real_daemon(tmp_path: Path, spec: str) ->
         ref = node.handlers.codec._refs[EVIL].tensors["params"]  # type: ignore[union-attr]
         sent = tx.reference("victim")
         assert sent is not None and torch.equal(ref, sent["params"])
-        await channel.close()
-    finally:
-        node.request_stop()
-        await asyncio.wait_for(task, timeout=20)
 
 
 def test_compressed_manifest() -> None:
