@@ -383,6 +383,13 @@ class MembershipConfig(_Section):
     max_pending_hellos: int = Field(64, ge=1, description="admission and duplicate-id checks in flight at once")
     hello_rate_per_s: float = Field(50.0, gt=0, description="Hellos accepted per source host per second")
     hello_burst: int = Field(100, ge=1, description="... in bursts of at most this many")
+    dial_hello_rate_per_s: float = Field(
+        10.0,
+        gt=0,
+        description="of those, Hellos that make us dial back (a peer not yet admitted, or a claim that our node id is "
+        "taken) per source host per second",
+    )
+    dial_hello_burst: int = Field(64, ge=1, description="... in bursts of at most this many")
 
 
 class CatchupConfig(_Section):

@@ -102,7 +102,7 @@ def test_a_verified_twin_that_started_first_stops_us() -> None:
 
 # --------------------------------------------------------------------------------- admission and bounds
 def test_a_thousand_hostile_hellos_leave_the_table_empty_and_every_structure_bounded() -> None:
-    c = core(max_pending=64, hello_rate_per_s=50.0, hello_burst=100)
+    c = core(max_pending=64, hello_rate_per_s=50.0, hello_burst=100, dial_burst=100)
     dials: list[SayHello] = []
     refused: dict[str, int] = {}
     for i in range(1000):
@@ -118,6 +118,28 @@ def test_a_thousand_hostile_hellos_leave_the_table_empty_and_every_structure_bou
     for d in dials:
         c.handle(HelloFailed(d.address, "join", "UNAVAILABLE", "refused", 3.0))
     assert not c.peers and not c.hellos_in_flight and not c.catchup.progress
+
+
+def test_hellos_that_would_make_us_dial_have_their_own_smaller_budget_and_members_do_not_spend_it() -> None:
+    c = core(dial_rate_per_s=10.0, dial_burst=5, hello_rate_per_s=1000.0, hello_burst=1000)
+    src = "ipv4:6.6.6.6:1"
+    outs = [c.handle(HelloReceived(info(f"fake-{i}", f"10.9.0.{i}:1"), src, 1.0)) for i in range(8)]
+    assert sum(len(of(o, SayHello)) for o in outs) == 5
+    refused = [r for o in outs for r in of(o, Refused)]
+    assert [r.reason for r in refused] == ["dial_rate"] * 3
+    assert all(of(o, Reply)[0].status == "RESOURCE_EXHAUSTED" for o in outs[5:])
+    # A claim on our own id costs a dial too (the check of the claim), so it draws on the same budget.
+    out = c.handle(HelloReceived(info("victim", "10.9.0.99:1", incarnation=7), src, 1.0))
+    assert not of(out, SayHello) and of(out, Refused)[0].reason == "dial_rate"
+    # Another source host has its own budget; the budget refills at its rate.
+    assert of(c.handle(HelloReceived(info("other", "10.8.0.1:1"), "ipv4:7.7.7.7:1", 1.0)), SayHello)
+    assert of(c.handle(HelloReceived(info("fake-9", "10.9.0.9:1"), src, 1.2)), SayHello)
+    # A member greeting from the address we confirmed is not a dial: it never spends the budget.
+    c.handle(HelloAnswered("10.8.0.1:1", "join", info("other", "10.8.0.1:1"), True, "", 1.3))
+    assert "other" in c.peers
+    for k in range(50):
+        out = c.handle(HelloReceived(info("other", "10.8.0.1:1"), "ipv4:7.7.7.7:1", 1.3 + k * 1e-4))
+        assert of(out, Reply)[0].accepted and not of(out, Refused)
 
 
 def test_unconfirmed_hellos_expire() -> None:

@@ -54,6 +54,8 @@ class AdmissionSettings:
     pending_ttl_s: float = 30.0  # a verification never reported back is forgotten after this
     hello_rate_per_s: float = 50.0  # Hellos per source host per second, on average ...
     hello_burst: int = 100  # ... with bursts of this many
+    dial_rate_per_s: float = 10.0  # Hellos that make us dial (a join, a claim on our id) per source host ...
+    dial_burst: int = 64  # ... with bursts of this many
     max_sources: int = 1024  # source hosts remembered by the rate limiter
     log_interval_s: float = 60.0  # a refused input is logged once per source and reason per interval
 

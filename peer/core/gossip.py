@@ -17,11 +17,10 @@ Theory of operation.
            re-admits an evicted peer; a claim that contradicts the caller's authenticated identity changes
            nothing. Admission: a peer enters the table only once its address answered our own Hello; the table
            holds at most `admission.max_peers` records; verification Hellos in flight are bounded and expire;
-           Hellos are rate-limited per source host. No remote claim stops this daemon: a Hello saying our node
-           id is in use elsewhere is checked by dialling that address, and acts only if a daemon with our id and
-           another incarnation answers there (`Refused` otherwise, which changes nothing).
-  Peer exchange (`peer.core.exchange`): our Hellos name a rotating sample of our members; members named in a
-           member's Hello are candidates like any other, dialled within the same admission limits.
+           Hellos are rate-limited per source host, those that make us dial more tightly. No remote claim stops
+           us: a Hello saying our id is in use is checked by dialling its address; only our id under another
+           incarnation answering there counts (`Refused` otherwise, which changes nothing).
+  Peer exchange (`peer.core.exchange`): our Hellos name a sample of our members, candidates to the receiver.
 No clocks, sockets or global randomness: `now` comes with every input and an `random.Random` with the core.
 """
 
@@ -55,6 +54,8 @@ class GossipCore:
         self.verifying: dict[str, float] = {}  # duplicate-id checks: address -> since (bounded, expiring)
         a = s.admission
         self.hello_limiter = RateLimiter(a.hello_rate_per_s, a.hello_burst, a.max_sources)
+        # A stranger's Hello costs a dial (often to an address that never answers), a member's only an answer.
+        self.dial_limiter = RateLimiter(a.dial_rate_per_s, a.dial_burst, a.max_sources)
         self.heartbeats_in_flight: set[str] = set()  # node ids
         self.exchange = PeerExchange(s.exchange)  # peer exchange: whom we name in Hellos, whom we learnt of
         self.evictions = 0
@@ -64,8 +65,7 @@ class GossipCore:
 
     # ------------------------------------------------------------------------------------------ queries
     @property
-    def peers(self) -> dict[str, PeerRecord]:
-        """Read-only for callers: the records behind `members()` (tests inspect them)."""
+    def peers(self) -> dict[str, PeerRecord]:  # read-only for callers: the records behind `members()`
         return self.table.peers
 
     def members(self) -> list[str]:
@@ -250,9 +250,7 @@ class GossipCore:
     def _hello_received(self, e: ev.HelloReceived, out: list[ev.Effect]) -> None:
         info = e.info
         source = source_of(e.transport_peer)
-        if not self.hello_limiter.allow(source, e.now):
-            msg = f"too many Hellos from {source}: refused"
-            out += [ev.Refused("hello_rate", source, msg), ev.Reply(False, msg, "RESOURCE_EXHAUSTED")]
+        if self._over_budget(self.hello_limiter, "hello_rate", source, e.now, out):
             return
         if e.identity is not None and e.identity != info.node_id:
             out.append(self._impostor(info.node_id, e.identity, "hello"))
@@ -260,6 +258,8 @@ class GossipCore:
         address = reachable_address(info.address, e.transport_peer)
         if info.node_id == self.me.node_id:
             if info.incarnation != self.me.incarnation:
+                if self._over_budget(self.dial_limiter, "dial_rate", source, e.now, out):
+                    return
                 out.append(ev.Reply(False, f"{DUPLICATE_PREFIX} {info.node_id!r}: already in use at {self.address}"))
                 self._verify_duplicate(address, source, e.now, out)
             else:
@@ -278,8 +278,17 @@ class GossipCore:
             self._learn(info, e.now, out)
         else:
             # Admission: the peer joins once its address answers our own Hello (HelloAnswered).
+            if self._over_budget(self.dial_limiter, "dial_rate", source, e.now, out):
+                return
             self._say_hello(address, info.node_id, e.now, out)
         out.append(ev.Reply(True))
+
+    def _over_budget(self, limiter: RateLimiter, reason: str, source: str, now: float, out: list[ev.Effect]) -> bool:
+        if limiter.allow(source, now):
+            return False
+        msg = f"too many Hellos from {source} ({reason}): refused"
+        out += [ev.Refused(reason, source, msg), ev.Reply(False, msg, "RESOURCE_EXHAUSTED")]
+        return True
 
     def _verify_duplicate(self, address: str, source: str, now: float, out: list[ev.Effect]) -> None:
         """A Hello says our node id is in use at `address`: dial it, and act only on what answers there."""
@@ -389,21 +398,16 @@ class GossipCore:
     def _duplicate(self, their_incarnation: int, address: str, out: list[ev.Effect]) -> None:
         """Two live daemons share our node id. The one that started later gives way, with a clear error."""
         if self.me.incarnation > their_incarnation:
-            out.append(
-                ev.Fatal(
-                    f"another live peer at {address} already uses node_id {self.me.node_id!r}; "
-                    "give this daemon another node_id"
-                )
-            )
+            msg = f"another live peer at {address} already uses node_id {self.me.node_id!r}; "
+            out.append(ev.Fatal(msg + "give this daemon another node_id"))
         else:
             msg = f"a newer daemon at {address} uses our node_id {self.me.node_id!r}; it will stop"
             out.append(ev.Log("warning", msg, ("dup", address)))
 
     def _impostor(self, claimed: str, identity: str, what: str) -> ev.Reply:
         """A claim that contradicts the caller's certificate: refused, and nothing changes."""
-        return ev.Reply(
-            False, f"{what} claims node id {claimed!r} but the certificate says {identity!r}", "PERMISSION_DENIED"
-        )
+        msg = f"{what} claims node id {claimed!r} but the certificate says {identity!r}"
+        return ev.Reply(False, msg, "PERMISSION_DENIED")
 
     # ---------------------------------------------------------------------------------------------- pushes
     def _state_received(self, e: ev.StateReceived, out: list[ev.Effect]) -> None:

@@ -248,7 +248,7 @@ class Node:
             algorithm=algorithm,
             counters=self.counters,
             log=self.log,
-            publish=self._threadsafe(lambda p: self.pusher.publish(p)),
+            publish=lambda p: self.pusher.handoff.put(p),
             send=self._threadsafe(lambda s: self.pusher.enqueue(s)),
             on_checkpoint=self._threadsafe(lambda w: self.checkpointer.queue.put_nowait(self.checkpointer.state(w))),
             on_trained=self._threadsafe(lambda _: self._trained()),

@@ -27,6 +27,7 @@ from peer.core.backoff import retry_delay, should_retry
 from peer.core.events import Effect, Input, SendDropped, SendFailed, SendOk
 from peer.core.faults import FaultInjector
 from peer.core.gossip import GossipCore
+from peer.daemon.handoff import LatestHandoff
 from peer.daemon.metrics import Counters
 from peer.errors import SendError
 from peer.net.client import Client
@@ -36,6 +37,7 @@ from peer.net.wire import Envelope
 Encoded = tuple[Any, list[bytes], int]  # (PushHeader, serialized stream messages, total bytes)
 # How often the mix-mode loop looks again at neighbours it could not push to (breaker open, backing off).
 RETRY_POLL_S = 0.05
+_ANY_NEWER_SEQ = 1 << 62  # a sequence number above any real one: "could this link take a new state now?"
 
 
 class Pusher:
@@ -64,6 +66,9 @@ class Pusher:
         self.rng = rng
         self.outbox: Payload | None = None
         self.outbox_event = asyncio.Event()
+        # The training thread's payloads (`publish_threadsafe`): it wakes the loop only while a link is free.
+        loop = asyncio.get_running_loop()  # built on the loop; `put` runs on the training thread
+        self.handoff: LatestHandoff[Payload] = LatestHandoff(lambda: loop, self.publish)
         self.in_flight: set[str] = set()
         self._encoded: tuple[int, Encoded] | None = None
         self.on_ack: Callable[[str, tuple[int, ...]], None] = lambda to, key: None
@@ -149,6 +154,12 @@ class Pusher:
         self.outbox = payload
         self.outbox_event.set()
 
+    def _newest(self) -> Payload | None:
+        taken = self.handoff.take()
+        if taken is not None:
+            self.outbox = taken
+        return self.outbox
+
     async def loop(self, tg: asyncio.TaskGroup) -> None:
         self._tg = tg
         for to, q in self.queues.items():  # sends queued before the loop started
@@ -166,7 +177,7 @@ class Pusher:
         while not self.stopping():
             started = time.monotonic()
             self.outbox_event.clear()
-            payload = self.outbox
+            payload = self._newest()
             if payload is not None:
                 due = self.core.sends_due(started, payload.seq, self.in_flight)
                 if due:
@@ -174,6 +185,11 @@ class Pusher:
                         encoded = await self._encode_for(j, payload)
                         self.in_flight.add(j)
                         tg.create_task(self.push(j, payload.seq, encoded))
+            # Woken by the training thread only while some link could take a newer state now; a push that ends
+            # wakes us itself (see push), and the retry poll looks again at neighbours that were backing off.
+            free = bool(self.core.sends_due(time.monotonic(), _ANY_NEWER_SEQ, self.in_flight))
+            if self.handoff.want(free) and free:
+                self.outbox_event.set()
             if interval > 0:
                 await self.sleep(interval - (time.monotonic() - started))
             if not self.outbox_event.is_set():
@@ -219,7 +235,8 @@ class Pusher:
                 try:
                     await self._timed_push(address, header, frames, total, node_id)
                 except SendError as exc:
-                    newer = self.outbox is not None and self.outbox.seq > seq
+                    latest = self._newest()
+                    newer = latest is not None and latest.seq > seq
                     # Full-state pushes are idempotent (the receiver drops old sequence numbers), so a timed-out
                     # push may be retried; but never once a newer state supersedes this one.
                     if not newer and should_retry(
@@ -241,7 +258,8 @@ class Pusher:
                 return
         finally:
             self.in_flight.discard(node_id)
-            if self.outbox is not None and self.outbox.seq > seq:
+            latest = self._newest()
+            if latest is not None and latest.seq > seq:
                 self.outbox_event.set()  # a newer state waits for this link
 
     def _link_acked(self, to: str) -> None:

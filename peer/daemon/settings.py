@@ -42,6 +42,8 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
             pending_ttl_s=max(30.0, 2 * cfg.gossip.rpc_timeout_s),
             hello_rate_per_s=cfg.membership.hello_rate_per_s,
             hello_burst=cfg.membership.hello_burst,
+            dial_rate_per_s=cfg.membership.dial_hello_rate_per_s,
+            dial_burst=cfg.membership.dial_hello_burst,
             log_interval_s=cfg.log.refusal_interval_s,
         ),
         exchange=ExchangeSettings(
