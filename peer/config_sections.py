@@ -325,7 +325,7 @@ class GossipConfig(_Section):
         "client's further calls wait in its own gRPC library and cost us nothing",
     )
     tarpit_delay_s: float = Field(
-        2.0,
+        4.0,
         ge=0,
         description="refusals to a connection (or source host) that spent its free refusals are answered this much "
         "later (an asyncio wait: no CPU), at most until shortly before the caller's deadline; a client that awaits "

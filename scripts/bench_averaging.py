@@ -137,6 +137,9 @@ async def _peer_main(index: int, n: int, numel: int, steps: int, conn: Any) -> N
         def refused(self, reason: str, peer: str, message: str) -> None:
             print(f"peer {index}: refused {reason}: {message}", file=sys.stderr)
 
+        def held(self, peer: str) -> None:
+            pass
+
     server = await start_server("127.0.0.1:0", cfg, Handlers())  # type: ignore[arg-type]
     client = Client(cfg)
     conn.send(server.port)

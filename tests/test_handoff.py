@@ -71,3 +71,26 @@ async def test_a_daemon_without_neighbours_does_not_wake_its_loop_for_every_roun
     finally:
         node.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.timeout(120)
+async def test_a_push_that_ends_frees_its_link_so_the_next_payload_wakes_the_loop(tmp_path: Path) -> None:
+    """While every link is busy the training thread's payloads do not wake the loop; the end of a push must turn
+    that back on. When it did not, a paced peer's next state waited for the pusher's 50 ms retry poll: two peers in
+    lockstep waited 12 s instead of 2 to 6 (tests/test_pacing_daemons.py, the lost-message case)."""
+    cfg = fast_config(tmp_path, unique("link"), train={"epochs": 0.05})
+    node = Node(cfg, stdout=io.StringIO())
+    task = asyncio.create_task(node.run())
+    try:
+        await asyncio.wait_for(node.ready.wait(), 60)
+        box = node.pusher.handoff
+        box.want(False)  # as while a push is in flight on every link
+        node.pusher.in_flight.add("gone")
+        await node.pusher.push("gone", 1, (None, [], 0))  # a neighbour that left: the push ends at once
+        assert "gone" not in node.pusher.in_flight
+        before = box.deliveries
+        await asyncio.to_thread(box.put, node.pusher.outbox)  # type: ignore[arg-type]
+        await node.wait_for(lambda: box.deliveries > before, 10, "the loop to be woken by the next payload")
+    finally:
+        node.request_stop()
+        await asyncio.wait_for(task, 30)

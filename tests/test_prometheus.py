@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -37,6 +38,18 @@ def test_histogram_buckets_are_cumulative() -> None:
     assert h.total == pytest.approx(3.65)
 
 
+def _mixed_in_latest_record(node: Node) -> bool:
+    """The exporter serves the newest metrics record: wait for one written after a mixing round."""
+    if not node.metrics.path.exists():
+        return False
+    lines = node.metrics.path.read_text(encoding="utf-8").splitlines()
+    try:
+        distance = json.loads(lines[-1]).get("algo_neighbour_distance") if lines else None
+    except json.JSONDecodeError:  # a record being written
+        return False
+    return isinstance(distance, (int, float)) and math.isfinite(distance)
+
+
 async def test_metrics_endpoint(tmp_path: Path) -> None:
     cluster = unique("prom")
     a = Node(
@@ -65,7 +78,7 @@ async def test_metrics_endpoint(tmp_path: Path) -> None:
             60,
             "a to push to and mix with b",
         )
-        await until(nodes, lambda: a.counters.step > 0 and a.metrics.path.exists(), 30, "a metrics record")
+        await until(nodes, lambda: _mixed_in_latest_record(a), 30, "a metrics record written after a mix")
         text = await asyncio.to_thread(_scrape, a.metrics_address)
     finally:
         await stop_nodes(nodes, tasks)

@@ -55,6 +55,20 @@ def test_holds_are_bounded_per_connection_in_number_and_in_bytes() -> None:
     assert [off.hold("a", "h", 0, 0.0) for _ in range(5)] == [0.0] * 5, "delay_s 0: never held"
 
 
+def test_holds_end_together_on_a_grid_so_that_held_calls_cost_few_loop_wake_ups() -> None:
+    pit = Tarpit(TarpitSettings(delay_s=2.0, free_refusals=1, free_refusals_per_source=100, release_grid_s=0.25))
+    pit.hold("c", "h", 0, 0.0)  # the free one
+    arrivals = [0.01, 0.1, 0.13, 0.2499, 0.25]
+    ends = [t + pit.hold("c", "h", 0, t) for t in arrivals]
+    assert ends[:4] == pytest.approx([2.25] * 4) and ends[4] == pytest.approx(2.25)
+    assert all(2.0 <= e - t <= 2.25 + 1e-9 for e, t in zip(ends, arrivals, strict=True)), (
+        "held delay_s, at most a grid more"
+    )
+    exact = Tarpit(TarpitSettings(delay_s=2.0, free_refusals=1, release_grid_s=0))
+    exact.hold("c", "h", 0, 0.0)
+    assert exact.hold("c", "h", 0, 0.13) == 2.0
+
+
 def test_remembered_keys_are_bounded() -> None:
     pit = Tarpit(TarpitSettings(max_keys=16))
     for i in range(1000):

@@ -11,6 +11,12 @@ class Changes:
     def __init__(self) -> None:
         self._future: asyncio.Future[None] | None = None
 
+    @property
+    def waiting(self) -> bool:
+        """Whether anyone waits now. Read from another thread it may be stale: a waiter that starts right after
+        the read misses that one notification and is woken by the next."""
+        return self._future is not None
+
     def notify(self) -> None:
         """Wake every waiter (on the loop thread)."""
         if self._future is not None and not self._future.done():

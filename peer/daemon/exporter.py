@@ -35,6 +35,11 @@ COUNTERS = (
     ("messages_received", "peer_messages_received", "Pushes accepted from neighbours."),
     ("send_failures", "peer_send_failures", "Pushes that failed after their retries."),
     ("send_retries", "peer_send_retries", "Push retries on transient errors."),
+    (
+        "tarpit_held",
+        "peer_tarpit_held",
+        "Refusals held before they were answered (a client that keeps being refused).",
+    ),
     ("dropped_stale", "peer_dropped_stale", "Received states dropped as out of date."),
     ("catchups", "peer_catchups", "Models fetched from a neighbour to catch up."),
     ("evictions", "peer_evictions", "Members evicted after missed heartbeats."),

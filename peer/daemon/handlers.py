@@ -159,6 +159,9 @@ class RpcHandlers:
     def refused(self, reason: str, peer: str, message: str) -> None:
         self.refusals.refuse(reason, source_of(peer), f"refused a request from {clip(peer, 80)}: {message}")
 
+    def held(self, peer: str) -> None:
+        self.counters.add(tarpit_held=1)
+
     def status(self) -> gossip_pb2.GetStatusResponse:
         c = self.counters.snapshot()
         now = time.monotonic()

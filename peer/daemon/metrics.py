@@ -57,6 +57,7 @@ class Counters:
     send_failures: int = 0
     send_retries: int = 0
     rejected_messages: int = 0
+    tarpit_held: int = 0  # refusals the server's tarpit held before answering (peer.core.tarpit)
     dropped_stale: int = 0
     catchups: int = 0
     evictions: int = 0

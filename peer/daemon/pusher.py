@@ -259,8 +259,10 @@ class Pusher:
         finally:
             self.in_flight.discard(node_id)
             latest = self._newest()
-            if latest is not None and latest.seq > seq:
-                self.outbox_event.set()  # a newer state waits for this link
+            # This link is free: a newer state waiting goes now, and the training thread's next one wakes us.
+            waiting = self.handoff.want(True)
+            if waiting or (latest is not None and latest.seq > seq):
+                self.outbox_event.set()
 
     def _link_acked(self, to: str) -> None:
         if self.codec is not None:

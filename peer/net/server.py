@@ -148,6 +148,7 @@ class Handlers(Protocol):
         self, request: gossip_pb2.FetchStateRequest, identity: str | None
     ) -> tuple[gossip_pb2.PushHeader, list[bytes]]: ...
     def refused(self, reason: str, peer: str, message: str) -> None: ...
+    def held(self, peer: str) -> None: ...
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: PayloadError) -> NoReturn:
@@ -171,6 +172,7 @@ class GossipServicer(gossip_pb2_grpc.GossipServiceServicer):
         nbytes = _request_bytes(request)
         delay = self.tarpit.hold(connection, source_of(connection), nbytes, asyncio.get_running_loop().time())
         if delay > 0:
+            self.handlers.held(connection)
             try:
                 left = context.time_remaining()
                 if left is not None:
