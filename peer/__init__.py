@@ -1,7 +1,7 @@
 """peer: a decentralized deep-learning daemon (train locally, discover over mDNS, gossip over gRPC)."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = "peer.v1"
+PROTOCOL_VERSION = "peer.v1.1"  # v1.1: Push headers carry crc32 instead of sha256
 
 __all__ = ["PROTOCOL_VERSION", "Gossip", "Node"]
 

@@ -2,7 +2,7 @@
 """Benchmark: 4 peers reach the exact average of a 16 MiB float32 state; peer against hivemind 1.1.12.
 
 **peer.** Four processes on loopback, each with peer's real gRPC server (`peer.net.server.start_server`: the Push
-servicer, stream limits, the assembler's checks — sha256, manifest, finiteness — and decoding) and real client
+servicer, stream limits, the assembler's checks — digest, manifest, finiteness — and decoding) and real client
 (`peer.net.client.Client`, payloads encoded by `peer.net.encoder.encode_frames`, the daemon's own sending path:
 one copy of the data into serialized stream messages, encoded once for all receivers). An averaging step is a
 reduce-scatter then an all-gather over Push streams, the same exchange hivemind's all-reduce makes: the state is

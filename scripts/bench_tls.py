@@ -4,7 +4,7 @@
 Two in-process daemons (library API, `external=True`: no training thread competes) share a model of 4,194,304
 float32 parameters (a bias-free 2048×2048 linear layer: a 16 MiB state). The sender pushes pre-encoded states
 (1 MiB chunks, the default; a new sequence number each) to the receiver through its real client, one Push at a
-time; the receiver runs its real checks (sha256, manifest, decoding, finiteness) and hands each state to its
+time; the receiver runs its real checks (digest, manifest, decoding, finiteness) and hands each state to its
 algorithm. Modes alternate (plaintext, mTLS, plaintext, ...) on fresh pairs of daemons, in the same run, and the
 median over repeats is reported.
 

@@ -391,7 +391,7 @@ BAD_PUSHES: list[tuple[str, Callable[[Victim], list[gossip_pb2.PushRequest]], gr
     ("minus-inf", _with_tensors(_with_value(-math.inf)), INVALID),
     ("nan-scalar", lambda v: _req(*v.encoded(scalars={"weight": math.nan})), INVALID),
     # integrity and framing
-    ("bad-sha256", _with_header(lambda h: setattr(h, "sha256", _flip(h.sha256, 0))), INVALID),
+    ("bad-crc32", _with_header(_set(crc32=0)), INVALID),
     ("flipped-payload-byte", _with_chunks(lambda c: [_flip(c[0], 5), *c[1:]]), INVALID),
     ("truncated", _with_chunks(lambda c: c[:-1]), INVALID),
     ("header-only", _with_chunks(lambda c: []), INVALID),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import subprocess
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,9 +182,9 @@ def test_empty_payload_has_no_chunks() -> None:
 
 def test_header_fields() -> None:
     header, _ = encode(ENV, payload(), chunk_bytes=1000)
-    assert header.protocol_version == PROTOCOL_VERSION == "peer.v1"
+    assert header.protocol_version == PROTOCOL_VERSION == "peer.v1.1"
     assert header.encoding == gossip_pb2.ENCODING_RAW and header.kind == gossip_pb2.PAYLOAD_KIND_STATE
-    assert len(header.sha256) == 32
+    assert header.HasField("crc32") and not header.sha256
     assert [t.offset for t in header.tensors] == [0, 4000, 4100, 6100]
     assert decode_header_envelope(header) == ENV
 
@@ -365,19 +367,45 @@ def test_non_finite_scalar() -> None:
     rejected(CorruptPayloadError, INVALID, "scalar weight is nan", receiving(header, chunks))
 
 
-def test_sha256_mismatch() -> None:
-    header, chunks = encode(ENV, payload(), chunk_bytes=1000)
+def _corrupt(chunks: list[bytes]) -> None:
     broken = bytearray(chunks[2])
     broken[17] ^= 0x01
     chunks[2] = bytes(broken)
+
+
+def _as_before_v1_1(header: gossip_pb2.PushHeader, chunks: list[bytes]) -> None:
+    """What a sender before peer.v1.1 declared: a SHA-256 and no CRC-32."""
+    header.ClearField("crc32")
+    header.sha256 = hashlib.sha256(b"".join(chunks)).digest()
+
+
+def test_crc32_mismatch() -> None:
+    header, chunks = encode(ENV, payload(), chunk_bytes=1000)
+    assert header.HasField("crc32") and header.crc32 == zlib.crc32(b"".join(chunks)) and not header.sha256
+    _corrupt(chunks)
+    expected = rf"crc32 mismatch \(declared {header.crc32:08x}, computed [0-9a-f]{{8}}\)"
+    rejected(CorruptPayloadError, INVALID, expected, receiving(header, chunks))
+
+
+def test_a_sha256_from_a_sender_before_v1_1_is_still_checked() -> None:
+    header, chunks = encode(ENV, payload(), chunk_bytes=1000)
+    _as_before_v1_1(header, chunks)
+    got = receive(header, chunks).payload.tensors
+    assert got.keys() == model_tensors().keys() and all(torch.equal(got[k], v) for k, v in model_tensors().items())
+    _corrupt(chunks)
     expected = rf"sha256 mismatch \(declared {header.sha256.hex()[:12]}\.\., computed [0-9a-f]{{12}}\.\.\)"
     rejected(CorruptPayloadError, INVALID, expected, receiving(header, chunks))
 
 
-def test_sha256_wrong_length() -> None:
+def test_one_well_formed_digest_exactly() -> None:
     header, chunks = encode(ENV, payload())
+    header.sha256 = b"\x00" * 32
+    rejected(CorruptPayloadError, INVALID, "both crc32 and sha256", receiving(header, chunks))
+    header.ClearField("crc32")
     header.sha256 = b"\x00" * 16
     rejected(CorruptPayloadError, INVALID, "sha256 is 16 bytes, not 32", receiving(header, chunks))
+    header.sha256 = b""
+    rejected(CorruptPayloadError, INVALID, "sha256 is 0 bytes, not 32 \\(and no crc32\\)", receiving(header, chunks))
 
 
 def test_truncated_stream() -> None:

@@ -120,7 +120,7 @@ def test_corrupted_last_chunk_is_still_detected() -> None:
     _, frames = encode_frames(ENV, Payload("state", {"w": torch.randn(1000)}, seq=1), chunk_bytes=512)
     last = bytearray(frames[-1])
     last[-1] ^= 0x01
-    with pytest.raises(CorruptPayloadError, match="sha256 mismatch"):
+    with pytest.raises(CorruptPayloadError, match="crc32 mismatch"):
         receive_frames([*frames[:-1], bytes(last)])
     # Over TLS (verify_digest=False) the digest is not recomputed: the TLS record layer guards those bytes.
     receive_frames([*frames[:-1], bytes(last)], limits(verify_digest=False))

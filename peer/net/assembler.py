@@ -28,6 +28,7 @@ from peer.net.wire import (
     _BY_WIRE,
     _KIND_NAMES,
     MIB,
+    Crc32,
     Envelope,
     Manifest,
     _DType,
@@ -75,7 +76,7 @@ class ReceiveLimits:
     expected_by_kind: Mapping[str, Manifest | Sequence[Manifest]] | None = None
     # False only where the transport itself authenticates every byte (mutual TLS: each TLS record carries an AEAD
     # tag, so a corrupted or altered byte fails the record and ends the connection before it reaches us). The
-    # header's sha256 must still be 32 bytes; it is just not recomputed. See docs/reference/performance.md.
+    # header's digest must still be well-formed; it is just not recomputed. See docs/reference/performance.md.
     verify_digest: bool = True
 
 
@@ -109,7 +110,7 @@ class Assembler:
         self._view = memoryview(b"")
         self._received = 0
         self._next_index = 0
-        self._digest = hashlib.sha256()
+        self._digest: Crc32 | hashlib._Hash = Crc32()  # set from the header: crc32, or sha256 from older senders
         self._done = False
 
     @property
@@ -177,8 +178,14 @@ class Assembler:
             limit = lim.max_payload_bytes
             problem = f"declared size {header.total_bytes} bytes exceeds the limit of {limit} bytes"
             raise self._reject(PayloadTooLargeError, problem)
-        if len(header.sha256) != 32:
-            raise self._reject(CorruptPayloadError, f"sha256 is {len(header.sha256)} bytes, not 32")
+        if header.HasField("crc32"):
+            if header.sha256:
+                raise self._reject(CorruptPayloadError, "header carries both crc32 and sha256; one digest only")
+            self._digest = Crc32()
+        elif len(header.sha256) != 32:
+            raise self._reject(CorruptPayloadError, f"sha256 is {len(header.sha256)} bytes, not 32 (and no crc32)")
+        else:
+            self._digest = hashlib.sha256()  # a sender before peer.v1.1
         for key, value in header.scalars.items():
             if not math.isfinite(value):
                 raise self._reject(CorruptPayloadError, f"scalar {_show(key)} is {value}")
@@ -304,6 +311,17 @@ class Assembler:
         self._received += n
         self._next_index += 1
 
+    def _check_digest(self, header: gossip_pb2.PushHeader) -> None:
+        if isinstance(self._digest, Crc32):
+            if self._digest.value != header.crc32:
+                problem = f"crc32 mismatch (declared {header.crc32:08x}, computed {self._digest.value:08x})"
+                raise self._reject(CorruptPayloadError, problem)
+            return
+        computed = self._digest.digest()
+        if computed != header.sha256:
+            problem = f"sha256 mismatch (declared {_hex(header.sha256)}, computed {_hex(computed)})"
+            raise self._reject(CorruptPayloadError, problem)
+
     def finish(self) -> Received:
         """Check completeness and checksum, decode, check finiteness. CPU-bound for big payloads."""
         if self._done:
@@ -317,10 +335,8 @@ class Assembler:
                 f"stream truncated: {self._received} of {header.total_bytes} declared bytes arrived "
                 f"in {self._next_index} chunks",
             )
-        computed = self._digest.digest()
-        if self.limits.verify_digest and computed != header.sha256:
-            problem = f"sha256 mismatch (declared {_hex(header.sha256)}, computed {_hex(computed)})"
-            raise self._reject(CorruptPayloadError, problem)
+        if self.limits.verify_digest:
+            self._check_digest(header)
         tensors = {slot.name: self._decode(slot) for slot in self._slots}
         self._done = True
         # The tensors are views of the buffer (or own copies); the assembler lets go of it now.

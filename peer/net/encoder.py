@@ -10,7 +10,6 @@ makes that one copy the serialized stream message itself, so the sender's Push p
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from peer import PROTOCOL_VERSION
 from peer.algorithms.base import Payload
 from peer.net.frames import chunk_prefix
-from peer.net.wire import _BY_TORCH, _DTYPES, _KINDS, MIB, Envelope, _DType
+from peer.net.wire import _BY_TORCH, _DTYPES, _KINDS, MIB, Crc32, Envelope, _DType
 from peer.v1 import gossip_pb2
 
 __all__ = ["encode", "encode_frames", "iter_requests"]
@@ -120,7 +119,7 @@ def _header_and_views(
         sender_address=envelope.sender_address,
         sent_unix_ms=envelope.sent_unix_ms,
     )
-    digest = hashlib.sha256()
+    digest = Crc32()
     views: list[memoryview] = []
     offset = 0
     for name, tensor in payload.tensors.items():
@@ -131,7 +130,7 @@ def _header_and_views(
         views.append(view)
         offset += view.nbytes
     header.total_bytes = offset
-    header.sha256 = digest.digest()
+    header.crc32 = digest.value
     return header, views
 
 

@@ -413,6 +413,7 @@ class PushHeader(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     ADMM_FIELD_NUMBER: _builtins.int
     META_FIELD_NUMBER: _builtins.int
+    CRC32_FIELD_NUMBER: _builtins.int
     sender_id: _builtins.str
     """The sender's node id."""
     schema_fingerprint: _builtins.str
@@ -436,13 +437,18 @@ class PushHeader(_message.Message):
     total_bytes: _builtins.int
     """Exact byte count of all chunks together."""
     sha256: _builtins.bytes
-    """SHA-256 of the concatenated chunk bytes (32 bytes)."""
+    """SHA-256 of the concatenated chunk bytes (32 bytes); empty when crc32 is set. Senders since peer.v1.1 set
+    crc32 instead: the digest only detects corruption (anyone can compute either over bytes they send), and
+    CRC-32 costs a third as much CPU per byte (docs/reference/performance.md). Exactly one of the two is set.
+    """
     sender_degree: _builtins.int
     """The sender's current neighbour count, for Metropolis-Hastings weights."""
     sender_address: _builtins.str
     """"host:port" where the sender's gRPC server listens."""
     sent_unix_ms: _builtins.int
     """Sender wall clock at send time, in milliseconds since the Unix epoch (diagnostics only)."""
+    crc32: _builtins.int
+    """CRC-32 (zlib's, as in gzip and Ethernet) of the concatenated chunk bytes; see sha256."""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """The manifest: one entry per tensor, in byte order, contiguous from offset 0."""
@@ -486,12 +492,15 @@ class PushHeader(_message.Message):
         token: Global___TokenInfo | None = ...,
         admm: Global___AdmmInfo | None = ...,
         meta: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        crc32: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["admm", b"admm", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "admm", b"admm", "crc32", b"crc32", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admm", b"admm", "algorithm", b"algorithm", "encoding", b"encoding", "incarnation", b"incarnation", "kind", b"kind", "meta", b"meta", "protocol_version", b"protocol_version", "round", b"round", "scalars", b"scalars", "schema_fingerprint", b"schema_fingerprint", "sender_address", b"sender_address", "sender_degree", b"sender_degree", "sender_id", b"sender_id", "sent_unix_ms", b"sent_unix_ms", "seq", b"seq", "sha256", b"sha256", "step", b"step", "tensors", b"tensors", "token", b"token", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crc32", b"_crc32", "admm", b"admm", "algorithm", b"algorithm", "crc32", b"crc32", "encoding", b"encoding", "incarnation", b"incarnation", "kind", b"kind", "meta", b"meta", "protocol_version", b"protocol_version", "round", b"round", "scalars", b"scalars", "schema_fingerprint", b"schema_fingerprint", "sender_address", b"sender_address", "sender_degree", b"sender_degree", "sender_id", b"sender_id", "sent_unix_ms", b"sent_unix_ms", "seq", b"seq", "sha256", b"sha256", "step", b"step", "tensors", b"tensors", "token", b"token", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__crc32: _TypeAlias = _typing.Literal["crc32"]  # noqa: Y015
+    _WhichOneofArgType__crc32: _TypeAlias = _typing.Literal["_crc32", b"_crc32"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crc32) -> _WhichOneofReturnType__crc32 | None: ...
 
 Global___PushHeader: _TypeAlias = PushHeader  # noqa: Y015
 
