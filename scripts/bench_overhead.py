@@ -36,7 +36,9 @@ from peer.tools.revision import git_revision
 ALGORITHMS = ("none", "cdl", "cdl+nowait", "dpsgd", "choco")
 
 
-def one_run(algorithm: str, peers: int, epochs: float, model: str) -> list[dict[str, Any]]:
+def one_run(
+    algorithm: str, peers: int, epochs: float, model: str, dataset: str = "digits", batch_size: int | None = None
+) -> list[dict[str, Any]]:
     """`name+nowait`: the algorithm with `train.max_steps_without_merge: 0` (never wait for a neighbour);
     `name+msN`: with `train.max_steps_without_merge: N` (a pacing bound other than the algorithm's default)."""
     name, _, variant = algorithm.partition("+")
@@ -47,7 +49,9 @@ def one_run(algorithm: str, peers: int, epochs: float, model: str) -> list[dict[
         train["max_steps_without_merge"] = int(variant[2:])
     elif variant:
         raise SystemExit(f"unknown variant {variant!r} in {algorithm!r}; known: nowait, msN")
-    extra = {"algorithm": {"name": name}, "train": train, "model": {"name": model}}
+    if batch_size is not None:
+        train["batch_size"] = batch_size
+    extra = {"algorithm": {"name": name}, "train": train, "model": {"name": model}, "data": {"dataset": dataset}}
     with tempfile.TemporaryDirectory(prefix="peer-overhead-") as d:
         records = run_fleet(Path(d), [extra] * peers)
     out = []
@@ -72,6 +76,15 @@ def main() -> int:
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--model", default="mlp")
+    p.add_argument("--dataset", default="digits", help="digits | mnist1d (default digits)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="train.batch_size (default: the package's 32). The default mlp on digits steps in about 0.3 ms, so "
+        "any exchange is large next to a step; `--model cnn --dataset mnist1d --batch-size 512` is a step that is "
+        "mostly compute, as in scripts/bench_stragglers.py",
+    )
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     p.add_argument("--json", default=str(ROOT / "bench-results" / "overhead.json"))
     args = p.parse_args()
@@ -81,7 +94,7 @@ def main() -> int:
     detail: dict[str, list[list[dict[str, Any]]]] = {a: [] for a in args.algorithms}
     for _ in range(args.repeats):
         for algo in args.algorithms:
-            peers = one_run(algo, args.peers, args.epochs, args.model)
+            peers = one_run(algo, args.peers, args.epochs, args.model, args.dataset, args.batch_size)
             detail[algo].append(peers)
             runs[algo].extend(x["steps_per_s"] for x in peers)
             print(f"{algo}: " + ", ".join(f"{x['steps_per_s']:.1f}" for x in peers) + " steps/s", flush=True)
@@ -104,6 +117,8 @@ def main() -> int:
         "epochs": args.epochs,
         "repeats": args.repeats,
         "model": args.model,
+        "dataset": args.dataset,
+        "batch_size": args.batch_size or 32,
         "goal_ratio": 0.95,
         "rows": rows,
         "runs": detail,
@@ -120,7 +135,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {result['cpus']} CPUs, {result['peers']} `peer run` daemons (one torch thread each) on loopback.  ",
         f"Revision: {result['revision']}",
         "",
-        f"Model `{result['model']}` on the digits data split {result['peers']} ways, {result['epochs']:g} epochs, "
+        f"Model `{result['model']}` on the {result.get('dataset', 'digits')} data split {result['peers']} ways, "
+        f"batches of {result.get('batch_size', 32)}, {result['epochs']:g} epochs, "
         f"{result['repeats']} runs per algorithm (alternating); steps/s is the median over peers and runs.",
         "",
         "| algorithm | steps/s | ratio vs none | MiB sent per peer | per-peer rates |",
