@@ -254,6 +254,12 @@ class TrainConfig(_Section):
         description="longest wait for fresh neighbour state; a neighbour that misses it is not waited for until "
         "heard from again",
     )
+    finish_together: bool = Field(
+        True,
+        description="a peer with fewer steps per run (less data) than a neighbour does not run ahead of it in "
+        "fractions of the run: it mixes without stepping until the neighbour catches up, so every peer's steps "
+        "spread over the whole run (uneven partitions)",
+    )
     round_interval_s: float = Field(0.0, ge=0, description="optional minimum seconds per round (off by default)")
     wait_for_neighbors_s: float = Field(
         30.0,

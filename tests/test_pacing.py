@@ -188,3 +188,122 @@ def test_a_neighbour_that_finished_training_is_mixed_but_never_awaited() -> None
     # Restarted with a larger budget, b trains again and is awaited again.
     p.took_in("b", None, 4, 0.2, sender_step=11)
     assert p.awaited(AB) == ["a", "b"]
+
+
+def budget_pacer(budget: int, max_steps: int = 1, **kw: float) -> Pacer:
+    kw.setdefault("start_wait_s", kw.get("max_wait_s", PacingSettings(max_steps=1).max_wait_s))
+    return Pacer(PacingSettings(max_steps=max_steps, budget=budget, **kw))
+
+
+def test_a_peer_with_less_data_spreads_its_steps_over_its_larger_neighbours_run() -> None:
+    """finish_together: budget 10 against a neighbour's 300 -> one of our steps per 30 of its, never ahead."""
+    p = budget_pacer(10, max_wait_s=1.0)
+    taken, t = [], 0.0
+    for their_step in range(1, 300):
+        t += 0.01
+        p.took_in("big", None, len(taken), t, sender_step=their_step, sender_budget=300, sender_progress=their_step)
+        d = p.decide(len(taken), t, ("big",))
+        if d.go:
+            taken.append(their_step)
+        else:
+            assert d.idle and 0 < d.wait_s <= 1.0 + 1e-9
+    assert taken == [29 + 30 * k for k in range(10)][: len(taken)] and len(taken) == 10
+    assert p.idle_turns == 10 and p.idle_s_total > 0
+    assert p.waits == 0  # idle turns are not waits for fresh state
+
+
+def test_the_larger_peer_leads_by_at_most_one_step_of_the_smaller_one() -> None:
+    p = budget_pacer(300)
+    p.took_in("small", None, 0, 0.0, sender_step=0, sender_budget=10, sender_progress=0)
+    assert p.allowance("small") == 30  # 300/10: budgets are exact, no headroom
+    assert all(p.decide(step, 0.001 * step, ("small",)).go for step in range(30))
+    assert not p.decide(30, 0.04, ("small",)).go  # still bounded: a fresh state every ~30 of our steps
+
+
+def test_equal_or_nearly_equal_budgets_never_idle() -> None:
+    for theirs in (100, 105, 90, 10):
+        p = budget_pacer(100, max_steps=2)
+        p.took_in("a", None, 0, 0.0, sender_step=0, sender_budget=theirs, sender_progress=0)
+        assert p.decide(1, 0.0, ("a",)).go, theirs
+        assert p.idle_turns == 0
+
+
+def test_a_larger_neighbour_that_falls_silent_holds_us_the_longest_wait_then_is_late() -> None:
+    p = budget_pacer(10, max_wait_s=1.0)
+    p.took_in("big", None, 0, 5.0, sender_step=3, sender_budget=300, sender_progress=3)
+    d = p.decide(0, 5.5, ("big",))
+    assert d.idle and d.wait_s == pytest.approx(0.5)
+    assert p.decide(0, 6.0, ("big",)).go and p.missed_deadlines == 1
+    assert p.awaited(("big",)) == []  # late until heard from again
+    p.took_in("big", None, 1, 6.5, sender_step=4, sender_budget=300, sender_progress=4)
+    assert p.decide(1, 6.5, ("big",)).idle
+
+
+def test_no_own_budget_or_a_hostile_budget_turns_the_rule_off() -> None:
+    off = Pacer(PacingSettings(max_steps=1, start_wait_s=2.0))  # the library API: no budget of ours
+    off.took_in("big", None, 0, 0.0, sender_step=0, sender_budget=300, sender_progress=0)
+    assert off.decide(0, 0.0, ("big",)).go
+    for bad in (float("nan"), float("inf"), -5.0, 0.0, 2.0**50):
+        p = budget_pacer(10)
+        p.took_in("big", None, 0, 0.0, sender_step=0, sender_budget=bad, sender_progress=0)
+        assert p.decide(0, 0.0, ("big",)).go, bad
+        assert p.allowance("big") == 1
+
+
+def test_idle_turns_do_not_count_as_compute_time() -> None:
+    p = budget_pacer(10)
+    t = 0.0
+    for step in range(1, 200):  # one step per 10 ms of compute, then 90 ms idle behind a 10x larger neighbour
+        p.took_in("big", None, step - 1, t, sender_step=10 * step - 5, sender_budget=100, sender_progress=10 * step - 5)
+        assert p.decide(step - 1, t, ("big",)).idle or step == 1
+        t += 0.09
+        p.took_in("big", None, step - 1, t, sender_step=10 * step, sender_budget=100, sender_progress=10 * step)
+        assert p.decide(step - 1, t, ("big",)).go
+        t += 0.01
+    assert p.own_rate == pytest.approx(100, rel=0.05)
+
+
+def test_finish_together_also_paces_round_synchronous_algorithms_without_a_bound() -> None:
+    p = budget_pacer(10, max_steps=0)
+    p.took_in("big", None, 0, 0.0, sender_step=5, sender_budget=300, sender_progress=5)
+    assert p.decide(0, 0.0, ("big",)).idle
+    p.took_in("big", None, 0, 0.1, sender_step=29, sender_budget=300, sender_progress=29)
+    assert p.decide(0, 0.1, ("big",)).go
+    assert p.decide(1, 0.1, ("big",)).idle
+
+
+def test_progress_comes_from_its_own_scalar_not_the_payload_step() -> None:
+    """D-PSGD and CHOCO send their round (or nothing) as the payload's step; finish_together needs local steps."""
+    p = budget_pacer(10, max_steps=0)
+    p.took_in("big", None, 0, 0.0, sender_step=0, sender_budget=300, sender_progress=3)
+    assert p.decide(0, 0.0, ("big",)).idle
+    p.took_in("big", None, 0, 0.2, sender_step=0, sender_budget=300, sender_progress=40)
+    assert p.decide(0, 0.2, ("big",)).go  # a moving progress count keeps the neighbour's deadline fresh too
+    for bad in (float("nan"), -1.0, 2.0**60):
+        q = budget_pacer(10)
+        q.took_in("big", None, 0, 0.0, sender_step=0, sender_budget=300, sender_progress=bad)
+        assert q.decide(0, 0.0, ("big",)).go, bad
+
+
+def test_a_neighbour_ahead_of_us_in_its_run_is_not_waited_for_so_the_two_never_deadlock() -> None:
+    """The larger peer takes idle turns once it is ahead in fractions; the smaller one must then step without a
+    fresh state from it (the larger one waits for ours), or both would wait out a deadline."""
+    small, big = budget_pacer(138), budget_pacer(270)
+    small.took_in("big", None, 40, 0.0, sender_step=82, sender_budget=270, sender_progress=82)
+    big.took_in("small", None, 82, 0.0, sender_step=40, sender_budget=138, sender_progress=40)
+    assert big.decide(82, 0.0, ("small",)).idle  # 83/270 > 41/138: big would run ahead
+    assert small.decide(41, 0.0, ("big",)).go  # no fresh state from big since step 40, but big is ahead of us
+    d = small.decide(42, 0.0, ("big",))  # 42/138 > 82/270: we caught up, so its fresh state is due again
+    assert not d.go and not d.idle
+
+
+def test_coarse_and_fine_steps_do_not_hold_each_other() -> None:
+    """The deadlock 8 demo peers on Dirichlet data hit: budget 180 at step 1 idled for budget 660 at step 5 (its
+    next step, 2/180, passes 6/660), while the 660 peer waited for a fresh state from the 180 one (1/180 is behind
+    5/660). Both rules compare positions after the next steps, so the 660 peer steps."""
+    coarse, fine = budget_pacer(180), budget_pacer(660)
+    coarse.took_in("fine", None, 1, 0.0, sender_step=5, sender_budget=660, sender_progress=5)
+    fine.took_in("coarse", None, 1, 0.0, sender_step=1, sender_budget=180, sender_progress=1)
+    assert fine.allowance("coarse") == 4  # so its fresh state is due at step 5
+    assert coarse.decide(1, 0.0, ("fine",)).idle
+    assert fine.decide(5, 0.0, ("coarse",)).go

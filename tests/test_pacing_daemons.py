@@ -106,3 +106,43 @@ async def test_a_lost_message_does_not_stall_two_waiting_peers(tmp_path: Path) -
         assert waited < 15.0, f"the peers waited {waited:.1f} s in all for each other"
     finally:
         await stop_nodes([a, b], tasks, return_exceptions=True)
+
+
+@pytest.mark.timeout(90)
+async def test_a_peer_with_half_the_data_finishes_with_its_neighbour_not_halfway(tmp_path: Path) -> None:
+    """train.finish_together with two real daemons: b holds half of a's data, so half its steps per run. Without
+    the rule b finishes when a is halfway, and a trains alone on its own data for the second half; with it b's
+    steps spread over a's whole run (b mixes without stepping while it is ahead), and they finish together."""
+    base = unique("together")
+    train = {"epochs": 6, "steps_per_round": 1, "round_interval_s": 0.0, "wait_for_neighbors_s": 30.0}
+    a = Node(fast_config(tmp_path, f"{base}-a", catchup={"enabled": False}, train=train), stdout=io.StringIO())
+    tasks = await start_nodes([a])
+    b = Node(
+        fast_config(
+            tmp_path,
+            f"{base}-b",
+            catchup={"enabled": False},
+            train=train,
+            data={"num_partitions": 2, "partition_index": 1},
+            discovery={"static_peers": [a.address]},
+        ),
+        stdout=io.StringIO(),
+    )
+    tasks += await start_nodes([b])
+    try:
+        assert b.worker.total_steps * 1.5 < a.worker.total_steps
+        done = (a.counters, b.counters)
+        await until([a, b], lambda: any(c.training_done for c in done), 60, "a peer to finish training")
+        fractions = [n.trainer.step_count / n.worker.total_steps for n in (a, b)]
+        assert min(fractions) > 0.8, f"one peer finished when the other was at {min(fractions):.0%} of its run"
+        print(
+            fractions,
+            a.worker.pacer.metrics(),
+            a.worker.pacer.idle_turns,
+            b.worker.pacer.metrics(),
+            b.worker.pacer.idle_turns,
+            a.counters.training_s,
+        )
+        assert b.worker.pacer.idle_turns > 0 and b.worker.pacer.metrics()["pace_idle_s"] > 0
+    finally:
+        await stop_nodes([a, b], tasks, return_exceptions=True)

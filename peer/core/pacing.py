@@ -16,6 +16,12 @@ the others at most a bounded wait:
   A graded allowance, not a cliff: peers sharing cores measure rates that differ two- to four-fold from moment
   to moment, and a hard "too slow, stop waiting" threshold let equal peers run ten epochs apart. Only a
   neighbour below `slow_fraction` of our rate (a device ten times slower) is not awaited at all;
+* **peers with less data step less often** (`finish_together`): each message also carries the sender's step budget
+  (`BUDGET_SCALAR`, its epochs times its steps per epoch). A peer whose budget differs from an awaited
+  neighbour's does not run ahead of it in *fractions of the budget*: past that it takes idle turns (mixes what
+  arrives, publishes, takes no step) until the neighbour has moved on. On uneven partitions (Dirichlet 0.1:
+  sizes differ up to 30-fold) every peer's steps are then spread over the whole run, as every sample is in
+  centralized training, instead of the small peers finishing early and the large ones training alone at the end;
 * **a wait has a deadline**, `wait_factor` times the usual gap between fresh messages (a moving average),
   clipped to [`min_wait_s`, `max_wait_s`]. A neighbour that misses it (a cut link, a stopped peer) is marked
   late and not waited for until it is heard from again, so a dead link costs one deadline, not one per step.
@@ -35,6 +41,14 @@ RATE_SCALAR = "_pace_steps_per_s"
 # 1.0 when the sender finished its training budget: its consensus-only rounds never step again, so waiting for
 # its "fresh" state would cost a full deadline at each of its idle publishes (and any state clears "late").
 DONE_SCALAR = "_pace_done"
+# The sender's step budget (epochs times steps per epoch) and its local steps so far, for `finish_together`. Its
+# own scalar, not the payload's step: round-synchronous algorithms send their round there, or nothing.
+BUDGET_SCALAR = "_pace_budget"
+PROGRESS_SCALAR = "_pace_progress"
+# Budgets this close count as equal: partitions that differ by a sample or two do not hold anyone back.
+BUDGET_MARGIN = 1.1
+# A budget claimed by a message is believed up to this size (a hostile value must not disable the rule by overflow).
+MAX_BUDGET = 2**40
 # Weight of the newest sample in the moving averages (gaps between messages, compute rate windows).
 EWMA_WEIGHT = 0.2
 # The compute rate is measured over windows of at least this much busy time: a single step's duration is
@@ -55,15 +69,25 @@ class PacingSettings:
     # the moving-average deadline, learned from a burst of first states, marked such neighbours late within 0.1 s,
     # and one peer of a compose cluster trained alone to the end while the others started (62.9%).
     start_wait_s: float = 30.0
+    # Our step budget, for `finish_together` (None: the rule is off, as in the library API, whose caller owns it).
+    budget: int | None = None
 
 
 @dataclass(frozen=True)
 class PaceDecision:
     go: bool
     wait_s: float = 0.0  # when not go: how long to wait for fresh state at most before asking again
+    idle: bool = False  # not go because we are ahead of a neighbour with a larger budget: mix, publish, no step
 
 
 GO = PaceDecision(True)
+
+
+def _count(value: float | None) -> int | None:
+    """A claimed step count or budget, if we believe it (a hostile value must not disable the rule by overflow)."""
+    if value is None or not math.isfinite(value) or not 0 <= value <= MAX_BUDGET:
+        return None
+    return int(value)
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -78,6 +102,9 @@ class _Neighbour:
     their_step: int | None = None  # the neighbour's own step count in the state last counted as fresh
     stepped: bool = False  # seen stepping (two different step counts), so its usual gap applies
     done: bool = False  # said it finished training: mixed, never awaited
+    budget: int | None = None  # its step budget, if it says
+    progress: int | None = None  # its local steps so far, if it says
+    heard_at: float | None = None  # when its last state (any) was taken in
 
 
 @dataclass
@@ -90,6 +117,10 @@ class Pacer:
     waits: int = 0
     wait_s_total: float = 0.0
     missed_deadlines: int = 0
+    idle_turns: int = 0  # times finish_together held us back
+    idle_s_total: float = 0.0
+    _idle_since: float | None = None
+    _held_pending: float = 0.0  # seconds waited or idle since the last step allowed
     _last_fresh_at: float | None = None
     _waiting_since: float | None = None
     _last_go: tuple[int, float] | None = None  # (step, time) of the last step allowed
@@ -97,7 +128,13 @@ class Pacer:
 
     @property
     def enabled(self) -> bool:
+        """The bound on steps without fresh state is on."""
         return self.s.max_steps > 0
+
+    @property
+    def active(self) -> bool:
+        """Anything paces us (the bound, or finish_together): neighbours need our rate, budget and progress."""
+        return self.enabled or self.s.budget is not None
 
     def deadline_s(self) -> float:
         """How long a wait for fresh state may last."""
@@ -113,6 +150,8 @@ class Pacer:
         now: float,
         sender_step: int | None = None,
         sender_done: bool = False,
+        sender_budget: float | None = None,
+        sender_progress: float | None = None,
     ) -> None:
         """State from `sender` (computing at `sender_rate` steps/s, if it says; at its own step `sender_step`) was
         accepted; it is merged before our local step `step`.
@@ -130,6 +169,10 @@ class Pacer:
         # stayed unawaited, and we ran 200 steps ahead of it.)
         n.late = False
         n.done = sender_done
+        budget, progress = _count(sender_budget), _count(sender_progress)
+        if budget is not None and budget >= 1 and progress is not None:
+            n.budget = budget
+            n.progress, n.heard_at = progress, now
         if sender_step is not None:
             if sender_step == n.their_step:
                 return  # mixed but not stepped: not progress
@@ -158,12 +201,15 @@ class Pacer:
     def decide(self, step: int, now: float, neighbours: Collection[str]) -> PaceDecision:
         """May the peer take local step `step` now? `neighbours`: the current view."""
         if not self.enabled:
-            return GO
-        blocking = [j for j in self.awaited(neighbours) if step - self._merged_at(j) >= self.allowance(j)]
+            return self._finish_together(step, now, self.awaited(neighbours)) if self.s.budget is not None else GO
+        awaited = self.awaited(neighbours)
+        blocking = [
+            j for j in awaited if step - self._merged_at(j) >= self.allowance(j) and not self._ahead_of_us(j, step)
+        ]
         if not blocking:
-            self._go(step, now)
-            return GO
+            return self._finish_together(step, now, awaited)
         if self._waiting_since is None:
+            self._close_idle(now)
             self._waiting_since = now
             self.waits += 1
         deadline = self.deadline_s()
@@ -175,16 +221,78 @@ class Pacer:
         self.missed_deadlines += 1
         for j in blocking:  # not awaited again until heard from
             self.neighbours.setdefault(j, _Neighbour(merged_at=self._merged_at(j))).late = True
-        self._go(step, now)
-        return GO
+        return self._finish_together(step, now, [j for j in awaited if j not in blocking])
+
+    def _finish_together(self, step: int, now: float, awaited: list[str]) -> PaceDecision:
+        """GO, unless taking step `step` would put us ahead of an awaited neighbour whose budget differs from ours
+        by more than `max_steps` of its steps, in fractions of each budget. Both ways: the peer with less data
+        would otherwise finish first, and the one with more would run several steps per step of the other while
+        both wait on messages (measured: a peer with twice the data finished when its neighbour was at 78%). A
+        neighbour that falls silent (a cut link, a stopped peer) holds us `max_wait_s` after its last state, then
+        is late like any other."""
+        held_until = None
+        own = self.s.budget
+        if own is None:
+            self._go(step, now)
+            return GO
+        for j in awaited:
+            n = self.neighbours.get(j)
+            if n is None or not self._uneven(n):
+                continue  # equal budgets: the bound on steps without fresh state is enough
+            assert n.budget is not None and n.progress is not None and n.heard_at is not None
+            slack = max(1, self.s.max_steps)  # round-synchronous algorithms (bound 0) still move one step at a time
+            if (step + 1) * n.budget <= (n.progress + slack) * own:
+                continue
+            # Alive is enough: a neighbour that is itself held (waiting, idle) publishes without stepping, and
+            # marking it late after the usual gap between steps let 8 peers on uneven data fall 16 epochs apart.
+            until = n.heard_at + self.s.max_wait_s
+            if until <= now:
+                self.missed_deadlines += 1
+                n.late = True
+                continue
+            held_until = until if held_until is None else min(held_until, until)
+        if held_until is None:
+            self._go(step, now)
+            return GO
+        if self._idle_since is None:
+            self._close_wait(now)
+            self._idle_since = now
+            self.idle_turns += 1
+        return PaceDecision(False, held_until - now, idle=True)
+
+    def _uneven(self, n: _Neighbour) -> bool:
+        """finish_together applies between us and `n`: both budgets known and not about equal."""
+        own = self.s.budget
+        if own is None or n.budget is None or n.progress is None or n.heard_at is None:
+            return False
+        return max(own, n.budget) >= min(own, n.budget) * BUDGET_MARGIN
+
+    def _ahead_of_us(self, j: str, step: int) -> bool:
+        """Neighbour `j`'s next step would take it further through its run than our next step takes us through
+        ours (finish_together): it waits for our step (idle, or for our fresh state), so waiting for its next one
+        would deadlock. Compared after the next steps, exactly as `_finish_together` does: compared before them, a
+        peer with coarse steps (budget 180) idled for one with fine ones (660) that waited for its fresh state.
+        With equal budgets too: a neighbour held behind a third peer stalled 8 peers at one step per deadline."""
+        n = self.neighbours.get(j)
+        own = self.s.budget
+        if n is None or own is None or n.budget is None or n.progress is None:
+            return False
+        return (n.progress + 1) * own > (step + 1) * n.budget
 
     def allowance(self, j: str) -> int:
         """Our local steps allowed between fresh states of neighbour `j`: `max_steps`, stretched by how many times
         slower than us it computes, so that the bound is `max_steps` of its steps."""
         n = self.neighbours.get(j)
-        if n is None or n.rate is None or self.own_rate is None or n.rate >= self.own_rate:
+        if n is None:
             return self.s.max_steps
-        return math.ceil(self.s.max_steps * self.own_rate / n.rate * RATE_HEADROOM)
+        slower = 1.0
+        if n.rate is not None and self.own_rate is not None and n.rate < self.own_rate:
+            slower = self.own_rate / n.rate * RATE_HEADROOM
+        if self.s.budget is not None and n.budget is not None and n.budget * BUDGET_MARGIN <= self.s.budget:
+            # It steps less often by finish_together; budgets are exact, so no headroom (with it, a peer with
+            # twice the data ran three steps per step of its neighbour and finished first).
+            slower = max(slower, self.s.budget / n.budget)
+        return self.s.max_steps if slower == 1.0 else math.ceil(self.s.max_steps * slower)
 
     def _stepped(self, j: str) -> bool:
         n = self.neighbours.get(j)
@@ -195,11 +303,9 @@ class Pacer:
         return n.merged_at if n is not None else self.start_step
 
     def _go(self, step: int, now: float) -> None:
-        waited = 0.0
-        if self._waiting_since is not None:
-            waited = max(0.0, now - self._waiting_since)
-            self.wait_s_total += waited
-            self._waiting_since = None
+        self._close_wait(now)
+        self._close_idle(now)
+        waited, self._held_pending = self._held_pending, 0.0  # waits and idle turns are not compute time
         if self._last_go is None:
             self._last_go = (step, now)
         elif step > self._last_go[0]:
@@ -210,6 +316,20 @@ class Pacer:
                 steps, busy_s = 0, 0.0
             self._window = (steps, busy_s)
             self._last_go = (step, now)
+
+    def _close_wait(self, now: float) -> None:
+        if self._waiting_since is not None:
+            waited = max(0.0, now - self._waiting_since)
+            self.wait_s_total += waited
+            self._held_pending += waited
+            self._waiting_since = None
+
+    def _close_idle(self, now: float) -> None:
+        if self._idle_since is not None:
+            idle = max(0.0, now - self._idle_since)
+            self.idle_s_total += idle
+            self._held_pending += idle
+            self._idle_since = None
 
     def forget(self, node_id: str) -> None:
         self.neighbours.pop(node_id, None)
@@ -226,6 +346,7 @@ class Pacer:
             "pace_waits": self.waits,
             "pace_wait_s": self.wait_s_total,
             "pace_missed_deadlines": self.missed_deadlines,
+            "pace_idle_s": self.idle_s_total,
             "pace_gap_s": self.gap_s if self.gap_s is not None else math.nan,
             "pace_steps_per_s": self.own_rate if self.own_rate is not None else math.nan,
         }

@@ -63,8 +63,10 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
     )
 
 
-def pacing_settings(cfg: TrainConfig, algorithm: Algorithm) -> PacingSettings:
-    """The pacer's bound and waits: `train.max_steps_without_merge`, else the algorithm's own default."""
+def pacing_settings(cfg: TrainConfig, algorithm: Algorithm, budget: int | None = None) -> PacingSettings:
+    """The pacer's bound and waits: `train.max_steps_without_merge`, else the algorithm's own default; `budget`:
+    our steps per run, for `train.finish_together` (ignored when that is off, and by models the algorithm trains
+    itself)."""
     bound = cfg.max_steps_without_merge
     if bound is None:
         bound = algorithm.default_max_steps_without_merge
@@ -73,4 +75,5 @@ def pacing_settings(cfg: TrainConfig, algorithm: Algorithm) -> PacingSettings:
         max_wait_s=cfg.pace_max_wait_s,
         min_wait_s=min(0.05, cfg.pace_max_wait_s),
         start_wait_s=max(cfg.pace_max_wait_s, cfg.wait_for_neighbors_s),
+        budget=budget if cfg.finish_together and not algorithm.trains_own_model else None,
     )

@@ -16,14 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload, Send
 from peer.config import TrainConfig
-from peer.core.pacing import DONE_SCALAR, GO, RATE_SCALAR, PaceDecision, Pacer
+from peer.core.pacing import BUDGET_SCALAR, DONE_SCALAR, GO, PROGRESS_SCALAR, RATE_SCALAR, PaceDecision, Pacer
 from peer.daemon.metrics import Counters
 from peer.daemon.settings import pacing_settings
+from peer.daemon.snapshots import Snapshots
 from peer.learn.oracle import CallerStepOracle, TrainerOracle
 from peer.learn.training import LocalTrainer, scheduled_lr
 
@@ -76,8 +76,7 @@ class TrainingWorker:
         self.on_trained = on_trained
         self.on_progress = on_progress
         self._last_progress_report = -math.inf
-        self.snapshot_dir = snapshot_dir
-        self.snapshot_interval_s = snapshot_interval_s
+        self.snapshots = Snapshots(snapshot_dir, snapshot_interval_s)
         self.slowdown = slowdown  # injected straggler factor: every step and every round take this much longer
         self.inbox: deque[InMessage] = deque()
         self.acks: deque[tuple[str, tuple[int, ...]]] = deque()  # reliable sends delivered (step mode)
@@ -92,10 +91,9 @@ class TrainingWorker:
         self.adopt: deque[tuple[torch.Tensor, float]] = deque()
         self.latest_params = trainer.get_flat()  # what a catching-up neighbour fetches
         self.total_steps = max(1, math.ceil(train_cfg.epochs * trainer.steps_per_epoch))
-        self._last_snapshot = -math.inf
         self.params_at_done: torch.Tensor | None = None  # step mode: the model when local training finished
         self._first_step_at: float | None = None
-        self.pacer = Pacer(pacing_settings(train_cfg, algorithm))
+        self.pacer = Pacer(pacing_settings(train_cfg, algorithm, budget=self.total_steps))
         self._last_publish = -math.inf
         self.external = False  # set by the shell for the library API (peer.Gossip)
         self._deferred_mix = False  # states taken in during a pacing wait, not yet mixed
@@ -140,7 +138,10 @@ class TrainingWorker:
                 self.round()
                 continue
             decision = self._pace(started)
-            if not decision.go:  # take in what arrived (or send ours again, or note the missed deadline), ask again
+            # Held by the bound or by finish_together (idle): take in what arrived (or send ours again, or note the
+            # missed deadline), ask again. Idle turns do not mix and publish each arrival: with 8 peers on uneven
+            # data that echoed every state around the graph (14 GB in 40 s) and starved the steps.
+            if not decision.go:
                 self._wait_for_messages(min(decision.wait_s, PACE_RESEND_S))
                 self.round(local_steps=False)
                 continue
@@ -152,7 +153,9 @@ class TrainingWorker:
     def _pace(self, now: float) -> PaceDecision:
         if self.done:
             return GO
-        return self.pacer.decide(self.trainer.step_count, now, self.view.degrees.keys())
+        decision = self.pacer.decide(self.trainer.step_count, now, self.view.degrees.keys())
+        # The library API's caller owns its steps and its run's length: finish_together never holds it.
+        return GO if decision.idle and self.external else decision
 
     def _wait_for_messages(self, timeout_s: float) -> None:
         """Sleep until a message (or an acknowledgement) arrives, the timeout passes, or the daemon stops."""
@@ -160,12 +163,12 @@ class TrainingWorker:
         if not self.inbox and not self.acks and not self.stop.is_set():
             self.wake.wait(timeout_s)
 
-    def _worth_publishing(self, before: torch.Tensor, after: torch.Tensor, now: float, stepped: bool) -> bool:
+    def _worth_publishing(self, before: torch.Tensor, after: torch.Tensor, now: float, *, stepped: bool) -> bool:
         if now - self._last_publish >= CONSENSUS_IDLE_S:
             return True
         if not self.done:
             # A waiting paced peer publishes only after its next step: echoes carry no progress, only CPU cost.
-            return stepped or not self.pacer.enabled
+            return stepped or not self.pacer.active
         if after is before:
             return False
         scale = float(before.norm()) or 1.0
@@ -176,7 +179,7 @@ class TrainingWorker:
         message, a link that was down), two peers would otherwise wait out their deadlines for each other (30% drops
         and a flapping link: two peers stalled 25 s). A receiver that has it counts it as no progress; the pusher
         sends one state at a time per link, so this never outruns the link."""
-        if self.pacer.enabled and now - self._last_publish >= PACE_RESEND_S:
+        if self.pacer.active and now - self._last_publish >= PACE_RESEND_S:
             payload = self.algorithm.outgoing(self.latest_params, self.trainer.step_count)
             if payload is not None:
                 self._last_publish = now
@@ -188,7 +191,9 @@ class TrainingWorker:
         pace = {DONE_SCALAR: 1.0} if self.done else {}
         if self.pacer.own_rate is not None:
             pace[RATE_SCALAR] = self.pacer.own_rate
-        if not self.pacer.enabled or not pace:
+        if self.pacer.s.budget is not None and not self.external:
+            pace[BUDGET_SCALAR], pace[PROGRESS_SCALAR] = float(self.total_steps), float(self.trainer.step_count)
+        if not self.pacer.active or not pace:
             return payload
         return dataclasses.replace(payload, scalars={**payload.scalars, **pace})
 
@@ -201,6 +206,8 @@ class TrainingWorker:
             msg.received_at,
             msg.payload.step if self.algorithm.messages_carry_step else None,
             msg.payload.scalars.get(DONE_SCALAR) == 1.0,
+            msg.payload.scalars.get(BUDGET_SCALAR),
+            msg.payload.scalars.get(PROGRESS_SCALAR),
         )
 
     def external_step(self) -> bool:
@@ -261,7 +268,7 @@ class TrainingWorker:
                 self._took_in(msg, now)
             else:
                 dropped += 1
-        if not local_steps and not external_step and (not took_in or (not self.done and self.pacer.enabled)):
+        if not local_steps and not external_step and (not took_in or (not self.done and self.pacer.active)):
             # A pacing wait: keep what arrived and mix it all at once before the next step. Mixing each state as
             # it lands weighs the neighbours unevenly (4/9, 2/9, 1/3 on a ring): a biased consensus.
             self._deferred_mix = self._deferred_mix or took_in > 0
@@ -288,8 +295,7 @@ class TrainingWorker:
             self.counters.dropped_stale += dropped
             self.counters.seq = payload.seq if payload is not None else self.counters.seq
         self._report_progress()
-        if self.snapshot_dir is not None and self.snapshot_interval_s > 0:
-            self._maybe_snapshot(mixed)
+        self.snapshots.maybe(mixed, trainer.step_count)
         if self.checkpoint_requested.is_set():
             self.checkpoint_requested.clear()
             self.on_checkpoint(self.state())
@@ -382,10 +388,12 @@ class TrainingWorker:
             # Pacing never holds up a neighbour that already waits for our next round (P1).
             paced = now - last_advance < interval and not algo.neighbours_waiting()
             decision = self._pace(now) if not finished else GO
-            may_advance = not (finished and algo.trains_own_model) and not paced and decision.go
+            # Held by finish_together: the round goes on (a P1 neighbour waits for it) without a gradient step.
+            may_advance = not (finished and algo.trains_own_model) and not paced and (decision.go or decision.idle)
             advanced = False
             if may_advance and algo.ready(now, self.view):
                 started = time.monotonic()
+                oracle.hold = decision.idle
                 x = algo.advance(x, oracle, now, self.view)
                 if self.slowdown > 1.0:
                     self.stop.wait((self.slowdown - 1.0) * (time.monotonic() - started))
@@ -398,7 +406,9 @@ class TrainingWorker:
             if self.checkpoint_requested.is_set():
                 self.checkpoint_requested.clear()
                 self.on_checkpoint(self.state())
-            if not advanced:
+            if advanced and decision.idle:  # the next idle round when something arrives, not at CPU speed
+                self.wake.wait(min(decision.wait_s, CONSENSUS_ROUND_S))
+            elif not advanced:
                 wait = STEP_MODE_POLL_S
                 if not decision.go:
                     wait = min(wait, decision.wait_s)
@@ -433,7 +443,7 @@ class TrainingWorker:
     def _flush_sends(self) -> None:
         sends = self.algorithm.sends(time.monotonic())
         if sends:
-            if self.pacer.enabled and self.pacer.own_rate is not None:
+            if self.pacer.active:
                 stamped: dict[int, Payload] = {}  # one stamped copy per payload, so its encoding is still shared
                 sends = [
                     dataclasses.replace(x, payload=stamped.setdefault(id(x.payload), self._with_rate(x.payload)))
@@ -463,8 +473,7 @@ class TrainingWorker:
             self.counters.rounds = self.algorithm.iteration
             self.counters.mixes += 1 if self.algorithm.last_report.used else 0
         self._report_progress()
-        if self.snapshot_dir is not None and self.snapshot_interval_s > 0:
-            self._maybe_snapshot(x)
+        self.snapshots.maybe(x, trainer.step_count)
 
     def _report_progress(self) -> None:
         """Tell the shell that counters moved, at most every PROGRESS_REPORT_S (a round can take microseconds)."""
@@ -472,19 +481,6 @@ class TrainingWorker:
         if now - self._last_progress_report >= PROGRESS_REPORT_S:
             self._last_progress_report = now
             self.on_progress()
-
-    def _maybe_snapshot(self, x: torch.Tensor) -> None:
-        now = time.time()
-        if now - self._last_snapshot < self.snapshot_interval_s:
-            return
-        self._last_snapshot = now
-        assert self.snapshot_dir is not None
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
-        name = f"{int(now * 1000):015d}_{self.trainer.step_count:09d}.npy"
-        tmp = self.snapshot_dir / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
-            np.save(fh, x.numpy())
-        tmp.replace(self.snapshot_dir / name)
 
     def state(self) -> dict[str, Any]:
         """Checkpoint content. Call from the thread itself, or after it stopped."""

@@ -15,8 +15,11 @@ class TrainerOracle:
 
     Once the local epochs are done the oracle goes quiet (zero gradient, lr 0) instead of stopping: P1
     algorithms must keep taking part in rounds so their neighbours are not left waiting, and those rounds
-    then only mix.
+    then only mix. `hold` does the same for one round (`train.finish_together`: a peer with less data skips
+    steps to spread its budget over its neighbours' run).
     """
+
+    hold = False
 
     def __init__(self, trainer: LocalTrainer, cfg: TrainConfig, total_steps: int) -> None:
         self.trainer = trainer
@@ -28,8 +31,12 @@ class TrainerOracle:
     def done(self) -> bool:
         return self.trainer.step_count >= self.total_steps
 
+    @property
+    def quiet(self) -> bool:
+        return self.hold or self.done
+
     def gradient(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-        if self.done:
+        if self.quiet:
             return math.nan, torch.zeros_like(x)
         self.trainer.set_flat(x)
         loss, g = self.trainer.gradient()
@@ -37,7 +44,7 @@ class TrainerOracle:
         return loss, g.to(x.dtype)
 
     def lr(self) -> float:
-        if self.done:
+        if self.quiet:
             return 0.0
         return scheduled_lr(self.cfg.lr, self.cfg.lr_schedule, self.trainer.step_count, self.total_steps)
 
