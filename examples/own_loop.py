@@ -48,6 +48,7 @@ def train_one(
         if not index:
             first.append(gossip.address)
             started.set()
+        gossip.wait_for_neighbours(1, timeout_s=30)  # start together, not one peer alone on its own data
         for _ in range(epochs):
             for x, y in DataLoader(train, batch_size=32, shuffle=True):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
