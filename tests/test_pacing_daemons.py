@@ -109,13 +109,18 @@ async def test_a_lost_message_does_not_stall_two_waiting_peers(tmp_path: Path) -
 
 
 @pytest.mark.timeout(90)
-async def test_a_peer_with_half_the_data_finishes_with_its_neighbour_not_halfway(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["cdl", "dpsgd"])  # mix mode; round-synchronous (idle rounds, zero gradient)
+async def test_a_peer_with_half_the_data_finishes_with_its_neighbour(tmp_path: Path, algorithm: str) -> None:
     """train.finish_together with two real daemons: b holds half of a's data, so half its steps per run. Without
     the rule b finishes when a is halfway, and a trains alone on its own data for the second half; with it b's
     steps spread over a's whole run (b mixes without stepping while it is ahead), and they finish together."""
-    base = unique("together")
+    base = unique(f"together-{algorithm}")
+    algo = {"name": algorithm}
     train = {"epochs": 6, "steps_per_round": 1, "round_interval_s": 0.0, "wait_for_neighbors_s": 30.0}
-    a = Node(fast_config(tmp_path, f"{base}-a", catchup={"enabled": False}, train=train), stdout=io.StringIO())
+    a = Node(
+        fast_config(tmp_path, f"{base}-a", catchup={"enabled": False}, train=train, algorithm=algo),
+        stdout=io.StringIO(),
+    )
     tasks = await start_nodes([a])
     b = Node(
         fast_config(
@@ -123,6 +128,7 @@ async def test_a_peer_with_half_the_data_finishes_with_its_neighbour_not_halfway
             f"{base}-b",
             catchup={"enabled": False},
             train=train,
+            algorithm=algo,
             data={"num_partitions": 2, "partition_index": 1},
             discovery={"static_peers": [a.address]},
         ),

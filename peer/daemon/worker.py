@@ -388,12 +388,14 @@ class TrainingWorker:
             # Pacing never holds up a neighbour that already waits for our next round (P1).
             paced = now - last_advance < interval and not algo.neighbours_waiting()
             decision = self._pace(now) if not finished else GO
-            # Held by finish_together: the round goes on (a P1 neighbour waits for it) without a gradient step.
-            may_advance = not (finished and algo.trains_own_model) and not paced and (decision.go or decision.idle)
+            # Held by finish_together: a round a neighbour waits for (P1) goes on without a gradient step; else
+            # wait, as pacing does (idle push-sum rounds sent at loop speed took one sgp peer to 3 GB).
+            idle_round = decision.idle and algo.neighbours_waiting()
+            may_advance = not (finished and algo.trains_own_model) and not paced and (decision.go or idle_round)
             advanced = False
             if may_advance and algo.ready(now, self.view):
                 started = time.monotonic()
-                oracle.hold = decision.idle
+                oracle.hold = not decision.go
                 x = algo.advance(x, oracle, now, self.view)
                 if self.slowdown > 1.0:
                     self.stop.wait((self.slowdown - 1.0) * (time.monotonic() - started))
@@ -406,7 +408,7 @@ class TrainingWorker:
             if self.checkpoint_requested.is_set():
                 self.checkpoint_requested.clear()
                 self.on_checkpoint(self.state())
-            if advanced and decision.idle:  # the next idle round when something arrives, not at CPU speed
+            if advanced and not decision.go:  # the next idle round when something arrives, not at CPU speed
                 self.wake.wait(min(decision.wait_s, CONSENSUS_ROUND_S))
             elif not advanced:
                 wait = STEP_MODE_POLL_S
