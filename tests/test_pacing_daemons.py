@@ -140,7 +140,7 @@ async def test_a_peer_with_half_the_data_finishes_with_its_neighbour(tmp_path: P
         done = (a.counters, b.counters)
         await until([a, b], lambda: any(c.training_done for c in done), 60, "a peer to finish training")
         fractions = [n.trainer.step_count / n.worker.total_steps for n in (a, b)]
-        assert min(fractions) > 0.8, f"one peer finished when the other was at {min(fractions):.0%} of its run"
+        assert min(fractions) > 0.9, f"one peer finished when the other was at {min(fractions):.0%} of its run"
         print(
             fractions,
             a.worker.pacer.metrics(),
