@@ -257,7 +257,7 @@ class TrainConfig(_Section):
     finish_together: bool = Field(
         True,
         description="a peer with fewer steps per run (less data) than a neighbour does not run ahead of it in "
-        "fractions of the run: it mixes without stepping until the neighbour catches up, so every peer's steps "
+        "fractions of the run: it takes no step until the neighbour catches up, so every peer's steps "
         "spread over the whole run (uneven partitions)",
     )
     round_interval_s: float = Field(0.0, ge=0, description="optional minimum seconds per round (off by default)")

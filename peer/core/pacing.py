@@ -18,8 +18,9 @@ the others at most a bounded wait:
   neighbour below `slow_fraction` of our rate (a device ten times slower) is not awaited at all;
 * **peers with less data step less often** (`finish_together`): each message also carries the sender's step budget
   (`BUDGET_SCALAR`, its epochs times its steps per epoch). A peer whose budget differs from an awaited
-  neighbour's does not run ahead of it in *fractions of the budget*: past that it takes idle turns (mixes what
-  arrives, publishes, takes no step) until the neighbour has moved on. On uneven partitions (Dirichlet 0.1:
+  neighbour's does not run ahead of it in *fractions of the budget*: past that it takes idle turns (no step; mix
+  mode keeps what arrives for its next step, round-synchronous algorithms join a round a neighbour waits for with a
+  zero gradient) until the neighbour has moved on. On uneven partitions (Dirichlet 0.1:
   sizes differ up to 30-fold) every peer's steps are then spread over the whole run, as every sample is in
   centralized training, instead of the small peers finishing early and the large ones training alone at the end;
 * **a wait has a deadline**, `wait_factor` times the usual gap between fresh messages (a moving average),
@@ -77,7 +78,7 @@ class PacingSettings:
 class PaceDecision:
     go: bool
     wait_s: float = 0.0  # when not go: how long to wait for fresh state at most before asking again
-    idle: bool = False  # not go because we are ahead of a neighbour with a larger budget: mix, publish, no step
+    idle: bool = False  # not go because finish_together holds us (ahead of a neighbour with another budget)
 
 
 GO = PaceDecision(True)

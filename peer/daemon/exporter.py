@@ -50,7 +50,7 @@ PACING = (
     ("pace_waits", "peer_pace_waits", "counter", "Times training waited for fresh neighbour state."),
     ("pace_wait_s", "peer_pace_wait_seconds", "counter", "Seconds training spent waiting for neighbour state."),
     ("pace_missed_deadlines", "peer_pace_missed_deadlines", "counter", "Waits that ended at train.pace_max_wait_s."),
-    ("pace_idle_s", "peer_pace_idle_seconds", "counter", "Seconds mixing without stepping (train.finish_together)."),
+    ("pace_idle_s", "peer_pace_idle_seconds", "counter", "Seconds held without stepping by train.finish_together."),
     ("pace_gap_s", "peer_pace_gap_seconds", "gauge", "Seconds since the last merge of fresh neighbour state."),
     ("pace_steps_per_s", "peer_pace_steps_per_second", "gauge", "This peer's measured compute rate."),
 )
