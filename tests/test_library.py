@@ -62,6 +62,7 @@ def test_gossip_alone_steps_and_checkpoints(tmp_path: Path) -> None:
             assert gossip.step() is False  # nobody to merge with
         assert gossip.steps == 3 and gossip.neighbours == []
         assert gossip.wait_for_neighbours(1, timeout_s=0.1) is False  # bounded: nobody else is coming
+        assert gossip.node.worker.pacer.s.budget is None  # finish_together never holds the caller's loop
     assert (tmp_path / "solo" / "checkpoint.pt").exists()
 
 

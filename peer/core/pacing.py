@@ -318,19 +318,19 @@ class Pacer:
             self._window = (steps, busy_s)
             self._last_go = (step, now)
 
+    def _held_for(self, since: float | None, now: float) -> float:
+        """Seconds held since `since` (0 if not held); they count against the next compute-rate window."""
+        held = 0.0 if since is None else max(0.0, now - since)
+        self._held_pending += held
+        return held
+
     def _close_wait(self, now: float) -> None:
-        if self._waiting_since is not None:
-            waited = max(0.0, now - self._waiting_since)
-            self.wait_s_total += waited
-            self._held_pending += waited
-            self._waiting_since = None
+        self.wait_s_total += self._held_for(self._waiting_since, now)
+        self._waiting_since = None
 
     def _close_idle(self, now: float) -> None:
-        if self._idle_since is not None:
-            idle = max(0.0, now - self._idle_since)
-            self.idle_s_total += idle
-            self._held_pending += idle
-            self._idle_since = None
+        self.idle_s_total += self._held_for(self._idle_since, now)
+        self._idle_since = None
 
     def forget(self, node_id: str) -> None:
         self.neighbours.pop(node_id, None)

@@ -256,9 +256,9 @@ class Node:
             snapshot_dir=self.state_dir / "snapshots" if cfg.metrics.snapshot_interval_s > 0 else None,
             snapshot_interval_s=cfg.metrics.snapshot_interval_s,
             slowdown=cfg.faults.slowdown,
+            external=self.external,
         )
         self.worker.view = self.core.view()
-        self.worker.external = self.external
         self._pending += evaluation_task(
             cfg, built.trainer.model, built.dataset.test, self.counters, self._sleep, self._stop.is_set
         )

@@ -63,6 +63,7 @@ class TrainingWorker:
         snapshot_dir: Path | None = None,
         snapshot_interval_s: float = 0.0,
         slowdown: float = 1.0,
+        external: bool = False,
     ) -> None:
         self.cfg = train_cfg
         self.consensus_interval_s = consensus_interval_s
@@ -93,9 +94,10 @@ class TrainingWorker:
         self.total_steps = max(1, math.ceil(train_cfg.epochs * trainer.steps_per_epoch))
         self.params_at_done: torch.Tensor | None = None  # step mode: the model when local training finished
         self._first_step_at: float | None = None
-        self.pacer = Pacer(pacing_settings(train_cfg, algorithm, budget=self.total_steps))
+        # The library API's caller owns its steps and its run's length: finish_together never holds it (no budget).
+        self.pacer = Pacer(pacing_settings(train_cfg, algorithm, budget=None if external else self.total_steps))
         self._last_publish = -math.inf
-        self.external = False  # set by the shell for the library API (peer.Gossip)
+        self.external = external  # the library API (peer.Gossip): the caller's loop steps
         self._deferred_mix = False  # states taken in during a pacing wait, not yet mixed
         self._external_x: torch.Tensor | None = None  # library API, step mode: the iterate our last round returned
         self.waiting_for = ""  # before the first step: "neighbours", then "catch-up" (GetStatus shows it)
@@ -153,9 +155,7 @@ class TrainingWorker:
     def _pace(self, now: float) -> PaceDecision:
         if self.done:
             return GO
-        decision = self.pacer.decide(self.trainer.step_count, now, self.view.degrees.keys())
-        # The library API's caller owns its steps and its run's length: finish_together never holds it.
-        return GO if decision.idle and self.external else decision
+        return self.pacer.decide(self.trainer.step_count, now, self.view.degrees.keys())
 
     def _wait_for_messages(self, timeout_s: float) -> None:
         """Sleep until a message (or an acknowledgement) arrives, the timeout passes, or the daemon stops."""
@@ -191,7 +191,7 @@ class TrainingWorker:
         pace = {DONE_SCALAR: 1.0} if self.done else {}
         if self.pacer.own_rate is not None:
             pace[RATE_SCALAR] = self.pacer.own_rate
-        if self.pacer.s.budget is not None and not self.external:
+        if self.pacer.s.budget is not None:
             pace[BUDGET_SCALAR], pace[PROGRESS_SCALAR] = float(self.total_steps), float(self.trainer.step_count)
         if not self.pacer.active or not pace:
             return payload
