@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from peer.core.pacing import Pacer, PacingSettings
+from peer.core.pacing import HELD_LEAD, Pacer, PacingSettings
 
 AB = ("a", "b")
 
@@ -156,6 +156,64 @@ def test_a_late_neighbour_that_was_itself_waiting_is_awaited_again_when_heard() 
     assert p.decide(3, 0.65, ("a",)).go
 
 
+def test_a_neighbour_held_far_behind_us_is_waited_for_not_marked_late() -> None:
+    """It waits for a neighbour of its own (a cut link) and sends its state again meanwhile, without stepping. The
+    old rule marked it late after the short deadline, each resend made it awaited for one more short deadline, and a
+    demo peer ran 700 steps alone while its three neighbours waited (63% instead of 95%). Now a held neighbour is
+    late as before while we lead it by less than HELD_LEAD allowances, and awaited beyond that until it steps, falls
+    silent for max_wait_s, or start_wait_s passes."""
+    p = budget_pacer(100, min_wait_s=0.05, max_wait_s=1.0, start_wait_s=10.0)
+    for k in range(4):  # it stepped every 10 ms: a short usual deadline
+        p.took_in("a", None, k, 0.01 * k, sender_step=k, sender_budget=100, sender_progress=k)
+    assert p.deadline_s() == pytest.approx(0.05)
+    step, t = 4, 0.03
+    while t < 5.0:  # now held itself: its resends, every 0.1 s, repeat its step 3
+        t += 0.1
+        p.took_in("a", None, step, t, sender_step=3, sender_budget=100, sender_progress=3)
+        for _ in range(20):  # a few decisions between resends, as the training thread asks
+            d = p.decide(step, t, ("a",))
+            if not d.go:
+                break
+            step += 1
+        t += 0.06
+        if p.decide(step, t, ("a",)).go:
+            step += 1
+    assert step == 3 + HELD_LEAD  # it ran ahead up to the lead, then waited
+    assert p.awaited(("a",)) == ["a"]
+    p.took_in("a", None, step, t + 0.05, sender_step=4, sender_budget=100, sender_progress=4)  # it stepped
+    assert p.decide(step, t + 0.05, ("a",)).go
+    # Held again, then silent (the link went down): late one max_wait_s after its last resend.
+    step += 1
+    p.took_in("a", None, step, t + 0.1, sender_step=4, sender_budget=100, sender_progress=4)
+    assert not p.decide(step, t + 0.1, ("a",)).go
+    assert not p.decide(step, t + 1.05, ("a",)).go
+    assert p.decide(step, t + 1.15, ("a",)).go and p.awaited(("a",)) == []
+    # Held without end (it keeps sending, never steps): start_wait_s, then late.
+    q = budget_pacer(100, min_wait_s=0.05, max_wait_s=1.0, start_wait_s=10.0)
+    q.took_in("a", None, 0, 0.0, sender_step=0, sender_budget=100, sender_progress=0)
+    q.took_in("a", None, 0, 0.01, sender_step=1, sender_budget=100, sender_progress=1)
+    q.restart_at(20)
+    t, went = 0.01, None
+    while went is None and t < 20:
+        t += 0.1
+        q.took_in("a", None, 20, t, sender_step=1, sender_budget=100, sender_progress=1)
+        went = t if q.decide(21, t, ("a",)).go else None
+    assert went is not None and 10.1 <= went <= 10.3  # its wait began at 0.11
+
+
+def test_without_progress_counts_a_held_neighbour_is_late_after_the_deadline() -> None:
+    """finish_together off: we cannot tell that the neighbour knows we are ahead (it could be waiting for us), so
+    the deadline marks it late as always."""
+    p = pacer(max_steps=1, min_wait_s=0.05, max_wait_s=1.0, start_wait_s=10.0)
+    p.took_in("a", None, 0, 0.0, sender_step=0)
+    p.took_in("a", None, 0, 0.01, sender_step=1)
+    p.restart_at(10)
+    p.took_in("a", None, 10, 0.02, sender_step=1)
+    assert p.decide(10, 0.02, ("a",)).go
+    assert not p.decide(11, 0.02, ("a",)).go
+    assert p.decide(11, 0.1, ("a",)).go and p.missed_deadlines == 1
+
+
 def test_a_neighbour_not_yet_seen_stepping_is_waited_for_as_long_as_a_start_up_takes() -> None:
     """Its first states come in a burst while it waits for its own members: the short deadline learned from that
     burst must not mark it late, or we train alone to the end while it starts."""
@@ -172,6 +230,34 @@ def test_a_neighbour_not_yet_seen_stepping_is_waited_for_as_long_as_a_start_up_t
     assert not p.decide(2, 25.0, ("a",)).go
     assert p.decide(2, 27.1, ("a",)).go  # seen stepping now: the usual deadline (at most max_wait_s)
     assert p.missed_deadlines == 1
+
+
+def test_a_neighbour_that_says_it_took_steps_has_started_even_if_seen_at_one_step_only() -> None:
+    """The start-up wait is for neighbours that have not begun their run (progress 0). One at step 1 that waits for
+    a cut link of its own gets the usual deadline: the start-up wait froze four lossy demo peers for 10 to 30 s."""
+    starting, started = (
+        budget_pacer(100, max_wait_s=2.0, start_wait_s=30.0),
+        budget_pacer(100, max_wait_s=2.0, start_wait_s=30.0),
+    )
+    for p, progress in ((starting, 0), (started, 1)):
+        p.took_in("a", None, 0, 0.0, sender_step=progress, sender_budget=100, sender_progress=progress)
+        assert p.decide(0, 0.0, ("a",)).go
+    assert starting.decide(1, 0.0, ("a",)).wait_s == pytest.approx(30.0)
+    assert started.decide(1, 0.0, ("a",)).wait_s == pytest.approx(2.0)
+
+
+def test_once_a_neighbour_has_started_one_never_heard_from_gets_the_usual_deadline() -> None:
+    """A neighbour behind a cut link at start-up is never heard from: with another neighbour already stepping it is
+    more likely cut off than starting, and a 30 s start-up wait for it kept a lossy demo peer from training on its
+    own data for 20 s (76%). Alone (no neighbour started yet), the start-up wait stands."""
+    p = budget_pacer(100, max_wait_s=2.0, start_wait_s=30.0)
+    p.took_in("a", None, 0, 0.0, sender_step=5, sender_budget=100, sender_progress=5)
+    assert p.decide(0, 0.0, AB).go
+    assert p.decide(1, 0.0, AB).wait_s == pytest.approx(2.0)  # b: never heard from
+    assert p.decide(1, 2.0, AB).go and p.awaited(AB) == ["a"]
+    alone = budget_pacer(100, max_wait_s=2.0, start_wait_s=30.0)
+    assert alone.decide(0, 0.0, AB).go
+    assert alone.decide(1, 0.0, AB).wait_s == pytest.approx(30.0)
 
 
 def test_a_neighbour_that_finished_training_is_mixed_but_never_awaited() -> None:

@@ -25,7 +25,9 @@ the others at most a bounded wait:
   centralized training, instead of the small peers finishing early and the large ones training alone at the end;
 * **a wait has a deadline**, `wait_factor` times the usual gap between fresh messages (a moving average),
   clipped to [`min_wait_s`, `max_wait_s`]. A neighbour that misses it (a cut link, a stopped peer) is marked
-  late and not waited for until it is heard from again, so a dead link costs one deadline, not one per step.
+  late and not waited for until it is heard from again, so a dead link costs one deadline, not one per step. A
+  neighbour that is itself held (it sends its state again without stepping) and that we lead by `HELD_LEAD` of its
+  allowances is the exception: waited for until it steps, falls silent, or `start_wait_s` passes.
 
 Pure bookkeeping: the training thread feeds it `now`, its step count and the messages it took in, and asks
 whether it may step.
@@ -55,6 +57,10 @@ EWMA_WEIGHT = 0.2
 # The compute rate is measured over windows of at least this much busy time: a single step's duration is
 # dominated by preemption when peers share cores (we measured 430 to 1750 steps/s for four equal peers on two).
 RATE_WINDOW_S = 0.5
+# How far ahead of a neighbour that is itself held (alive, not stepping) we may run past the deadline, in its
+# allowances (8 steps at the default bound; unbounded, one lossy demo peer ran 700 steps ahead and cost 33 points;
+# bench-results/pacing-lossy.md compares 4 and 8 on a 4x straggler).
+HELD_LEAD = 8
 # Slack on a slower neighbour's allowance, so that jitter in its step times does not make us wait for it.
 RATE_HEADROOM = 1.25
 
@@ -106,6 +112,7 @@ class _Neighbour:
     budget: int | None = None  # its step budget, if it says
     progress: int | None = None  # its local steps so far, if it says
     heard_at: float | None = None  # when its last state (any) was taken in
+    held: bool = False  # its last state was not a step: it waits (pacing, finish_together) and sends it again
 
 
 @dataclass
@@ -171,12 +178,14 @@ class Pacer:
         n.late = False
         n.done = sender_done
         budget, progress = _count(sender_budget), _count(sender_progress)
+        n.heard_at = now
         if budget is not None and budget >= 1 and progress is not None:
-            n.budget = budget
-            n.progress, n.heard_at = progress, now
+            n.budget, n.progress = budget, progress
         if sender_step is not None:
             if sender_step == n.their_step:
-                return  # mixed but not stepped: not progress
+                n.held = True  # mixed but not stepped: not progress, it waits itself
+                return
+            n.held = False
             n.stepped = n.stepped or n.their_step is not None
             n.their_step = sender_step
         if self._last_fresh_at is not None:
@@ -214,15 +223,52 @@ class Pacer:
             self._waiting_since = now
             self.waits += 1
         deadline = self.deadline_s()
-        if any(not self._stepped(j) for j in blocking):
+        if any(not self._stepped(j) for j in blocking) and not self._a_neighbour_started():
+            # Only while no neighbour has started: once one has, a neighbour we never heard from is more likely cut
+            # off than starting (a lossy demo's peer waited 20 s for one behind a flapping link, adopted catch-ups
+            # meanwhile and never trained on its own data: 76%), and one that starts later is held for by the
+            # HELD_LEAD rule (its first states repeat step 0) or catches up.
             deadline = max(deadline, self.s.start_wait_s)
         remaining = self._waiting_since + deadline - now
         if remaining > 0:
             return PaceDecision(False, remaining)
-        self.missed_deadlines += 1
-        for j in blocking:  # not awaited again until heard from
-            self.neighbours.setdefault(j, _Neighbour(merged_at=self._merged_at(j))).late = True
+        # Past the deadline, a neighbour is late (not awaited until heard from again), except one that is held far
+        # behind us: it still sends its state without stepping (it waits for a neighbour of its own), and we lead
+        # it by HELD_LEAD of its allowances. Each of its resends cleared "late" for one more short deadline, and a
+        # demo peer ran 700 steps alone while its three neighbours waited out a cut link (63% instead of 95%).
+        # Waiting for such a neighbour cannot deadlock: it does not wait for us (we are ahead), and the peer
+        # furthest behind never waits past a deadline. Bounded by start_wait_s anyway. A silent neighbour, or one
+        # that steps slowly (a straggler: its allowance grows once rates are known), is late as before.
+        held_s = now - self._waiting_since
+        held_behind = [j for j in blocking if self._held_far_behind(j, step, now)]
+        if held_behind and held_s < self.s.start_wait_s:
+            self._mark_late([j for j in blocking if j not in held_behind])
+            until = min(self._heard_at(j) for j in held_behind) + self.s.max_wait_s
+            return PaceDecision(False, min(until, self._waiting_since + self.s.start_wait_s) - now)
+        self._mark_late(blocking)
         return self._finish_together(step, now, [j for j in awaited if j not in blocking])
+
+    def _mark_late(self, late: list[str]) -> None:
+        """`late` missed a deadline: not awaited again until heard from."""
+        if late:
+            self.missed_deadlines += 1
+        for j in late:
+            self.neighbours.setdefault(j, _Neighbour(merged_at=self._merged_at(j))).late = True
+
+    def _heard_at(self, j: str) -> float:
+        n = self.neighbours.get(j)
+        return -math.inf if n is None or n.heard_at is None else n.heard_at
+
+    def _held_far_behind(self, j: str, step: int, now: float) -> bool:
+        """`j` was heard within `max_wait_s`, its last state was not a step (it is held), and its progress, in our
+        steps, trails `step` by HELD_LEAD of its allowances. Needs both budgets, so that `j` knows we are ahead."""
+        n = self.neighbours.get(j)
+        own = self.s.budget
+        if n is None or not n.held or own is None or n.budget is None or n.progress is None:
+            return False
+        if self._heard_at(j) <= now - self.s.max_wait_s:
+            return False
+        return step - n.progress * own / n.budget >= HELD_LEAD * self.allowance(j)
 
     def _finish_together(self, step: int, now: float, awaited: list[str]) -> PaceDecision:
         """GO, unless taking step `step` would put us ahead of an awaited neighbour whose budget differs from ours
@@ -296,8 +342,14 @@ class Pacer:
         return self.s.max_steps if slower == 1.0 else math.ceil(self.s.max_steps * slower)
 
     def _stepped(self, j: str) -> bool:
+        """`j` has started training: seen stepping, or it says it took steps of its run (a neighbour at step 1 that
+        waits for a cut link of its own is not starting up: 30 s start-up waits froze a lossy demo's four peers for
+        10 to 30 s). No step counts known: the usual rule."""
         n = self.neighbours.get(j)
-        return n is not None and (n.stepped or n.their_step is None)  # no step counts known: the usual rule
+        return n is not None and (n.stepped or n.their_step is None or (n.progress is not None and n.progress > 0))
+
+    def _a_neighbour_started(self) -> bool:
+        return any(n.stepped or (n.progress is not None and n.progress > 0) for n in self.neighbours.values())
 
     def _merged_at(self, j: str) -> int:
         n = self.neighbours.get(j)
