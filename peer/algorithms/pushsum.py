@@ -39,7 +39,7 @@ Pure: no clocks, no I/O, no randomness.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,13 +100,22 @@ class RunningSums:
 
     # ---------------------------------------------------------------------------------------- sending
     def emit(
-        self, out: Sequence[str], *, round_: int = 0, step: int = 0, scalars: Mapping[str, float] | None = None
+        self,
+        out: Sequence[str],
+        *,
+        round_: int = 0,
+        step: int = 0,
+        scalars: Mapping[str, float] | None = None,
+        resend_only: Collection[str] = (),
     ) -> dict[str, Payload]:
-        """Keep a 1/(len(out)+1) share, push one share to each of `out`; returns one payload per destination."""
+        """Keep a 1/(k+1) share, push one share to each of the k destinations of `out` not in `resend_only`; those
+        get their running sum again with nothing new in it (which delivers what a lost message carried). Still
+        exact push-sum: a destination without a share is a zero in this node's column. Returns one payload per
+        destination of `out`."""
         self.seq += 1
         if not out:
             return {}
-        frac = 1.0 / (len(out) + 1)
+        frac = 1.0 / (len([j for j in out if j not in resend_only]) + 1)
         shares = {k: v * frac for k, v in self.values.items()}
         shares[WEIGHT] = torch.tensor([self.weight * frac], dtype=torch.float64)
         moved = {k: torch.zeros_like(v) for k, v in shares.items()}
@@ -116,6 +125,11 @@ class RunningSums:
             if sigma is None:
                 sigma = self.sent[j] = {k: torch.zeros_like(v) for k, v in shares.items()}
             tensors: dict[str, torch.Tensor] = {}
+            if j in resend_only:
+                tensors = {k: v.to(self.wire_dtype) for k, v in sigma.items()}  # exact: σ is already wire-rounded
+                extra = {"gen": float(self.gen.get(j, 0)), **(scalars or {})}
+                payloads[j] = Payload(self.kind, tensors, seq=self.seq, round=round_, step=step, scalars=extra)
+                continue
             for k, share in shares.items():
                 # Round to the wire dtype first, so that what leaves is exactly what the receiver will see.
                 new = (sigma[k] + share).to(self.wire_dtype)
