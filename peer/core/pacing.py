@@ -115,6 +115,11 @@ class _Neighbour:
     held: bool = False  # its last state was not a step: it waits (pacing, finish_together) and sends it again
 
 
+def _started(n: _Neighbour) -> bool:
+    """Seen stepping (two step counts), or it says it took steps of its run."""
+    return n.stepped or (n.progress is not None and n.progress > 0)
+
+
 @dataclass
 class Pacer:
     s: PacingSettings
@@ -346,10 +351,10 @@ class Pacer:
         waits for a cut link of its own is not starting up: 30 s start-up waits froze a lossy demo's four peers for
         10 to 30 s). No step counts known: the usual rule."""
         n = self.neighbours.get(j)
-        return n is not None and (n.stepped or n.their_step is None or (n.progress is not None and n.progress > 0))
+        return n is not None and (n.their_step is None or _started(n))
 
     def _a_neighbour_started(self) -> bool:
-        return any(n.stepped or (n.progress is not None and n.progress > 0) for n in self.neighbours.values())
+        return any(_started(n) for n in self.neighbours.values())
 
     def _merged_at(self, j: str) -> int:
         n = self.neighbours.get(j)
