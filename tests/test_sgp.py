@@ -251,3 +251,18 @@ def test_a_held_node_sends_its_running_sums_again_with_its_last_step() -> None:
     (third,) = a.sends(0.25)
     assert b.on_message(InMessage("a", 0, 1, third.payload, 0.25), 0.25)
     assert b.sums.weight == pytest.approx(1.75)  # nothing new in a resend
+
+
+def test_checkpoint_keeps_the_momentum_buffer() -> None:
+    view = NeighbourView("n0", {})
+    oracle = FunctionOracle(lambda w: (0.0, torch.ones_like(w)), lr_fn=lambda k: 0.1)
+    algo = Sgp(SgpParams(momentum=0.9), "n0")
+    algo.start(torch.zeros(D), 0.0, view)
+    for _ in range(3):
+        algo.advance(torch.zeros(D), oracle, 0.0, view)
+    restored = Sgp(SgpParams(momentum=0.9), "n0")
+    restored.load_state_dict(algo.state_dict())
+    restored.start(torch.zeros(D), 0.0, view)
+    a = algo.advance(torch.zeros(D), oracle, 0.0, view)
+    b = restored.advance(torch.zeros(D), oracle, 0.0, view)
+    assert torch.equal(a, b)  # the same step: 0.1 · (1 + 0.9 + 0.81 + 0.729), not 0.1 · 1

