@@ -54,7 +54,7 @@ def _sim(
     **params: Any,
 ) -> Simulation:
     ids = sorted(adj)
-    algos = {i: cls(DigestParams(**{"retransmit_s": 0.02, **params}), i) for i in ids}
+    algos = {i: cls(DigestParams(**{"retransmit_s": 0.02, "momentum": 0.0, **params}), i) for i in ids}
     oracles = {i: FunctionOracle(_grad(parts[k]), lr_fn=lr) for k, i in enumerate(ids)}
     x0 = {i: torch.zeros(D, dtype=torch.float64) for i in ids}
     return Simulation(algos, x0, oracles, adj, links=links or Links(), seed=seed)  # type: ignore[arg-type]
@@ -341,7 +341,7 @@ def test_option_a_shifts_other_references_and_meetings_average() -> None:
     view = NeighbourView("z", {"a": 2, "c": 2}, members)
     g = torch.tensor([1.0, -2.0, 0.5])
     u, v = torch.tensor([4.0, 0.0, 1.0]), torch.tensor([0.0, 8.0, -1.0])
-    algo = Digest(DigestParams(streams=2), "z")
+    algo = Digest(DigestParams(streams=2, momentum=0.0), "z")
     x = torch.zeros(3)
     algo.start(x, 0.0, view)
     assert not algo.walk.held
@@ -355,7 +355,7 @@ def test_option_a_shifts_other_references_and_meetings_average() -> None:
     assert torch.allclose(x, v - g / 2)
     assert torch.allclose(x - algo.ref[0], -g)  # the one step z took since it merged stream 0, not the jump
     # Two tokens meeting: each gets z's progress once, then both carry their average (the sum is preserved).
-    meet = Digest(DigestParams(streams=2), "z")
+    meet = Digest(DigestParams(streams=2, momentum=0.0), "z")
     meet.start(torch.zeros(3), 0.0, view)
     _arrive(meet, 0, 1, u, 4)
     _arrive(meet, 1, 1, v, 4)

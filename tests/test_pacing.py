@@ -393,3 +393,36 @@ def test_coarse_and_fine_steps_do_not_hold_each_other() -> None:
     assert fine.allowance("coarse") == 4  # so its fresh state is due at step 5
     assert coarse.decide(1, 0.0, ("fine",)).idle
     assert fine.decide(5, 0.0, ("coarse",)).go
+
+
+def test_pooled_fresh_state_from_any_neighbour_counts_for_all() -> None:
+    """A token algorithm hears from one neighbour at a time (whichever the walk came from). Waiting for each marked
+    the others late at every deadline and the peers ran free (the digest demo at 53%); pooled, a token from any
+    neighbour is fresh state, and the bound counts local steps since the last one."""
+    p = Pacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=1.0, pooled=True))
+    p.took_in("a", None, 0, 0.0)
+    assert p.decide(0, 0.0, AB).go and p.decide(1, 0.0, AB).go
+    assert not p.decide(2, 0.0, AB).go  # b never sent anything, and need not: a's token was fresh state
+    p.took_in("b", None, 2, 0.01)
+    assert p.decide(2, 0.01, AB).go and p.decide(3, 0.01, AB).go and not p.decide(4, 0.01, AB).go
+    p.forget("a")  # a left; the walk goes on through b
+    assert not p.decide(4, 0.02, AB).go
+    assert p.decide(4, 5.0, ()).go  # nobody left to wait for
+    per_neighbour = Pacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=1.0))
+    per_neighbour.took_in("a", None, 0, 0.0)
+    per_neighbour.took_in("a", None, 1, 0.01)
+    assert not per_neighbour.decide(2, 0.01, AB).go  # waits for b too
+
+
+def test_pooled_a_holder_of_fresh_state_steps_at_once() -> None:
+    """The node a token starts at, or visits, must step to pass it on: held by the start-up wait, the digest
+    demo's origin kept the only token 30 s and every peer waited for it."""
+    p = Pacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=30.0, pooled=True))
+    assert not p.decide(2, 0.0, AB).go  # nothing heard yet: the start-up wait
+    p.holding(2, 0.0)
+    assert p.decide(2, 0.0, AB).go and p.decide(3, 0.0, AB).go
+    d = p.decide(4, 0.0, AB)
+    assert not d.go and d.wait_s <= 1.0  # the walk is under way: the usual deadline, not the start-up wait
+    plain = Pacer(PacingSettings(max_steps=2, start_wait_s=30.0))
+    plain.holding(2, 0.0)
+    assert not plain.decide(2, 0.0, AB).go  # not pooled: holding means nothing

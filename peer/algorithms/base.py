@@ -126,6 +126,9 @@ class Algorithm(abc.ABC):
     # Whether `Payload.step` is the sender's own step count (pacing counts a state as fresh only when it moved).
     # Tokens (DIGEST) carry a walk's hop count instead: every visit is fresh.
     messages_carry_step: ClassVar[bool] = True
+    # Fresh state reaches a node from one neighbour at a time (a token's random walk): pacing bounds the local steps
+    # since fresh state from any neighbour was merged, not from each (peer.core.pacing, `pooled`).
+    paced_by_any_neighbour: ClassVar[bool] = False
     # Step-mode algorithms that can follow an optimizer the caller steps (library API, `peer.Gossip`): each round
     # takes exactly one gradient, at the iterate the round returned, and applies it as x - lr * g with nothing
     # built from it (no shared momentum, tracker or compressed half-step), so the caller's step can stand in for it.
@@ -168,6 +171,10 @@ class Algorithm(abc.ABC):
     def sends(self, now: float) -> list[Send]:
         """Per-destination messages due now, retransmissions included. Step mode only."""
         return []
+
+    def holds_fresh_state(self) -> bool:
+        """Does this node hold what pacing waits for itself (a token visiting it)? `paced_by_any_neighbour` only."""
+        return False
 
     def neighbours_waiting(self) -> bool:
         """Is a neighbour blocked on this node's next message? The shell then skips its pacing (P1)."""

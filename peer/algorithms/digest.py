@@ -42,7 +42,13 @@ class DigestParams(TokenParams):
     name: Literal["digest"] = "digest"
     streams: int = Field(1, ge=1, description="number of token streams S (multi-stream reading (i) of spec §4(a))")
     hold_steps: int = Field(1, ge=1, description="local steps H a node takes between two merges (holds tokens)")
-    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="local heavy-ball momentum on the SGD step")
+    momentum: float = Field(
+        0.9,
+        ge=0.0,
+        lt=1.0,
+        description="local heavy-ball momentum on the SGD step, as the other SGD-family defaults and the centralized "
+        "reference (0: plain SGD, 88.9 to 91.4% on the demo where 0.9 gives 95.8%)",
+    )
 
 
 class Digest(Algorithm):
@@ -52,6 +58,7 @@ class Digest(Algorithm):
     default_max_steps_without_merge: ClassVar[int] = 16
     owns_local_update: ClassVar[bool] = True
     messages_carry_step: ClassVar[bool] = False  # tokens carry hop counts, not the sender's step
+    paced_by_any_neighbour: ClassVar[bool] = True  # a token comes from one neighbour, whichever the walk took
 
     def __init__(self, params: AlgoParams, node_id: str) -> None:
         super().__init__(params, node_id)
@@ -137,6 +144,9 @@ class Digest(Algorithm):
             for s in sorted(self.walk.held):
                 self.walk.forward(s, view)
         return x
+
+    def holds_fresh_state(self) -> bool:
+        return bool(self.walk.held)
 
     # ---------------------------------------------------------------------------------------- messages
     def sends(self, now: float) -> list[Send]:

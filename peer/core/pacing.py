@@ -61,6 +61,8 @@ RATE_WINDOW_S = 0.5
 # allowances (8 steps at the default bound; unbounded, one lossy demo peer ran 700 steps ahead and cost 33 points;
 # bench-results/pacing-lossy.md compares 4 and 8 on a 4x straggler).
 HELD_LEAD = 8
+# The one neighbour that stands for all of them with `PacingSettings.pooled`.
+POOLED = "*"
 # Slack on a slower neighbour's allowance, so that jitter in its step times does not make us wait for it.
 RATE_HEADROOM = 1.25
 
@@ -78,6 +80,10 @@ class PacingSettings:
     start_wait_s: float = 30.0
     # Our step budget, for `finish_together` (None: the rule is off, as in the library API, whose caller owns it).
     budget: int | None = None
+    # Fresh state from any neighbour counts, not from each: a token algorithm (digest) hears from one neighbour at
+    # a time, as its random walk passes, so waiting for every neighbour marked all but one late at each deadline
+    # and the peers ran free (a demo at 53%). The neighbours are then pooled into one, POOLED.
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,10 @@ class Pacer:
 
     def deadline_s(self) -> float:
         """How long a wait for fresh state may last."""
+        if self.s.pooled:
+            # A walk's return times are heavy-tailed and a lost token comes back only when its holder re-sends it:
+            # 4x the usual gap marked the pooled neighbour late under 20% drops, and the peers ran free (75%).
+            return self.s.max_wait_s
         if self.gap_s is None:
             return self.s.max_wait_s
         return min(self.s.max_wait_s, max(self.s.min_wait_s, self.s.wait_factor * self.gap_s))
@@ -172,6 +182,8 @@ class Pacer:
         Only a state that moved on by a step counts as fresh: a neighbour that is itself waiting still mixes what
         it receives and publishes the result, and counting that echo would let two peers ping-pong each other
         forward while a third falls sixty steps behind (measured: four peers on two cores)."""
+        if self.s.pooled:
+            sender = POOLED
         n = self.neighbours.get(sender)
         if n is None:
             n = self.neighbours[sender] = _Neighbour(merged_at=self.start_step)
@@ -199,6 +211,16 @@ class Pacer:
         n.merged_at = step
         n.late = False
 
+    def holding(self, step: int, now: float) -> None:
+        """Pooled: we hold fresh state ourselves (a token visits us), as if it had just arrived. A token's holder must
+        step to pass it on: held in the start-up wait, the digest demo's origin kept its token 30 s and every peer
+        waited for it."""
+        if not self.s.pooled:
+            return
+        n = self.neighbours.setdefault(POOLED, _Neighbour(merged_at=step))
+        n.merged_at, n.late, n.heard_at = step, False, now
+        n.stepped = True  # the walk is under way: no start-up wait for it
+
     def awaited(self, neighbours: Collection[str]) -> list[str]:
         """The neighbours whose fresh state we wait for: not late, not done training, and not much slower than
         we compute."""
@@ -215,6 +237,8 @@ class Pacer:
 
     def decide(self, step: int, now: float, neighbours: Collection[str]) -> PaceDecision:
         """May the peer take local step `step` now? `neighbours`: the current view."""
+        if self.s.pooled:
+            neighbours = [POOLED] if neighbours else []
         if not self.enabled:
             return self._finish_together(step, now, self.awaited(neighbours)) if self.s.budget is not None else GO
         awaited = self.awaited(neighbours)
@@ -390,7 +414,8 @@ class Pacer:
         self._idle_since = None
 
     def forget(self, node_id: str) -> None:
-        self.neighbours.pop(node_id, None)
+        if not self.s.pooled:  # pooled: the others still pass the walk on
+            self.neighbours.pop(node_id, None)
 
     def restart_at(self, step: int) -> None:
         """Training resumed at `step` (a restored checkpoint or an adopted model): count from there."""

@@ -76,4 +76,5 @@ def pacing_settings(cfg: TrainConfig, algorithm: Algorithm, budget: int | None =
         min_wait_s=min(0.05, cfg.pace_max_wait_s),
         start_wait_s=max(cfg.pace_max_wait_s, cfg.wait_for_neighbors_s),
         budget=budget if cfg.finish_together and not algorithm.trains_own_model else None,
+        pooled=algorithm.paced_by_any_neighbour,
     )

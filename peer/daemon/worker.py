@@ -155,6 +155,8 @@ class TrainingWorker:
     def _pace(self, now: float) -> PaceDecision:
         if self.done:
             return GO
+        if self.algorithm.holds_fresh_state():
+            self.pacer.holding(self.trainer.step_count, now)
         return self.pacer.decide(self.trainer.step_count, now, self.view.degrees.keys())
 
     def _wait_for_messages(self, timeout_s: float) -> None:
