@@ -426,3 +426,16 @@ def test_pooled_a_holder_of_fresh_state_steps_at_once() -> None:
     plain = Pacer(PacingSettings(max_steps=2, start_wait_s=30.0))
     plain.holding(2, 0.0)
     assert not plain.decide(2, 0.0, AB).go  # not pooled: holding means nothing
+
+
+def test_pooled_no_token_within_the_deadline_allows_one_more_bound_not_freedom() -> None:
+    """The walk's token is late (its origin still starting, a lost copy): after `max_wait_s` a pooled peer takes
+    another `max_steps` and waits again. A 30 s start-up wait held a demo's peers at step 16; marking the walk late
+    instead let them run free until it came back."""
+    p = Pacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=30.0, pooled=True))
+    assert p.decide(0, 0.0, AB).go and p.decide(1, 0.0, AB).go
+    d = p.decide(2, 0.0, AB)
+    assert not d.go and d.wait_s == pytest.approx(1.0)  # the usual deadline, never the start-up wait
+    assert p.decide(2, 1.0, AB).go and p.decide(3, 1.0, AB).go
+    assert not p.decide(4, 1.0, AB).go and p.missed_deadlines == 1
+    assert not p.decide(4, 1.5, AB).go and p.decide(4, 2.0, AB).go

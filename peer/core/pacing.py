@@ -252,7 +252,7 @@ class Pacer:
             self._waiting_since = now
             self.waits += 1
         deadline = self.deadline_s()
-        if any(not self._stepped(j) for j in blocking) and not self._a_neighbour_started():
+        if not self.s.pooled and any(not self._stepped(j) for j in blocking) and not self._a_neighbour_started():
             # Only while no neighbour has started: once one has, a neighbour we never heard from is more likely cut
             # off than starting (a lossy demo's peer waited 20 s for one behind a flapping link, adopted catch-ups
             # meanwhile and never trained on its own data: 76%), and one that starts later is held for by the
@@ -261,6 +261,14 @@ class Pacer:
         remaining = self._waiting_since + deadline - now
         if remaining > 0:
             return PaceDecision(False, remaining)
+        if self.s.pooled:
+            # No token within `max_wait_s` (its origin still starting, a lost or slow walk): another bound's worth
+            # of steps, not freedom until the next token (a start-up wait held a demo's peers 30 s; marking the walk
+            # late let them run free until it came back). Drift stays at most `max_steps` per `max_wait_s`.
+            self.missed_deadlines += 1
+            self.neighbours[POOLED] = n = self.neighbours.get(POOLED) or _Neighbour(merged_at=step)
+            n.merged_at = step
+            return self._finish_together(step, now, awaited)
         # Past the deadline, a neighbour is late (not awaited until heard from again), except one that is held far
         # behind us: it still sends its state without stepping (it waits for a neighbour of its own), and we lead
         # it by HELD_LEAD of its allowances. Each of its resends cleared "late" for one more short deadline, and a
@@ -351,7 +359,9 @@ class Pacer:
         With equal budgets too: a neighbour held behind a third peer stalled 8 peers at one step per deadline."""
         n = self.neighbours.get(j)
         own = self.s.budget
-        if n is None or own is None or n.budget is None or n.progress is None:
+        if self.s.pooled or n is None or own is None or n.budget is None or n.progress is None:
+            # Pooled: the progress is the last token sender's, not the walk's; and no one waits for us in
+            # particular (a token's holder always steps), so there is no deadlock to avoid.
             return False
         return (n.progress + 1) * own > (step + 1) * n.budget
 

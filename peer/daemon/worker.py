@@ -373,6 +373,7 @@ class TrainingWorker:
             trainer.set_flat(x)
             trainer.step_count = max(trainer.step_count, min(self.total_steps, round(epoch * trainer.steps_per_epoch)))
             trainer.epoch = trainer.step_count // trainer.steps_per_epoch
+            self.pacer.restart_at(trainer.step_count)  # count steps without fresh state from the adopted step
         algo.start(x, time.monotonic(), self.view)
         self._flush_sends()
         self._first_step_at = time.monotonic()
