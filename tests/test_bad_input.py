@@ -826,3 +826,14 @@ async def test_port_held_by_another_daemon_exits_4(victim: Victim, tmp_path: Pat
     # The first daemon is unharmed and still serving.
     status = await victim.stub.GetStatus(gossip_pb2.GetStatusRequest(), timeout=5)
     assert status.node_id == "victim" and status.rejected_messages == 0
+
+
+async def test_a_refused_push_that_is_still_streaming_gets_the_reason(victim: Victim) -> None:
+    """The header is refused at once while the sender still has most of its stream to write. Aborting then raced
+    our status with the stream's reset, and the sender saw INTERNAL instead of the reason (about 1 suite run in
+    10). The daemon reads the rest of a refused push (bounded) before it answers."""
+    header, chunks = victim.encoded()
+    header.kind = 99
+    requests = _req(header, [c for c in chunks for _ in range(400)])
+    codes = [await push(victim.stub, requests) for _ in range(6)]
+    assert codes == [INVALID] * 6
