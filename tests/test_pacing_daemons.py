@@ -195,6 +195,7 @@ async def test_digest_peers_move_together_though_a_token_comes_from_one_neighbou
         fractions = [n.trainer.step_count / n.worker.total_steps for n in nodes]
         # Measured: 0.73 or more with pooling (0.73 under the parallel suite), 0.07 without.
         assert min(fractions) > 0.5, f"one peer finished when another was at {min(fractions):.0%} of its run"
-        assert all(n.worker.pacer.waits > 0 for n in nodes)  # pacing held them for the walk
+        # Pacing held the peers for the walk; not necessarily each one (a peer the token visits often need not wait).
+        assert sum(n.worker.pacer.waits for n in nodes) > 0
     finally:
         await stop_nodes(nodes, tasks, return_exceptions=True)
