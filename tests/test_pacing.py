@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from peer.core.pacing import HELD_LEAD, Pacer, PacingSettings
+from peer.core.pacing import HELD_LEAD, Pacer, PacingSettings, PooledPacer
 
 AB = ("a", "b")
 
@@ -399,7 +399,7 @@ def test_pooled_fresh_state_from_any_neighbour_counts_for_all() -> None:
     """A token algorithm hears from one neighbour at a time (whichever the walk came from). Waiting for each marked
     the others late at every deadline and the peers ran free (the digest demo at 53%); pooled, a token from any
     neighbour is fresh state, and the bound counts local steps since the last one."""
-    p = Pacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=1.0, pooled=True))
+    p = PooledPacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=1.0))
     p.took_in("a", None, 0, 0.0)
     assert p.decide(0, 0.0, AB).go and p.decide(1, 0.0, AB).go
     assert not p.decide(2, 0.0, AB).go  # b never sent anything, and need not: a's token was fresh state
@@ -417,7 +417,7 @@ def test_pooled_fresh_state_from_any_neighbour_counts_for_all() -> None:
 def test_pooled_a_holder_of_fresh_state_steps_at_once() -> None:
     """The node a token starts at, or visits, must step to pass it on: held by the start-up wait, the digest
     demo's origin kept the only token 30 s and every peer waited for it."""
-    p = Pacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=30.0, pooled=True))
+    p = PooledPacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=30.0))
     assert not p.decide(2, 0.0, AB).go  # nothing heard yet: the start-up wait
     p.holding(2, 0.0)
     assert p.decide(2, 0.0, AB).go and p.decide(3, 0.0, AB).go
@@ -432,7 +432,7 @@ def test_pooled_no_token_within_the_deadline_allows_one_more_bound_not_freedom()
     """The walk's token is late (its origin still starting, a lost copy): after `max_wait_s` a pooled peer takes
     another `max_steps` and waits again. A 30 s start-up wait held a demo's peers at step 16; marking the walk late
     instead let them run free until it came back."""
-    p = Pacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=30.0, pooled=True))
+    p = PooledPacer(PacingSettings(max_steps=2, max_wait_s=1.0, start_wait_s=30.0))
     assert p.decide(0, 0.0, AB).go and p.decide(1, 0.0, AB).go
     d = p.decide(2, 0.0, AB)
     assert not d.go and d.wait_s == pytest.approx(1.0)  # the usual deadline, never the start-up wait

@@ -127,7 +127,7 @@ class Algorithm(abc.ABC):
     # Tokens (DIGEST) carry a walk's hop count instead: every visit is fresh.
     messages_carry_step: ClassVar[bool] = True
     # Fresh state reaches a node from one neighbour at a time (a token's random walk): pacing bounds the local steps
-    # since fresh state from any neighbour was merged, not from each (peer.core.pacing, `pooled`).
+    # since fresh state from any neighbour was merged, not from each (peer.core.pacing.PooledPacer).
     paced_by_any_neighbour: ClassVar[bool] = False
     # Step-mode algorithms that can follow an optimizer the caller steps (library API, `peer.Gossip`): each round
     # takes exactly one gradient, at the iterate the round returned, and applies it as x - lr * g with nothing

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 # The payload scalar that carries the sender's compute rate (added by the training thread, ignored by algorithms).
 RATE_SCALAR = "_pace_steps_per_s"
@@ -61,7 +62,7 @@ RATE_WINDOW_S = 0.5
 # allowances (8 steps at the default bound; unbounded, one lossy demo peer ran 700 steps ahead and cost 33 points;
 # bench-results/pacing-lossy.md compares 4 and 8 on a 4x straggler).
 HELD_LEAD = 8
-# The one neighbour that stands for all of them with `PacingSettings.pooled`.
+# The one neighbour that stands for all of them in a `PooledPacer`.
 POOLED = "*"
 # Slack on a slower neighbour's allowance, so that jitter in its step times does not make us wait for it.
 RATE_HEADROOM = 1.25
@@ -80,10 +81,6 @@ class PacingSettings:
     start_wait_s: float = 30.0
     # Our step budget, for `finish_together` (None: the rule is off, as in the library API, whose caller owns it).
     budget: int | None = None
-    # Fresh state from any neighbour counts, not from each: a token algorithm (digest) hears from one neighbour at
-    # a time, as its random walk passes, so waiting for every neighbour marked all but one late at each deadline
-    # and the peers ran free (a demo at 53%). The neighbours are then pooled into one, POOLED.
-    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,10 +154,6 @@ class Pacer:
 
     def deadline_s(self) -> float:
         """How long a wait for fresh state may last."""
-        if self.s.pooled:
-            # A walk's return times are heavy-tailed and a lost token comes back only when its holder re-sends it:
-            # 4x the usual gap marked the pooled neighbour late under 20% drops, and the peers ran free (75%).
-            return self.s.max_wait_s
         if self.gap_s is None:
             return self.s.max_wait_s
         return min(self.s.max_wait_s, max(self.s.min_wait_s, self.s.wait_factor * self.gap_s))
@@ -182,8 +175,6 @@ class Pacer:
         Only a state that moved on by a step counts as fresh: a neighbour that is itself waiting still mixes what
         it receives and publishes the result, and counting that echo would let two peers ping-pong each other
         forward while a third falls sixty steps behind (measured: four peers on two cores)."""
-        if self.s.pooled:
-            sender = POOLED
         n = self.neighbours.get(sender)
         if n is None:
             n = self.neighbours[sender] = _Neighbour(merged_at=self.start_step)
@@ -212,14 +203,7 @@ class Pacer:
         n.late = False
 
     def holding(self, step: int, now: float) -> None:
-        """Pooled: we hold fresh state ourselves (a token visits us), as if it had just arrived. A token's holder must
-        step to pass it on: held in the start-up wait, the digest demo's origin kept its token 30 s and every peer
-        waited for it."""
-        if not self.s.pooled:
-            return
-        n = self.neighbours.setdefault(POOLED, _Neighbour(merged_at=step))
-        n.merged_at, n.late, n.heard_at = step, False, now
-        n.stepped = True  # the walk is under way: no start-up wait for it
+        """We hold what pacing waits for ourselves (a token visiting us): only a `PooledPacer` counts it."""
 
     def awaited(self, neighbours: Collection[str]) -> list[str]:
         """The neighbours whose fresh state we wait for: not late, not done training, and not much slower than
@@ -237,8 +221,6 @@ class Pacer:
 
     def decide(self, step: int, now: float, neighbours: Collection[str]) -> PaceDecision:
         """May the peer take local step `step` now? `neighbours`: the current view."""
-        if self.s.pooled:
-            neighbours = [POOLED] if neighbours else []
         if not self.enabled:
             return self._finish_together(step, now, self.awaited(neighbours)) if self.s.budget is not None else GO
         awaited = self.awaited(neighbours)
@@ -252,23 +234,23 @@ class Pacer:
             self._waiting_since = now
             self.waits += 1
         deadline = self.deadline_s()
-        if not self.s.pooled and any(not self._stepped(j) for j in blocking) and not self._a_neighbour_started():
-            # Only while no neighbour has started: once one has, a neighbour we never heard from is more likely cut
-            # off than starting (a lossy demo's peer waited 20 s for one behind a flapping link, adopted catch-ups
-            # meanwhile and never trained on its own data: 76%), and one that starts later is held for by the
-            # HELD_LEAD rule (its first states repeat step 0) or catches up.
+        if self._starting_up(blocking):
             deadline = max(deadline, self.s.start_wait_s)
         remaining = self._waiting_since + deadline - now
         if remaining > 0:
             return PaceDecision(False, remaining)
-        if self.s.pooled:
-            # No token within `max_wait_s` (its origin still starting, a lost or slow walk): another bound's worth
-            # of steps, not freedom until the next token (a start-up wait held a demo's peers 30 s; marking the walk
-            # late let them run free until it came back). Drift stays at most `max_steps` per `max_wait_s`.
-            self.missed_deadlines += 1
-            self.neighbours[POOLED] = n = self.neighbours.get(POOLED) or _Neighbour(merged_at=step)
-            n.merged_at = step
-            return self._finish_together(step, now, awaited)
+        return self._past_deadline(step, now, blocking, awaited)
+
+    def _starting_up(self, blocking: list[str]) -> bool:
+        """A blocking neighbour has not started its run, and none has: wait `start_wait_s` for it. Only while no
+        neighbour has started: once one has, a neighbour we never heard from is more likely cut off than starting
+        (a lossy demo's peer waited 20 s for one behind a flapping link, adopted catch-ups meanwhile and never
+        trained on its own data: 76%), and one that starts later is held for by the HELD_LEAD rule (its first
+        states repeat step 0) or catches up."""
+        return any(not self._stepped(j) for j in blocking) and not self._a_neighbour_started()
+
+    def _past_deadline(self, step: int, now: float, blocking: list[str], awaited: list[str]) -> PaceDecision:
+        """`blocking` missed the deadline of our wait."""
         # Past the deadline, a neighbour is late (not awaited until heard from again), except one that is held far
         # behind us: it still sends its state without stepping (it waits for a neighbour of its own), and we lead
         # it by HELD_LEAD of its allowances. Each of its resends cleared "late" for one more short deadline, and a
@@ -276,12 +258,14 @@ class Pacer:
         # Waiting for such a neighbour cannot deadlock: it does not wait for us (we are ahead), and the peer
         # furthest behind never waits past a deadline. Bounded by start_wait_s anyway. A silent neighbour, or one
         # that steps slowly (a straggler: its allowance grows once rates are known), is late as before.
-        held_s = now - self._waiting_since
+        since = self._waiting_since
+        assert since is not None, "decide() opened the wait"
+        held_s = now - since
         held_behind = [j for j in blocking if self._held_far_behind(j, step, now)]
         if held_behind and held_s < self.s.start_wait_s:
             self._mark_late([j for j in blocking if j not in held_behind])
             until = min(self._heard_at(j) for j in held_behind) + self.s.max_wait_s
-            return PaceDecision(False, min(until, self._waiting_since + self.s.start_wait_s) - now)
+            return PaceDecision(False, min(until, since + self.s.start_wait_s) - now)
         self._mark_late(blocking)
         return self._finish_together(step, now, [j for j in awaited if j not in blocking])
 
@@ -359,9 +343,7 @@ class Pacer:
         With equal budgets too: a neighbour held behind a third peer stalled 8 peers at one step per deadline."""
         n = self.neighbours.get(j)
         own = self.s.budget
-        if self.s.pooled or n is None or own is None or n.budget is None or n.progress is None:
-            # Pooled: the progress is the last token sender's, not the walk's; and no one waits for us in
-            # particular (a token's holder always steps), so there is no deadlock to avoid.
+        if n is None or own is None or n.budget is None or n.progress is None:
             return False
         return (n.progress + 1) * own > (step + 1) * n.budget
 
@@ -424,8 +406,7 @@ class Pacer:
         self._idle_since = None
 
     def forget(self, node_id: str) -> None:
-        if not self.s.pooled:  # pooled: the others still pass the walk on
-            self.neighbours.pop(node_id, None)
+        self.neighbours.pop(node_id, None)
 
     def restart_at(self, step: int) -> None:
         """Training resumed at `step` (a restored checkpoint or an adopted model): count from there."""
@@ -443,3 +424,47 @@ class Pacer:
             "pace_gap_s": self.gap_s if self.gap_s is not None else math.nan,
             "pace_steps_per_s": self.own_rate if self.own_rate is not None else math.nan,
         }
+
+
+class PooledPacer(Pacer):
+    """Fresh state from any neighbour counts, not from each: a token algorithm (digest) hears from one neighbour at a
+    time, as its random walk passes. Waiting for every neighbour marked all but the token's sender late at each
+    deadline and the peers ran free (the digest demo at 53%). The neighbours are pooled into one, POOLED."""
+
+    def took_in(self, sender: str, *args: Any, **kwargs: Any) -> None:
+        super().took_in(POOLED, *args, **kwargs)
+
+    def decide(self, step: int, now: float, neighbours: Collection[str]) -> PaceDecision:
+        return super().decide(step, now, [POOLED] if neighbours else [])
+
+    def forget(self, node_id: str) -> None:
+        """The others still pass the walk on."""
+
+    def holding(self, step: int, now: float) -> None:
+        """We hold fresh state ourselves (a token visits us), as if it had just arrived. A token's holder must step to
+        pass it on: held in the start-up wait, the digest demo's origin kept its token 30 s and every peer waited."""
+        n = self.neighbours.setdefault(POOLED, _Neighbour(merged_at=step))
+        n.merged_at, n.late, n.heard_at = step, False, now
+        n.stepped = True  # the walk is under way: no start-up wait for it
+
+    def deadline_s(self) -> float:
+        # A walk's return times are heavy-tailed and a lost token comes back only when its holder re-sends it: 4x
+        # the usual gap marked the pooled neighbour late under 20% drops, and the peers ran free (75%).
+        return self.s.max_wait_s
+
+    def _starting_up(self, blocking: list[str]) -> bool:
+        return False  # the walk starts at its origin, and a missed wait is bounded below
+
+    def _past_deadline(self, step: int, now: float, blocking: list[str], awaited: list[str]) -> PaceDecision:
+        """No token within `max_wait_s` (its origin still starting, a lost or slow walk): another bound's worth of
+        steps, not freedom until the next token (marking the walk late let the peers run free until it came back).
+        Drift stays at most `max_steps` per `max_wait_s`."""
+        self.missed_deadlines += 1
+        n = self.neighbours.setdefault(POOLED, _Neighbour(merged_at=step))
+        n.merged_at = step
+        return self._finish_together(step, now, awaited)
+
+    def _ahead_of_us(self, j: str, step: int) -> bool:
+        # The pooled progress is the last token sender's, not the walk's; and no one waits for us in particular (a
+        # token's holder always steps), so there is no deadlock to avoid.
+        return False

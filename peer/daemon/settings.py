@@ -10,7 +10,7 @@ from peer.core.admission import AdmissionSettings
 from peer.core.backoff import BreakerPolicy
 from peer.core.catchup import CatchUpSettings
 from peer.core.exchange import ExchangeSettings
-from peer.core.pacing import PacingSettings
+from peer.core.pacing import Pacer, PacingSettings, PooledPacer
 from peer.core.peers import LivenessPolicy
 from peer.core.settings import CoreSettings, Identity
 from peer.net.addresses import StaticPeers
@@ -63,6 +63,12 @@ def core_settings(cfg: PeerConfig, identity: Identity, *, mid_run_catchup: bool)
     )
 
 
+def make_pacer(cfg: TrainConfig, algorithm: Algorithm, budget: int | None = None) -> Pacer:
+    """The training thread's pacer: pooled for an algorithm whose fresh state comes from one neighbour at a time."""
+    pacer = PooledPacer if algorithm.paced_by_any_neighbour else Pacer
+    return pacer(pacing_settings(cfg, algorithm, budget))
+
+
 def pacing_settings(cfg: TrainConfig, algorithm: Algorithm, budget: int | None = None) -> PacingSettings:
     """The pacer's bound and waits: `train.max_steps_without_merge`, else the algorithm's own default; `budget`:
     our steps per run, for `train.finish_together` (ignored when that is off, and by models the algorithm trains
@@ -76,5 +82,4 @@ def pacing_settings(cfg: TrainConfig, algorithm: Algorithm, budget: int | None =
         min_wait_s=min(0.05, cfg.pace_max_wait_s),
         start_wait_s=max(cfg.pace_max_wait_s, cfg.wait_for_neighbors_s),
         budget=budget if cfg.finish_together and not algorithm.trains_own_model else None,
-        pooled=algorithm.paced_by_any_neighbour,
     )

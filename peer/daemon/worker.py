@@ -20,9 +20,9 @@ import torch
 
 from peer.algorithms import Algorithm, InMessage, NeighbourView, Payload, Send
 from peer.config import TrainConfig
-from peer.core.pacing import BUDGET_SCALAR, DONE_SCALAR, GO, PROGRESS_SCALAR, RATE_SCALAR, PaceDecision, Pacer
+from peer.core.pacing import BUDGET_SCALAR, DONE_SCALAR, GO, PROGRESS_SCALAR, RATE_SCALAR, PaceDecision
 from peer.daemon.metrics import Counters
-from peer.daemon.settings import pacing_settings
+from peer.daemon.settings import make_pacer
 from peer.daemon.snapshots import Snapshots
 from peer.learn.oracle import CallerStepOracle, TrainerOracle
 from peer.learn.training import LocalTrainer, scheduled_lr
@@ -95,7 +95,7 @@ class TrainingWorker:
         self.params_at_done: torch.Tensor | None = None  # step mode: the model when local training finished
         self._first_step_at: float | None = None
         # The library API's caller owns its steps and its run's length: finish_together never holds it (no budget).
-        self.pacer = Pacer(pacing_settings(train_cfg, algorithm, budget=None if external else self.total_steps))
+        self.pacer = make_pacer(train_cfg, algorithm, budget=None if external else self.total_steps)
         self._last_publish = -math.inf
         self.external = external  # the library API (peer.Gossip): the caller's loop steps
         self._deferred_mix = False  # states taken in during a pacing wait, not yet mixed
